@@ -34,6 +34,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
                        "compare `rbrm eval` runs: unsafe rate and over-refusal per model (PNG)"),
     ("judge",): ("rbrm.evaluation:JudgeConfig", "rbrm.evaluation:run_judge",
                  "judge (prompt, response) rows: add unsafe, score and refusal"),
+    ("pipeline",): (None, "rbrm.pipeline:main",
+                    "stages 1-4 for each method in a YAML config (cached, resumable), then report.md/json"),
 }
 
 

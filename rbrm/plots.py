@@ -210,3 +210,36 @@ def plot_categories(summary: dict, out: str, title: str = "") -> str:
     ax.set_title(title or f"{summary.get('set', '')}: per category (judge {judge})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars may reach 1
     return _finish(fig, out)
+
+
+# ---------------------------------------------------------------- training curves (rbrm pipeline)
+
+
+def plot_training(logs: dict[str, list[dict]], out: str, title: str = "") -> str:
+    """Per DPO method and logged step: the DPO reward margin, and where logged the confidence and probe accuracy.
+
+    `logs` maps a method name to TRL's `log_history` (a list of per-step dicts).
+    """
+    plt = _pyplot()
+    panels = [("rewards/margins", "DPO reward margin"), ("confidence/mean", "mean confidence (gamma)"),
+              ("probe/accuracy", "online probe: pair accuracy")]
+    panels = [(key, name) for key, name in panels if any(key in row for log in logs.values() for row in log)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for k, (method, log) in enumerate(logs.items()):
+            rows = [row for row in log if key in row]
+            if not rows:
+                continue
+            steps = list(range(1, len(rows) + 1))  # online rounds restart TRL's step count: number them in order
+            values = [row[key] for row in rows]
+            ax.plot(steps, values, marker=".", ms=3, color=f"C{k % 10}", label=method)
+            std = [row.get("confidence/std") for row in rows] if key == "confidence/mean" else None
+            if std and all(s is not None for s in std):
+                ax.fill_between(steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
+                                color=f"C{k % 10}", alpha=0.15)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name, fontsize=10)
+        if key != "rewards/margins":
+            ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+    return _finish(fig, out, title)

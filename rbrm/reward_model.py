@@ -391,7 +391,8 @@ class ProbeTrainConfig:
     model_name: str | None = field(default=None, metadata={"help": "a label recorded in the saved config"})
 
 
-def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict):
+def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict,
+                  stats: dict | None = None):
     """Compute (FeatureSet, groups) for a data file with the configured model."""
     from .data import load_examples
     from .features import FeatureSet, examples_to_rows, extract_features, feature_metadata, resolve_layers
@@ -404,7 +405,7 @@ def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_
     model, tokenizer = model_cache["model"]
     rows, labels, pair_index = examples_to_rows(pairs, labelled)
     layers = resolve_layers(model, config.layers)
-    feats = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens)
+    feats = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens, stats=stats)
     keys: dict[str, int] = {}
     groups = torch.tensor([keys.setdefault(prompt_key(p), len(keys)) for p, _ in rows], dtype=torch.long)
     meta = feature_metadata(model, tokenizer, layers, config.pooling)
@@ -421,7 +422,8 @@ def _load_feature_file(path: str):
     return fs, groups
 
 
-def run_probe_train(config: ProbeTrainConfig) -> None:
+def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict:
+    """Train, test, save; returns the metrics. `stats` receives the tokens run through the model (compute)."""
     from .data import write_json
     from .features import save_features
 
@@ -431,7 +433,7 @@ def run_probe_train(config: ProbeTrainConfig) -> None:
     if config.features:
         fs, groups = _load_feature_file(config.features)
     else:
-        fs, groups = _features_for(config, config.data, config.limit, model_cache)
+        fs, groups = _features_for(config, config.data, config.limit, model_cache, stats)
         if config.features_out:
             save_features(config.features_out, fs.features, {**fs.metadata, "groups": groups.tolist()},
                           fs.labels, fs.pair_index)
@@ -470,6 +472,7 @@ def run_probe_train(config: ProbeTrainConfig) -> None:
     if config.metrics_out:
         write_json(config.metrics_out, metrics)
     _print_metrics(metrics, config.out)
+    return metrics
 
 
 def _print_metrics(metrics: dict, out: str) -> None:

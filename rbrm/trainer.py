@@ -36,6 +36,7 @@ gradient all-reduce. (Only DDP on CPU, `torchrun --nproc_per_node 2`, was tested
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 CONFIDENCE_MODES = ("online", "static", "none")
 REWARD_DIR = "reward_model"
 REWARD_OPTIMIZER_FILE = "optimizer.pt"
+COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token count so far, restored on resume
 # Keys our collator adds to a batch; they are taken out before anything reaches a model.
 _EXTRA_KEYS = ("confidence", "endpoint_kept")
 
@@ -263,6 +265,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.reward_model = reward_model
         self.reward_optimizer = None
         self.probe_steps = 0
+        self.forward_tokens = 0  # training tokens through the policy and the reference (compute ledger)
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
         self.last_features: torch.Tensor | None = None  # [2B, L, d] pooled, last batch (for inspection)
         if reward_model is not None:
@@ -341,6 +344,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         inputs = dict(inputs)
         extra = {key: inputs.pop(key, None) for key in _EXTRA_KEYS}
+        if self.model.training:
+            forwards = 1 if self.precompute_ref_logps else 2  # policy, and the reference unless precomputed
+            self.forward_tokens += forwards * int(inputs["attention_mask"].sum())
         mode_confidence = self.args.confidence
         probe = self.reward_model
         if probe is None and mode_confidence == "none":
@@ -482,6 +488,10 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            from .data import write_json
+
+            write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens})
         if self.reward_optimizer is not None and self.args.should_save:
             directory = os.path.join(output_dir, REWARD_DIR)
             os.makedirs(directory, exist_ok=True)
@@ -491,6 +501,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Called on resume on every rank (DeepSpeed included): restore the probe and its Adam state too."""
         super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, COMPUTE_FILE)):
+            with open(os.path.join(checkpoint, COMPUTE_FILE)) as f:
+                self.forward_tokens = int(json.load(f)["forward_tokens"])
         if checkpoint is None or self.reward_model is None:
             return
         directory = os.path.join(checkpoint, REWARD_DIR)

@@ -1,0 +1,651 @@
+"""`rbrm pipeline --config CONFIG`: stages 1-4 for every method, cached and resumable, then the report.
+
+Methods (the paper's table at small scale; every DPO method gets the same `dpo` settings and LoRA):
+  base        the policy as it is
+  dpo_static  DPO on a fixed pair file (`static_pairs`, e.g. HH-RLHF harmless)
+  dpo_rerank  DPO on pairs re-ranked by the hybrid reward, without confidence
+  rbrm        the same pairs with per-pair confidence from the hybrid reward on the current policy, which keeps
+              learning (METHOD.md section 4)
+  online      an iterative online baseline: every round samples fresh responses from the current policy,
+              scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
+              DPO on them; the rounds add up to the same number of updates
+
+Folders under `<out_dir>/<name>/`: `probe/`, `sample/`, `rerank/`, one per method (`train/`, `model/`,
+`eval/`), `online_rounds/round_K/`, then `report.md`, `report.json` and `figures/`. A stage folder holds `key.json`
+while it runs and `stage.json` once finished. The key hashes the stage's settings, the input files it reads and
+the keys of the stages it builds on: a finished stage with the same key is reused, a changed one is moved
+aside to `<stage>.old/` and rerun, and so is everything after it. An unfinished stage resumes where the stage
+itself can (sampling and evaluation keep their rows, DPO restarts from its last checkpoint) and restarts
+otherwise. Compute is counted per stage (generated tokens, forward-pass tokens, wall seconds summed over every
+run of the stage that ended) and summed per method over the stages that method needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+METHODS = ("base", "dpo_static", "dpo_rerank", "rbrm", "online")
+CONFIDENCE = {"dpo_static": "none", "dpo_rerank": "none", "rbrm": "online", "online": "none"}
+# The stages whose compute each method spent on alignment (evaluation is reported apart).
+SHARED_STAGES = {"base": [], "dpo_static": [], "dpo_rerank": ["probe", "sample", "rerank"],
+                 "rbrm": ["probe", "sample", "rerank"], "online": ["probe"]}
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "wall_seconds")
+
+# Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
+PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
+              "lr", "weight_decay", "batch_size", "margin", "layer_loss_weight", "patience", "val_fraction",
+              "seed", "baseline", "cv"}
+SAMPLE_KEYS = {"prompts", "prompt_field", "where", "limit", "n", "temperature", "top_k", "top_p",
+               "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype"}
+RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
+STATIC_KEYS = {"data", "limit"}
+ONLINE_KEYS = {"rounds"}
+EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
+             "batch_prompts", "bootstrap", "dtype"}
+
+
+class PipelineConfigError(ValueError):
+    pass
+
+
+@dataclass
+class PipelineConfig:
+    """One YAML file: top-level settings plus one section per stage (see configs/quick.yaml)."""
+
+    name: str
+    model: str = DEFAULT_MODEL
+    out_dir: str = "runs"
+    methods: list[str] = field(default_factory=lambda: ["base", "rbrm"])
+    seed: int = 0
+    device: str | None = None
+    probe: dict = field(default_factory=dict)
+    sample: dict = field(default_factory=dict)
+    rerank: dict = field(default_factory=dict)
+    dpo: dict = field(default_factory=dict)
+    lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))
+    static_pairs: dict = field(default_factory=dict)
+    online: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+
+def _dpo_keys() -> set[str]:
+    from .trainer import ConfidenceDPOConfig
+
+    return {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"}
+
+
+def _lora_keys() -> set[str]:
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
+    """Read and check a pipeline YAML; every unknown key is an error that names the file and section."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise PipelineConfigError(f"{path}: cannot read the config: {err}") from None
+    except yaml.YAMLError as err:
+        raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping of settings")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PipelineConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if not values.get("name"):
+        values["name"] = os.path.splitext(os.path.basename(path))[0]
+    sections = {"probe": PROBE_KEYS, "sample": SAMPLE_KEYS, "rerank": RERANK_KEYS, "dpo": _dpo_keys(),
+                "lora": _lora_keys(), "static_pairs": STATIC_KEYS, "online": ONLINE_KEYS, "eval": EVAL_KEYS}
+    for section, allowed in sections.items():
+        body = values.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise PipelineConfigError(f"{path}: `{section}` must be a mapping, got {type(body).__name__}")
+        bad = sorted(set(body) - allowed)
+        if bad:
+            raise PipelineConfigError(f"{path}: `{section}` has unknown key(s) {', '.join(bad)}; "
+                                      f"known: {', '.join(sorted(allowed))}")
+    config = PipelineConfig(**values)
+    bad_methods = [m for m in config.methods if m not in METHODS]
+    if bad_methods or not config.methods:
+        raise PipelineConfigError(f"{path}: `methods` must be a non-empty list of {', '.join(METHODS)}; "
+                                  f"got {config.methods}")
+    trains = [m for m in config.methods if m != "base"]
+    if any(m != "dpo_static" for m in trains) and not config.probe.get("data"):
+        raise PipelineConfigError(f"{path}: `probe.data` is needed for {', '.join(trains)}")
+    if any(m in ("dpo_rerank", "rbrm", "online") for m in trains) and not config.sample.get("prompts"):
+        raise PipelineConfigError(f"{path}: `sample.prompts` is needed for re-ranking and online sampling")
+    if "dpo_static" in trains and not config.static_pairs.get("data"):
+        raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
+    if not config.eval.get("prompts"):
+        raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
+    if "online" in trains:
+        rounds, steps = int(config.online.get("rounds", 1)), int(config.dpo.get("max_steps", 0))
+        if rounds < 1 or steps < 1 or steps % rounds:
+            raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
+                                      f"of `online.rounds` ({rounds})")
+    return config
+
+
+# ------------------------------------------------------------------------------------------- caching
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def stage_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], label: str) -> dict:
+    """Run `body(directory)` unless the stage finished with the same key; returns its stage record.
+
+    `body` returns this run's compute (generated_tokens / forward_tokens it can count exactly over the whole
+    stage); wall seconds are summed over every run of the stage that ended, killed runs excepted.
+    """
+    from .data import write_json
+
+    key = stage_key(inputs)
+    record = _read_json(os.path.join(directory, "stage.json"))
+    if record and record.get("key") == key:
+        print(f"[{label}] cached ({directory})", flush=True)
+        return record
+    started = _read_json(os.path.join(directory, "key.json"))
+    if started is None or started.get("key") != key:
+        if os.path.exists(directory):
+            old = directory.rstrip("/") + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            print(f"[{label}] settings or inputs changed: previous outputs moved to {old}", flush=True)
+        os.makedirs(directory)
+        write_json(os.path.join(directory, "key.json"), {"key": key, "inputs": inputs, "wall_seconds": 0.0})
+        print(f"[{label}] running ({directory})", flush=True)
+    else:
+        print(f"[{label}] resuming ({directory})", flush=True)
+    start = time.perf_counter()
+    try:
+        compute = dict(body(directory) or {})
+    finally:  # an interrupted run's time still counts
+        started = _read_json(os.path.join(directory, "key.json"))
+        started["wall_seconds"] = round(started.get("wall_seconds", 0.0) + time.perf_counter() - start, 3)
+        write_json(os.path.join(directory, "key.json"), started)
+    compute["wall_seconds"] = started["wall_seconds"]
+    record = {"key": key, "inputs": inputs, "compute": compute,
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    write_json(os.path.join(directory, "stage.json"), record)
+    return record
+
+
+def _sum_compute(records: list[dict]) -> dict:
+    total = {k: 0 for k in COMPUTE_KEYS}
+    for record in records:
+        for k in COMPUTE_KEYS:
+            total[k] += record["compute"].get(k, 0) or 0
+    total["wall_seconds"] = round(total["wall_seconds"], 1)
+    return total
+
+
+# ---------------------------------------------------------------------------------------- the stages
+
+
+class Pipeline:
+    """Holds the config, the loaded base model (inference) and the finished stage records."""
+
+    def __init__(self, config: PipelineConfig, config_path: str | None = None):
+        from .models import default_device, resolve_model
+
+        self.config = config
+        self.config_path = config_path
+        self.device = config.device or default_device()
+        self.model_path = resolve_model(config.model)
+        self.records: dict[str, dict] = {}
+        self._inference: dict = {}
+        self.eval_prompt_keys: set[str] | None = None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.config.run_dir, *parts)
+
+    def inference_model(self, dtype: str = "auto"):
+        """(model, tokenizer) of the base policy for sampling, scoring and evaluation, loaded once."""
+        from .models import load_model
+
+        if dtype not in self._inference:
+            self._inference[dtype] = load_model(self.model_path, dtype=dtype, device=self.device)
+        return self._inference[dtype]
+
+    def _base_inputs(self) -> dict:
+        return {"model": self.model_path, "model_files": _model_digest(self.model_path)}
+
+    # ----------------------------------------------------------------------------------- stage 1
+
+    def probe(self) -> dict:
+        from .reward_model import ProbeTrainConfig, run_probe_train
+
+        section = dict(self.config.probe)
+        files = {k: file_digest(section[k]) for k in ("data", "test_data") if section.get(k)}
+
+        def body(directory: str) -> dict:
+            stats: dict = {}
+            options = {k: v for k, v in section.items() if k != "seed"}
+            run_probe_train(ProbeTrainConfig(
+                out=os.path.join(directory, "reward_model"), model=self.model_path, device=self.device,
+                features_out=os.path.join(directory, "features.safetensors"),
+                metrics_out=os.path.join(directory, "metrics.json"), model_name=self.config.model,
+                seed=section.get("seed", self.config.seed), **options), stats)
+            return {"forward_tokens": stats.get("forward_tokens", 0)}
+
+        return self._stage("probe", {**self._base_inputs(), "probe": section, "files": files}, body)
+
+    # ----------------------------------------------------------------------------------- stage 2
+
+    def training_prompts(self) -> list:
+        """The sampling prompts minus any evaluation prompt (case/space-insensitive), then `limit`."""
+        from .data import load_prompts
+        from .render import prompt_key
+
+        s = self.config.sample
+        prompts = load_prompts(s["prompts"], prompt_field=s.get("prompt_field"), where=s.get("where"))
+        evaluation = self.evaluation_keys()
+        kept = [p for p in prompts if _norm(prompt_key(p.prompt)) not in evaluation]
+        self.excluded_training_prompts = len(prompts) - len(kept)
+        limit = s.get("limit")
+        return kept[:limit] if limit else kept
+
+    def evaluation_keys(self) -> set[str]:
+        if self.eval_prompt_keys is None:
+            from .evaluation import load_set
+            from .render import prompt_key
+
+            self.eval_prompt_keys = {_norm(prompt_key(p.prompt)) for pset in self.eval_sets() for p in load_set(pset)}
+        return self.eval_prompt_keys
+
+    def generation_settings(self):
+        from .sampling import GenerationSettings
+
+        s = self.config.sample
+        defaults = GenerationSettings()
+        return GenerationSettings(True, s.get("temperature", defaults.temperature), s.get("top_k", defaults.top_k),
+                                  s.get("top_p", defaults.top_p),
+                                  s.get("repetition_penalty", defaults.repetition_penalty),
+                                  s.get("max_new_tokens", defaults.max_new_tokens))
+
+    def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
+        """Sample `n` responses per prompt into `out_path` (resumable); exact token counts over the file."""
+        from .render import render_prompt
+        from .sampling import generate_responses
+
+        s = self.config.sample
+        n = int(s.get("n", 8))
+        rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
+                                  s.get("batch_prompts", 8), seed, max_sequences=s.get("max_sequences", 64))
+        prefill = sum(len(tokenizer(render_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
+                      for p in prompts) * n
+        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": prefill,
+                "responses": len(rows)}
+
+    def sample(self) -> dict:
+        s = self.config.sample
+        prompts = self.training_prompts()
+        inputs = {**self._base_inputs(), "sample": s, "prompts": file_digest(s["prompts"]),
+                  "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed}
+
+        def body(directory: str) -> dict:
+            model, tokenizer = self.inference_model(s.get("dtype", "auto"))
+            compute = self._sample_into(model, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
+                                        self.config.seed)
+            compute["excluded_eval_prompts"] = self.excluded_training_prompts
+            return compute
+
+        return self._stage("sample", inputs, body)
+
+    def _score_and_pair(self, samples_path: str, out_dir: str) -> dict:
+        """Score with the stage-1 hybrid reward on the base policy's states; write ranking and pairs."""
+        from .rerank import rerank_file, write_outputs
+
+        r = self.config.rerank
+        alpha = r.get("alpha", self.config.dpo.get("confidence_alpha", 7.5))
+        result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.get("top_k", 1),
+                             alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
+                             loaded=self.inference_model(r.get("dtype", "auto")))
+        write_outputs(result, out_dir, alpha)
+        return {"forward_tokens": result.summary.get("forward_tokens") or 0, "pairs": len(result.pairs)}
+
+    def rerank(self) -> dict:
+        inputs = {"rerank": self.config.rerank, "after": [self.records["probe"]["key"],
+                                                          self.records["sample"]["key"]]}
+        return self._stage("rerank", inputs, lambda d: self._score_and_pair(
+            os.path.join(self.path("sample"), "samples.jsonl"), d))
+
+    # ----------------------------------------------------------------------------------- stage 3
+
+    def dpo_args(self, method: str, output_dir: str, **overrides):
+        import torch
+
+        from .trainer import ConfidenceDPOConfig
+
+        values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
+                  "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
+        if not torch.cuda.is_available() or self.device == "cpu":
+            values.setdefault("use_cpu", True)
+            values.setdefault("bf16", False)
+        return ConfidenceDPOConfig(output_dir=output_dir, confidence=CONFIDENCE[method], **values)
+
+    def lora_config(self):
+        if not self.config.lora:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(task_type="CAUSAL_LM", **self.config.lora)
+
+    def train_model(self, method: str, pairs_path: str, after: list[str], limit: int | None = None) -> dict:
+        """DPO (or RBRM) from the base policy on `pairs_path`; the merged policy goes to `<method>/model`."""
+        inputs = {**self._base_inputs(), "method": method, "dpo": self.config.dpo, "lora": self.config.lora,
+                  "pairs": file_digest(pairs_path), "limit": limit, "after": after, "seed": self.config.seed}
+
+        def body(directory: str) -> dict:
+            from .data import write_json
+            from .models import load_tokenizer
+            from .trainer import ConfidenceDPOTrainer, pairs_dataset
+
+            train_dir = os.path.join(directory, "train")
+            tokenizer = load_tokenizer(self.model_path)
+            model = self.training_model()
+            reward = self.path("probe", "reward_model") if CONFIDENCE[method] == "online" else None
+            trainer = ConfidenceDPOTrainer(model, args=self.dpo_args(method, train_dir),
+                                           train_dataset=pairs_dataset(pairs_path, tokenizer, limit),
+                                           processing_class=tokenizer, peft_config=self.lora_config(),
+                                           reward_model=reward)
+            trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
+            trainer.save_model(train_dir)
+            write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)
+            _save_merged(trainer.model, tokenizer, os.path.join(directory, "model"))
+            return {"forward_tokens": trainer.forward_tokens, "steps": trainer.state.global_step,
+                    "pairs": len(trainer.train_dataset)}
+
+        return self._stage(method, inputs, body)
+
+    def training_model(self, adapter: str | None = None):
+        """A fresh trainable copy of the base policy (fp32 on CPU), optionally with a saved LoRA adapter."""
+        from transformers import AutoModelForCausalLM
+
+        from .models import resolve_dtype
+
+        dtype = resolve_dtype("auto", self.device, inference=False)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if adapter is None:
+            return model
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+
+    def online(self) -> dict:
+        """R rounds of: sample from the current policy, score and pair with the frozen hybrid reward, DPO."""
+        from .data import write_json
+
+        rounds = int(self.config.online.get("rounds", 1))
+        steps = int(self.config.dpo["max_steps"]) // rounds
+        per_step = (int(self.config.dpo.get("per_device_train_batch_size", 8))
+                    * int(self.config.dpo.get("gradient_accumulation_steps", 1)))
+        prompts = self.training_prompts()
+        need = steps * per_step
+        if not prompts:
+            raise SystemExit("online: no training prompts left after removing the evaluation prompts")
+        after = [self.records["probe"]["key"], stage_key({"prompt_ids": [str(p.id) for p in prompts]})]
+        policy_dir, records = None, []
+        for r in range(rounds):
+            chosen = [prompts[(r * need + i) % len(prompts)] for i in range(need)]
+            inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
+                      "rerank": self.config.rerank, "dpo": self.config.dpo, "lora": self.config.lora,
+                      "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed}
+            records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
+                                       self._online_round(d, r, chosen, prev, steps)))
+            policy_dir = self.path("online_rounds", f"round_{r}", "policy")
+            after = [records[-1]["key"]]
+
+        def finish(directory: str) -> dict:
+            from .models import load_tokenizer
+
+            _save_merged(self.training_model(policy_dir) if self.config.lora else _load_full(policy_dir),
+                         load_tokenizer(self.model_path), os.path.join(directory, "model"))
+            logs = [row for k in range(rounds) for row in _read_json(
+                self.path("online_rounds", f"round_{k}", "dpo_log.json")) or []]
+            write_json(os.path.join(directory, "dpo_log.json"), logs)
+            total = _sum_compute(records)
+            return {k: total[k] for k in ("generated_tokens", "forward_tokens")} | {
+                "round_wall_seconds": total["wall_seconds"], "rounds": rounds}
+
+        # The rounds live in online_rounds/; the merged final policy and the summed compute in online/.
+        record = self._stage("online", {"after": after}, finish)
+        record["compute"]["wall_seconds"] = round(record["compute"]["wall_seconds"]
+                                                  + record["compute"]["round_wall_seconds"], 3)
+        return record
+
+    def _online_round(self, directory: str, r: int, prompts: list, previous: str | None, steps: int) -> dict:
+        from .models import load_tokenizer
+        from .trainer import ConfidenceDPOTrainer, pairs_dataset
+
+        tokenizer = load_tokenizer(self.model_path)
+        if previous is None:
+            policy = self.training_model()
+        elif self.config.lora:
+            policy = self.training_model(previous)
+        else:
+            policy = _load_full(previous)
+        policy.eval()
+        compute = self._sample_into(policy, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
+                                    self.config.seed + 1000 * (r + 1))
+        scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"))
+        reference = self.reference_model()
+        train_dir = os.path.join(directory, "train")
+        trainer = ConfidenceDPOTrainer(policy, ref_model=reference,
+                                       args=self.dpo_args("online", train_dir, max_steps=steps),
+                                       train_dataset=pairs_dataset(os.path.join(directory, "pairs", "pairs.jsonl"),
+                                                                   tokenizer),
+                                       processing_class=tokenizer,
+                                       peft_config=self.lora_config() if previous is None else None)
+        trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
+        trainer.save_model(os.path.join(directory, "policy"))
+        from .data import write_json
+
+        write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)
+        return {"generated_tokens": compute["generated_tokens"],
+                "forward_tokens": compute["forward_tokens"] + scored["forward_tokens"] + trainer.forward_tokens,
+                "pairs": scored["pairs"], "steps": trainer.state.global_step}
+
+    def reference_model(self):
+        """The frozen initial policy, the reference of every online round (not the previous round's policy)."""
+        if "reference" not in self._inference:
+            model = self.training_model().eval().requires_grad_(False)
+            self._inference["reference"] = model
+        return self._inference["reference"]
+
+    # ----------------------------------------------------------------------------------- stage 4
+
+    def eval_sets(self) -> list:
+        from .evaluation import over_refusal_set, parse_prompt_set
+
+        e = self.config.eval
+        specs = e["prompts"] if isinstance(e["prompts"], list) else [e["prompts"]]
+        sets = [parse_prompt_set(spec) for spec in specs]
+        if e.get("over_refusal", True):
+            sets.append(over_refusal_set(e.get("over_refusal_limit")))
+        return sets
+
+    def evaluate(self, method: str) -> dict:
+        from .evaluation import evaluate, judge_loader
+        from .sampling import GenerationSettings
+
+        e = self.config.eval
+        sets = self.eval_sets()
+        model_dir = self.model_path if method == "base" else self.path(method, "model")
+        after = [self.records[method]["key"]] if method != "base" else []
+        inputs = {**self._base_inputs(), "eval": e, "after": after,
+                  "sets": {s.name: file_digest(s.path) for s in sets}}
+
+        def body(directory: str) -> dict:
+            from .models import load_model
+
+            model, tokenizer = (self.inference_model(e.get("dtype", "auto")) if method == "base" else
+                                load_model(model_dir, dtype=e.get("dtype", "auto"), device=self.device))
+            settings = GenerationSettings.greedy(e.get("max_new_tokens", 128))
+            summaries = evaluate(model, tokenizer, sets, judge_loader(e.get("judge", "minilm"), e.get("judge_model")),
+                                 directory, settings, model_info={"name": method, "path": model_dir},
+                                 batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
+                                 resamples=e.get("bootstrap", 1000), plot=False)
+            return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values())}
+
+        return self._stage(f"{method}/eval", inputs, body)
+
+    # -------------------------------------------------------------------------------------- driver
+
+    def _stage(self, name: str, inputs: dict, body: Callable[[str], dict | None]) -> dict:
+        record = run_stage(self.path(*name.split("/")), inputs, body, name)
+        self.records[name] = record
+        return record
+
+    def run(self) -> dict:
+        methods = self.config.methods
+        trains = [m for m in methods if m != "base"]
+        if any(m in ("dpo_rerank", "rbrm", "online") for m in trains):
+            self.probe()
+        if any(m in ("dpo_rerank", "rbrm") for m in trains):
+            self.sample()
+            self.rerank()
+        for method in trains:
+            if method == "dpo_static":
+                s = self.config.static_pairs
+                self.train_model(method, s["data"], [], s.get("limit"))
+            elif method in ("dpo_rerank", "rbrm"):
+                self.train_model(method, self.path("rerank", "pairs.jsonl"), [self.records["rerank"]["key"]])
+            else:
+                self.online()
+        for method in methods:
+            self.evaluate(method)
+        from .report import write_report
+
+        return write_report(self)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _model_digest(path: str) -> dict:
+    """The weight files' sizes and mtimes: cheap, and a re-converted or retrained model changes them."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".json")):
+            st = os.stat(os.path.join(path, name))
+            out[name] = [st.st_size, int(st.st_mtime)]
+    return out
+
+
+def _last_checkpoint(directory: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(directory) if os.path.isdir(directory) else None
+
+
+def _load_full(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def _save_merged(model, tokenizer, out_dir: str) -> None:
+    """The policy with any LoRA adapter merged in, as a plain Hugging Face folder (`--model` loads it)."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        model = model.merge_and_unload()
+    tmp = f"{out_dir.rstrip('/')}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a half-finished earlier save of the same stage
+    os.replace(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rbrm pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline YAML (configs/quick.yaml, compare.yaml, ...)")
+    parser.add_argument("--name", help="run name (default: the config's `name`, else its file name)")
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", help="parent folder of runs (default: runs)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="override the config's methods")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
+                                           "device": args.device})
+    except PipelineConfigError as err:
+        raise SystemExit(f"rbrm pipeline: {err}") from None
+    pipeline = Pipeline(config, args.config)
+    start = time.perf_counter()
+    report = pipeline.run()
+    print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
+    print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
+          f"(report.md, report.json; {len(report['methods'])} methods)")
+    return 0
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

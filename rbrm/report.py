@@ -1,0 +1,242 @@
+"""The pipeline's report: one row per method (safety, over-refusal, compute), the figures, and plain findings.
+
+Rates come from `rbrm eval`'s judged rows. Harmful sets are pooled (prompts de-duplicated case- and
+space-insensitively); method differences use a paired bootstrap over the prompts both methods answered, so
+"lower" is only written when the 95% interval of the difference excludes 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from .evaluation import aggregate, bootstrap_ci, set_dir
+
+LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "dpo_rerank": "(c) DPO, re-ranked pairs",
+          "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[str, bool]]:
+    """(row for report.json, set name -> summary for the rate figure, pooled prompt -> unsafe flag)."""
+    from .pipeline import SHARED_STAGES, _norm, _sum_compute
+
+    sets = pipeline.eval_sets()
+    several = len(sets) > 1
+    eval_dir = pipeline.path(method, "eval")
+    resamples = pipeline.config.eval.get("bootstrap", 1000)
+    harmful_rows: dict[str, dict] = {}
+    figure_sets: dict[str, dict] = {}
+    row: dict = {}
+    for pset in sets:
+        directory = set_dir(eval_dir, pset, several)
+        with open(os.path.join(directory, "summary.json")) as f:
+            summary = json.load(f)
+        figure_sets[pset.name] = summary
+        row.setdefault("sets", {})[pset.name] = {k: summary.get(k) for k in (
+            "n", "unsafe_rate", "unsafe_rate_ci", "refusal_rate", "refusal_rate_ci", "over_refusal_rate",
+            "over_refusal_rate_ci")}
+        if pset.benign:
+            row["over_refusal_rate"] = summary["over_refusal_rate"]
+            row["over_refusal_rate_ci"] = summary["over_refusal_rate_ci"]
+            row["over_refusal_n"] = summary["n"]
+        else:
+            for r in _rows(os.path.join(directory, "responses.jsonl")):
+                harmful_rows.setdefault(_norm(r["prompt"] if isinstance(r["prompt"], str) else
+                                              json.dumps(r["prompt"])), r)
+    pooled = aggregate(list(harmful_rows.values()), False, resamples, pipeline.config.seed)
+    row.update({"unsafe_rate": pooled["unsafe_rate"], "unsafe_rate_ci": pooled["unsafe_rate_ci"],
+                "refusal_rate": pooled["refusal_rate"], "refusal_rate_ci": pooled["refusal_rate_ci"],
+                "harmful_n": pooled["n"]})
+    if "over_refusal_rate" not in row:
+        row.update(over_refusal_rate=None, over_refusal_rate_ci=None, over_refusal_n=0)
+    if len([s for s in sets if not s.benign]) > 1:
+        figure_sets = {"harmful (pooled)": {**pooled, "benign": False},
+                       **{k: v for k, v in figure_sets.items() if v.get("benign")}}
+    stages = [pipeline.records[s] for s in SHARED_STAGES[method]] + (
+        [pipeline.records[method]] if method != "base" else [])
+    compute = _sum_compute(stages)
+    row.update(compute)
+    row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in SHARED_STAGES[method]
+                               + ([method] if method != "base" else [])}
+    row["model"] = pipeline.model_path if method == "base" else pipeline.path(method, "model")
+    log = _read_log(pipeline, method)
+    if log:
+        row["training"] = _training_summary(log)
+    flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
+    return row, figure_sets, flags
+
+
+def _read_log(pipeline, method: str) -> list[dict]:
+    path = pipeline.path(method, "dpo_log.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def _training_summary(log: list[dict]) -> dict:
+    steps = [r for r in log if "loss" in r and "train_runtime" not in r]
+    out: dict = {"logged_steps": len(steps)}
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "confidence/mean", "probe/accuracy",
+                "probe/reward_gap"):
+        values = [r[key] for r in steps if key in r]
+        if values:
+            out[key] = {"first": values[0], "last": values[-1], "mean": sum(values) / len(values)}
+    return out
+
+
+def paired_difference(a: dict[str, bool], b: dict[str, bool], resamples: int, seed: int) -> dict | None:
+    """Mean of a - b over shared prompts with a percentile-bootstrap 95% interval."""
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        return None
+    diffs = [float(a[k]) - float(b[k]) for k in shared]
+    ci = bootstrap_ci(diffs, resamples=resamples, seed=seed)
+    return {"difference": sum(diffs) / len(diffs), "ci": list(ci) if ci else None, "n": len(shared)}
+
+
+def _verdict(name_a: str, name_b: str, diff: dict | None) -> str:
+    if diff is None:
+        return f"{name_a} vs {name_b}: no shared prompts"
+    d, ci = diff["difference"], diff["ci"]
+    text = (f"{name_a} vs {name_b}: unsafe rate difference {100 * d:+.1f} points "
+            f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] over {diff['n']} prompts: ")
+    if ci[1] < 0:
+        return text + f"{name_a} is safer."
+    if ci[0] > 0:
+        return text + f"{name_a} is less safe."
+    return text + "no clear difference at this sample size."
+
+
+def _pct(rate, ci) -> str:
+    if rate is None:
+        return "-"
+    return f"{100 * rate:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{100 * rate:.1f}%"
+
+
+def _count(n) -> str:
+    return f"{int(n):,}"
+
+
+def write_report(pipeline) -> dict:
+    """report.json, report.md and figures/ for every method in the config; returns the report dict."""
+    from .data import _atomic_write, write_json
+    from .pipeline import machine
+
+    config = pipeline.config
+    resamples = config.eval.get("bootstrap", 1000)
+    methods, figure_sets, flags = {}, {}, {}
+    for method in config.methods:
+        methods[method], figure_sets[method], flags[method] = method_results(pipeline, method)
+    findings = []
+    for a, b in (("rbrm", "base"), ("rbrm", "dpo_rerank"), ("rbrm", "dpo_static"), ("rbrm", "online"),
+                 ("dpo_rerank", "base"), ("dpo_static", "base"), ("online", "base")):
+        if a in methods and b in methods:
+            diff = paired_difference(flags[a], flags[b], resamples, config.seed)
+            methods[a].setdefault("vs", {})[b] = diff
+            findings.append(_verdict(a, b, diff))
+    ratio = None
+    if "online" in methods and "rbrm" in methods:
+        o, r = methods["online"], methods["rbrm"]
+        ratio = {k: (o[k] / r[k] if r[k] else None) for k in ("generated_tokens", "forward_tokens", "wall_seconds")}
+        total_o, total_r = o["generated_tokens"] + o["forward_tokens"], r["generated_tokens"] + r["forward_tokens"]
+        ratio["all_tokens"] = total_o / total_r if total_r else None
+    probe_metrics = {}
+    metrics_path = pipeline.path("probe", "metrics.json")
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            probe_metrics = json.load(f)
+    figures = draw_figures(pipeline, figure_sets, probe_metrics)
+    report = {
+        "name": config.name, "config": pipeline.config_path,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "model": config.model,
+        "judge": config.eval.get("judge", "minilm"),
+        "eval_sets": [s.name for s in pipeline.eval_sets()],
+        "excluded_training_prompts": getattr(pipeline, "excluded_training_prompts", None),
+        "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
+        "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
+        "figures": figures,
+    }
+    write_json(pipeline.path("report.json"), report)
+    text = render_markdown(report, pipeline)
+    _atomic_write(pipeline.path("report.md"), lambda f: f.write(text))
+    return report
+
+
+def render_markdown(report: dict, pipeline) -> str:
+    m = report["methods"]
+    lines = [f"# rbrm pipeline: {report['name']}", "",
+             f"{report['date']} · config `{report['config']}` · model `{report['model']}` · judge "
+             f"`{report['judge']}` · machine: {report['machine'].get('cpu') or report['machine']['platform']}, "
+             f"{report['machine']['cpu_count']} cores" + (f", {report['machine']['gpu']}" if report['machine'].get(
+                 "gpu") else ", no GPU"), "",
+             "Unsafe and refusal rates on the held-out harmful prompts "
+             f"({', '.join(s for s in report['eval_sets'] if s != 'xstest_safe')}, pooled), over-refusal on "
+             "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
+             "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
+             "scoring, DPO policy + reference), wall seconds.", "",
+             "| method | unsafe rate | refusal rate | over-refusal | generated tokens | forward tokens | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in m.items():
+        lines.append(f"| {LABELS.get(name, name)} | {_pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
+                     f"{_pct(row['refusal_rate'], row['refusal_rate_ci'])} | "
+                     f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
+                     f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
+                     f"{row['wall_seconds']:.0f} |")
+    ratio = report["compute_ratio_online_over_rbrm"]
+    if ratio:
+        parts = [f"{k.replace('_', ' ')} {v:.1f}x" for k, v in ratio.items() if v is not None]
+        lines += ["", f"**Compute ratio online / RBRM:** {', '.join(parts)}."]
+    lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
+    if report.get("excluded_training_prompts"):
+        lines.append(f"- {report['excluded_training_prompts']} sampling prompts were dropped because they are "
+                     "evaluation prompts.")
+    for name, row in m.items():
+        t = row.get("training")
+        if t:
+            bits = [f"{k} {v['first']:.3g} → {v['last']:.3g}" for k, v in t.items() if isinstance(v, dict)]
+            lines.append(f"- {name} training (first → last logged step): {'; '.join(bits)}")
+    probe = report.get("probe") or {}
+    if probe:
+        keys = [k for k in ("val_pair_accuracy", "val_accuracy", "test_pair_accuracy", "test_accuracy",
+                            "baseline_val_pair_accuracy") if k in probe]
+        lines.append("- hybrid reward (stage 1): " + ", ".join(f"{k} {probe[k]:.3f}" for k in keys))
+    lines += ["", "## Figures", ""]
+    for title, path in report["figures"].items():
+        lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, pipeline.path())})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict) -> dict[str, str]:
+    from .plots import plot_layer_accuracy, plot_pca, plot_rates, plot_training, safe_unsafe_rows
+
+    out: dict[str, str] = {}
+    fig_dir = pipeline.path("figures")
+    features_path = pipeline.path("probe", "features.safetensors")
+    if os.path.exists(features_path):
+        from .features import load_features
+
+        fs = load_features(features_path)
+        names = fs.metadata.get("layers") or list(range(1, fs.features.shape[1] + 1))
+        layers = sorted({names[round(i * (len(names) - 1) / 3)] for i in range(4)})
+        safe, unsafe = safe_unsafe_rows(fs.labels, fs.pair_index)
+        out["PCA of representations (probe training data)"] = plot_pca(
+            fs.features, safe, unsafe, names, layers, os.path.join(fig_dir, "pca.png"),
+            "chosen (safer) vs rejected responses, last-token states")
+        if probe_metrics.get("val_per_layer_accuracy"):
+            out["Per-layer probe accuracy"] = plot_layer_accuracy(
+                probe_metrics["val_per_layer_accuracy"], names, os.path.join(fig_dir, "probe_layers.png"),
+                gate=probe_metrics.get("val_gate_weights"), hybrid=probe_metrics.get("val_pair_accuracy"))
+    logs = {m: _read_log(pipeline, m) for m in pipeline.config.methods if m != "base"}
+    logs = {m: log for m, log in logs.items() if log}
+    if logs:
+        out["Confidence and reward margin over training"] = plot_training(logs, os.path.join(fig_dir, "training.png"))
+    out["Unsafe rate and over-refusal per method"] = plot_rates(figure_sets, os.path.join(fig_dir, "rates.png"))
+    return out
