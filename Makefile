@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRL_TELEMETRY := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast run lint bench clean
+.PHONY: venv test test-fast run compare lint bench clean
 
 venv: $(STAMP)
 
@@ -31,9 +31,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The main job: base model vs RBRM end to end, with report and figures in runs/quick/ (~15 min on 2 CPU cores).
 run: $(STAMP)
-	$(BIN)/rbrm model prepare
-	$(BIN)/rbrm probe train --config configs/probe.yaml
+	$(BIN)/rbrm pipeline --config configs/quick.yaml
+
+# The paper's comparison at small scale (5 methods; a few hours on 2 CPU cores), in runs/compare/.
+compare: $(STAMP)
+	$(BIN)/rbrm pipeline --config configs/compare.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

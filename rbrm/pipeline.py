@@ -33,8 +33,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .models import DEFAULT_MODEL
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 METHODS = ("base", "dpo_static", "dpo_rerank", "rbrm", "online")
 CONFIDENCE = {"dpo_static": "none", "dpo_rerank": "none", "rbrm": "online", "online": "none"}
 # The stages whose compute each method spent on alignment (evaluation is reported apart).
-SHARED_STAGES = {"base": [], "dpo_static": [], "dpo_rerank": ["probe", "sample", "rerank"],
+SHARED_STAGES = {"base": [], "dpo_static": ["static_pairs"], "dpo_rerank": ["probe", "sample", "rerank"],
                  "rbrm": ["probe", "sample", "rerank"], "online": ["probe"]}
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -56,7 +57,7 @@ PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "
 SAMPLE_KEYS = {"prompts", "prompt_field", "where", "limit", "n", "temperature", "top_k", "top_p",
                "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype"}
 RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
-STATIC_KEYS = {"data", "limit"}
+STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
 ONLINE_KEYS = {"rounds"}
 EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
              "batch_prompts", "bootstrap", "dtype"}
@@ -357,6 +358,35 @@ class Pipeline:
         return self._stage("rerank", inputs, lambda d: self._score_and_pair(
             os.path.join(self.path("sample"), "samples.jsonl"), d))
 
+    def static_pairs(self) -> dict:
+        """dpo_static's fixed pairs: those whose rendered prompt fits in `max_prompt_tokens`, then `limit`.
+
+        Multi-turn HH prompts run to hundreds of tokens; in a short DPO window they would leave no room for the
+        responses, so they are skipped rather than truncated.
+        """
+        s = self.config.static_pairs
+
+        def body(directory: str) -> dict:
+            from .data import load_pairs, write_jsonl
+            from .models import load_tokenizer
+            from .render import render, tokenize
+
+            tokenizer = load_tokenizer(self.model_path)
+            cap, limit, rows = s.get("max_prompt_tokens"), s.get("limit"), []
+            for pair in load_pairs(s["data"]):
+                if cap is not None and len(tokenize(tokenizer, *render(tokenizer, pair.prompt, pair.chosen))[0]) > cap:
+                    continue
+                rows.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
+                if limit and len(rows) == limit:
+                    break
+            if not rows:
+                raise SystemExit(f"static_pairs: no pair of {s['data']} has a prompt of at most {cap} tokens")
+            write_jsonl(os.path.join(directory, "pairs.jsonl"), rows)
+            return {"pairs": len(rows)}
+
+        return self._stage("static_pairs", {**self._base_inputs(), "static_pairs": s,
+                                            "data": file_digest(s["data"])}, body)
+
     # ----------------------------------------------------------------------------------- stage 3
 
     def dpo_args(self, method: str, output_dir: str, **overrides):
@@ -365,6 +395,7 @@ class Pipeline:
         from .trainer import ConfidenceDPOConfig
 
         values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
+                  "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
                   "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
         if not torch.cuda.is_available() or self.device == "cpu":
             values.setdefault("use_cpu", True)
@@ -554,8 +585,8 @@ class Pipeline:
             self.rerank()
         for method in trains:
             if method == "dpo_static":
-                s = self.config.static_pairs
-                self.train_model(method, s["data"], [], s.get("limit"))
+                self.static_pairs()
+                self.train_model(method, self.path("static_pairs", "pairs.jsonl"), [self.records["static_pairs"]["key"]])
             elif method in ("dpo_rerank", "rbrm"):
                 self.train_model(method, self.path("rerank", "pairs.jsonl"), [self.records["rerank"]["key"]])
             else:

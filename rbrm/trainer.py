@@ -328,7 +328,12 @@ class ConfidenceDPOTrainer(DPOTrainer):
                 if isinstance(dataset, Dataset):
                     map_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
                 max_length = args.max_length
+                before = len(dataset) if isinstance(dataset, Dataset) else None
                 dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length, **map_kwargs)
+                if before and not len(dataset):
+                    raise ValueError(f"{dataset_name} dataset: all {before} pairs have a prompt of max_length="
+                                     f"{max_length} tokens or more, so nothing is left to train on; raise "
+                                     "max_length or use shorter prompts")
         return dataset
 
     def _set_signature_columns_if_needed(self):

@@ -416,6 +416,21 @@ def test_accumulated_probe_step_equals_one_big_batch(tokenizer, tmp_path):
         torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_forward_tokens_count_policy_and_reference(tokenizer, tmp_path, precompute):
+    """One epoch of 8 pairs: every pair's prompt+chosen and prompt+rejected tokens, twice unless precomputed."""
+    from rbrm.trainer import ConfidenceDPOTrainer
+
+    trainer = ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(
+        tmp_path, max_steps=4, confidence="static", precompute_ref_log_probs=precompute),
+        train_dataset=dataset(tokenizer, 8), processing_class=tokenizer)
+    trainer.train()
+    data = trainer.train_dataset
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
+                                                                  data["rejected_ids"]))
+    assert trainer.forward_tokens == (1 if precompute else 2) * tokens
+
+
 def test_checkpoint_and_resume_restore_probe_and_optimizer(tokenizer, tmp_path):
     from rbrm.trainer import ConfidenceDPOTrainer
 
@@ -434,6 +449,8 @@ def test_checkpoint_and_resume_restore_probe_and_optimizer(tokenizer, tmp_path):
         assert (tmp_path / "a" / f"checkpoint-{step}" / "reward_model" / "reward_model.safetensors").is_file()
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
     assert resumed.probe_steps == 3
+    # The compute ledger survives the resume: policy + reference tokens of all 3 steps, not just the last one.
+    assert full.forward_tokens > 0 and resumed.forward_tokens == full.forward_tokens
     for key, value in probe_state(full.reward_model).items():
         torch.testing.assert_close(resumed.reward_model.state_dict()[key], value, atol=1e-6, rtol=1e-5)
     a, b = full.reward_optimizer.state_dict()["state"], resumed.reward_optimizer.state_dict()["state"]

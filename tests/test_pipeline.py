@@ -1,0 +1,223 @@
+"""`rbrm pipeline`: config checking, stage caching and resume, compute ledger, report (tiny model; one real run)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+SAMPLING_PROMPTS = "data/refusal_direction/harmful_train.json"
+
+
+def tiny_config(tmp_path, model_dir: str, **changes) -> str:
+    """5 methods on the tiny model in ~20 s. 4 prompts x 2 samples, 4 DPO steps of 2 pairs: RBRM trains two epochs
+    over its 4 re-ranked pairs, online samples afresh in each of its 2 rounds."""
+    config = {
+        "name": "tiny", "model": model_dir, "out_dir": str(tmp_path / "runs"),
+        "methods": ["base", "dpo_static", "dpo_rerank", "rbrm", "online"],
+        "probe": {"data": "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl", "limit": 16, "epochs": 3,
+                  "baseline": False},
+        "sample": {"prompts": SAMPLING_PROMPTS, "limit": 4, "n": 2, "max_new_tokens": 6},
+        "dpo": {"max_steps": 4, "per_device_train_batch_size": 2, "max_length": 64, "learning_rate": 1e-3,
+                "disable_tqdm": True},
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "static_pairs": {"data": "data/hh_rlhf_harmless_test/derived_pku_format.jsonl", "limit": 4,
+                         "max_prompt_tokens": 40},
+        "online": {"rounds": 2},
+        # The first 2 sampling prompts are also evaluation prompts here: the pipeline must drop them from training.
+        "eval": {"prompts": [f"rd={SAMPLING_PROMPTS}:limit=2", "advbench=data/advbench/harmful_behaviors.csv:limit=3"],
+                 "over_refusal_limit": 3, "max_new_tokens": 4, "judge": "refusal", "bootstrap": 50},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run(path: str, *flags: str) -> dict:
+    from rbrm.pipeline import main
+
+    assert main(["--config", path, *flags]) == 0
+    with open(os.path.join(yaml.safe_load(open(path))["out_dir"], "tiny", "report.json")) as f:
+        return json.load(f)
+
+
+def stage_records(run_dir) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(run_dir):
+        if "stage.json" in files and not root.endswith(".old"):
+            with open(os.path.join(root, "stage.json")) as f:
+                out[os.path.relpath(root, run_dir)] = f.read()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 3}, "unknown setting(s) epochs"),
+    ({"dpo": {"max_stepz": 3}}, "`dpo` has unknown key(s) max_stepz"),
+    ({"methods": ["base", "ppo"]}, "`methods` must be"),
+    ({"online": {"rounds": 3}}, "multiple of `online.rounds` (3)"),
+    ({"eval": {"prompts": []}}, "`eval.prompts`"),
+    ({"sample": "x"}, "`sample` must be a mapping"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, change, message):
+    from rbrm.pipeline import PipelineConfigError, load_config
+
+    path = tiny_config(tmp_path, "unused", **change)
+    with pytest.raises(PipelineConfigError) as err:
+        load_config(path)
+    assert path in str(err.value) and message in str(err.value)
+
+
+def test_shipped_configs_load():
+    from rbrm.pipeline import load_config
+
+    for name in ("quick", "compare", "paper"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config.name == name and "rbrm" in config.methods
+    compare = load_config("configs/compare.yaml")
+    assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
+    paper = load_config("configs/paper.yaml")
+    assert (paper.sample["n"], paper.sample["max_new_tokens"], paper.sample["limit"], paper.dpo["beta"]) == (
+        8, 256, 4000, 0.15)
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+def test_run_stage_caches_reruns_on_change_and_keeps_time_of_killed_runs(tmp_path):
+    from rbrm.pipeline import run_stage
+
+    directory = str(tmp_path / "stage")
+    calls = []
+
+    def body(d):
+        calls.append(d)
+        with open(os.path.join(d, "out.txt"), "a") as f:
+            f.write("x")
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed half-way: the next run resumes in the same folder
+        return {"generated_tokens": 5}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(directory, {"a": 1}, body, "s")
+    assert not os.path.exists(os.path.join(directory, "stage.json"))
+    record = run_stage(directory, {"a": 1}, body, "s")
+    assert open(os.path.join(directory, "out.txt")).read() == "xx"  # resumed, not wiped
+    assert record["compute"]["generated_tokens"] == 5 and record["compute"]["wall_seconds"] >= 0
+    assert run_stage(directory, {"a": 1}, body, "s") == record and len(calls) == 2  # cached
+    run_stage(directory, {"a": 2}, body, "s")  # changed: the old outputs are kept aside, the stage reruns
+    assert len(calls) == 3 and open(os.path.join(directory, "out.txt")).read() == "x"
+    assert open(os.path.join(directory + ".old", "out.txt")).read() == "xx"
+
+
+def test_paired_difference_and_verdict():
+    from rbrm.report import _verdict, paired_difference
+
+    a = {f"p{i}": False for i in range(40)}
+    b = {f"p{i}": i < 30 for i in range(40)}
+    diff = paired_difference(a, b, 500, 0)
+    assert diff["n"] == 40 and diff["difference"] == pytest.approx(-0.75) and diff["ci"][1] < 0
+    assert _verdict("rbrm", "base", diff).endswith("rbrm is safer.")
+    same = paired_difference(a, {**a, "p0": True}, 500, 0)
+    assert _verdict("rbrm", "base", same).endswith("no clear difference at this sample size.")
+    assert paired_difference(a, {"other": True}, 10, 0) is None
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
+    from rbrm.data import read_jsonl
+    from rbrm.models import load_model
+
+    path = tiny_config(tmp_path, tiny_model_dir)
+    report = run(path)
+    run_dir = tmp_path / "runs" / "tiny"
+    methods = report["methods"]
+    assert list(methods) == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
+    for name, row in methods.items():
+        for key in ("unsafe_rate", "over_refusal_rate", "generated_tokens", "forward_tokens", "wall_seconds"):
+            assert isinstance(row[key], (int, float)), (name, key)
+        assert row["harmful_n"] == 5 and row["over_refusal_n"] == 3
+    assert methods["base"]["generated_tokens"] == methods["base"]["forward_tokens"] == 0
+    assert methods["dpo_static"]["generated_tokens"] == 0 < methods["dpo_static"]["forward_tokens"]
+    # Re-ranked methods share stages 1-2 and train on the same pairs for the same steps.
+    assert methods["rbrm"]["generated_tokens"] == methods["dpo_rerank"]["generated_tokens"] > 0
+    assert methods["rbrm"]["forward_tokens"] == methods["dpo_rerank"]["forward_tokens"]
+    # Online samples 2 rounds x 4 prompts x 2 responses (RBRM once: 4 x 2) and scores every sample again.
+    samples = read_jsonl(str(run_dir / "sample" / "samples.jsonl"))
+    round_rows = [read_jsonl(str(run_dir / "online_rounds" / f"round_{r}" / "samples.jsonl")) for r in (0, 1)]
+    assert len(samples) == 8 and [len(rows) for rows in round_rows] == [8, 8]
+    assert methods["online"]["generated_tokens"] == sum(r["num_tokens"] for rows in round_rows for r in rows)
+    ratio = report["compute_ratio_online_over_rbrm"]
+    assert ratio["generated_tokens"] == pytest.approx(
+        methods["online"]["generated_tokens"] / methods["rbrm"]["generated_tokens"])
+    # Evaluation prompts never reach training: the 2 shared ones were dropped before `limit`.
+    eval_prompts = {p["instruction"] for p in json.load(open(SAMPLING_PROMPTS))[:2]}
+    assert not eval_prompts & {r["prompt"] for r in samples}
+    assert report["excluded_training_prompts"] >= 2
+    # Each trained method's merged model loads as a plain model folder and differs from the base.
+    base, _ = load_model(tiny_model_dir, dtype="float32")
+    for name in ("dpo_static", "dpo_rerank", "rbrm", "online"):
+        model, _ = load_model(str(run_dir / name / "model"), dtype="float32")
+        assert not all(bool((a == b).all()) for a, b in zip(model.parameters(), base.parameters())), name
+    assert methods["rbrm"]["training"]["confidence/mean"]["last"] >= 0.5  # the floor
+    assert os.path.isdir(run_dir / "rbrm" / "train" / "reward_model")  # the probe that kept learning
+    for figure in ("pca.png", "probe_layers.png", "training.png", "rates.png"):
+        assert (run_dir / "figures" / figure).stat().st_size > 1000
+    text = (run_dir / "report.md").read_text()
+    assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text
+
+    # Unchanged config: every stage is reused.
+    before = stage_records(run_dir)
+    capsys.readouterr()
+    run(path)
+    assert stage_records(run_dir) == before
+    assert "running" not in capsys.readouterr().out
+
+    # A changed evaluation setting reruns the evaluations only.
+    run(tiny_config(tmp_path, tiny_model_dir, eval={"max_new_tokens": 3}))
+    after = stage_records(run_dir)
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {f"{m}/eval" for m in methods}
+
+
+def test_pipeline_sampling_resumes_after_a_kill(tmp_path, tiny_model_dir):
+    """A killed sampling stage keeps its rows; the rerun completes them exactly as an uninterrupted run would."""
+    from rbrm.data import read_jsonl
+
+    path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "dpo_rerank"])
+    run(path)
+    sample_dir = tmp_path / "runs" / "tiny" / "sample"
+    rows = read_jsonl(str(sample_dir / "samples.jsonl"))
+    rerank_record = (tmp_path / "runs" / "tiny" / "rerank" / "stage.json").read_text()
+    os.remove(sample_dir / "stage.json")  # as if killed before the stage finished
+    with open(sample_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:3])
+    run(path)
+    assert read_jsonl(str(sample_dir / "samples.jsonl")) == rows
+    assert (tmp_path / "runs" / "tiny" / "rerank" / "stage.json").read_text() == rerank_record
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_on_smollm2(tmp_path, smollm2_path):
+    """The real model, base vs RBRM, minutes-sized: every stage runs and the report holds both methods."""
+    path = tiny_config(tmp_path, "smollm2-135m-instruct", methods=["base", "rbrm"],
+                       probe={"limit": 24, "epochs": 30}, sample={"max_new_tokens": 16},
+                       dpo={"max_steps": 2, "max_length": 96},
+                       lora={"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                       eval={"max_new_tokens": 16, "judge": "minilm"})
+    report = run(path)
+    rbrm = report["methods"]["rbrm"]
+    assert rbrm["training"]["logged_steps"] == 2 and rbrm["forward_tokens"] > 0 and rbrm["generated_tokens"] > 0
+    assert report["probe"]["val_pair_accuracy"] > 0.5
+    assert set(report["methods"]) == {"base", "rbrm"}
