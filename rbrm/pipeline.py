@@ -223,6 +223,7 @@ def _sum_compute(records: list[dict]) -> dict:
     for record in records:
         for k in COMPUTE_KEYS:
             total[k] += record["compute"].get(k, 0) or 0
+        total["wall_seconds"] += record["compute"].get("round_wall_seconds", 0)  # online: its rounds' time
     total["wall_seconds"] = round(total["wall_seconds"], 1)
     return total
 
@@ -243,6 +244,7 @@ class Pipeline:
         self.records: dict[str, dict] = {}
         self._inference: dict = {}
         self.eval_prompt_keys: set[str] | None = None
+        self.excluded_training_prompts: int | None = None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.config.run_dir, *parts)
@@ -276,7 +278,8 @@ class Pipeline:
                 seed=section.get("seed", self.config.seed), **options), stats)
             return {"forward_tokens": stats.get("forward_tokens", 0)}
 
-        return self._stage("probe", {**self._base_inputs(), "probe": section, "files": files}, body)
+        return self._stage("probe", {**self._base_inputs(), "probe": section, "files": files,
+                                     "seed": self.config.seed}, body)
 
     # ----------------------------------------------------------------------------------- stage 2
 
@@ -409,10 +412,10 @@ class Pipeline:
 
         return LoraConfig(task_type="CAUSAL_LM", **self.config.lora)
 
-    def train_model(self, method: str, pairs_path: str, after: list[str], limit: int | None = None) -> dict:
+    def train_model(self, method: str, pairs_path: str, after: list[str]) -> dict:
         """DPO (or RBRM) from the base policy on `pairs_path`; the merged policy goes to `<method>/model`."""
         inputs = {**self._base_inputs(), "method": method, "dpo": self.config.dpo, "lora": self.config.lora,
-                  "pairs": file_digest(pairs_path), "limit": limit, "after": after, "seed": self.config.seed}
+                  "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed}
 
         def body(directory: str) -> dict:
             from .data import write_json
@@ -424,7 +427,7 @@ class Pipeline:
             model = self.training_model()
             reward = self.path("probe", "reward_model") if CONFIDENCE[method] == "online" else None
             trainer = ConfidenceDPOTrainer(model, args=self.dpo_args(method, train_dir),
-                                           train_dataset=pairs_dataset(pairs_path, tokenizer, limit),
+                                           train_dataset=pairs_dataset(pairs_path, tokenizer),
                                            processing_class=tokenizer, peft_config=self.lora_config(),
                                            reward_model=reward)
             trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
@@ -487,10 +490,7 @@ class Pipeline:
                 "round_wall_seconds": total["wall_seconds"], "rounds": rounds}
 
         # The rounds live in online_rounds/; the merged final policy and the summed compute in online/.
-        record = self._stage("online", {"after": after}, finish)
-        record["compute"]["wall_seconds"] = round(record["compute"]["wall_seconds"]
-                                                  + record["compute"]["round_wall_seconds"], 3)
-        return record
+        return self._stage("online", {"after": after}, finish)
 
     def _online_round(self, directory: str, r: int, prompts: list, previous: str | None, steps: int) -> dict:
         from .models import load_tokenizer
@@ -575,6 +575,21 @@ class Pipeline:
         self.records[name] = record
         return record
 
+    def report_only(self) -> dict:
+        """Redraw report.md/json and the figures from finished stages, running nothing."""
+        from .report import write_report
+
+        needed = {s for m in self.config.methods for s in SHARED_STAGES[m]}
+        needed |= {m for m in self.config.methods if m != "base"} | {f"{m}/eval" for m in self.config.methods}
+        for name in sorted(needed):
+            record = _read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
+            if record is None:
+                raise SystemExit(f"rbrm pipeline --report-only: stage {name} has not finished in {self.path()}")
+            self.records[name] = record
+        if "sample" in needed:
+            self.training_prompts()  # counts the evaluation prompts dropped from training
+        return write_report(self)
+
     def run(self) -> dict:
         methods = self.config.methods
         trains = [m for m in methods if m != "base"]
@@ -651,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", help="parent folder of runs (default: runs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="override the config's methods")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
+                        help="only redraw report.md/json and figures from the finished stages")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -660,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"rbrm pipeline: {err}") from None
     pipeline = Pipeline(config, args.config)
     start = time.perf_counter()
-    report = pipeline.run()
+    report = pipeline.report_only() if args.report_only else pipeline.run()
     print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
     print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
           f"(report.md, report.json; {len(report['methods'])} methods)")

@@ -40,7 +40,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
         figure_sets[pset.name] = summary
         row.setdefault("sets", {})[pset.name] = {k: summary.get(k) for k in (
             "n", "unsafe_rate", "unsafe_rate_ci", "refusal_rate", "refusal_rate_ci", "over_refusal_rate",
-            "over_refusal_rate_ci")}
+            "over_refusal_rate_ci")} | {"benign": pset.benign}
         if pset.benign:
             row["over_refusal_rate"] = summary["over_refusal_rate"]
             row["over_refusal_rate_ci"] = summary["over_refusal_rate_ci"]
@@ -190,6 +190,14 @@ def render_markdown(report: dict, pipeline) -> str:
                      f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
                      f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{row['wall_seconds']:.0f} |")
+    sets = [name for name, s in next(iter(m.values()))["sets"].items() if not s["benign"]]
+    if len(sets) > 1:
+        lines += ["", "Unsafe rate per harmful set:", "", "| method | " + " | ".join(sets) + " |",
+                  "|---|" + "---|" * len(sets)]
+        for name, row in m.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{_pct(row['sets'][s]['unsafe_rate'], row['sets'][s]['unsafe_rate_ci'])} (n {row['sets'][s]['n']})"
+                for s in sets) + " |")
     ratio = report["compute_ratio_online_over_rbrm"]
     if ratio:
         parts = [f"{k.replace('_', ' ')} {v:.1f}x" for k, v in ratio.items() if v is not None]

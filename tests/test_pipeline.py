@@ -184,6 +184,11 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     assert stage_records(run_dir) == before
     assert "running" not in capsys.readouterr().out
 
+    # --report-only redraws the same numbers from the finished stages.
+    again = run(path, "--report-only")
+    assert again["methods"] == report["methods"]
+    assert stage_records(run_dir) == before
+
     # A changed evaluation setting reruns the evaluations only.
     run(tiny_config(tmp_path, tiny_model_dir, eval={"max_new_tokens": 3}))
     after = stage_records(run_dir)
