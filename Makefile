@@ -31,11 +31,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The main job: base model vs RBRM end to end, with report and figures in runs/quick/ (~15 min on 2 CPU cores).
+# The main job: base model vs RBRM end to end, with report and figures in runs/quick/ (~10 min on 2 CPU cores).
 run: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/quick.yaml
 
-# The paper's comparison at small scale (5 methods; a few hours on 2 CPU cores), in runs/compare/.
+# The paper's comparison at small scale (5 methods; about 75 minutes on 2 CPU cores), in runs/compare/.
 compare: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/compare.yaml
 

@@ -258,7 +258,10 @@ class Pipeline:
         return self._inference[dtype]
 
     def _base_inputs(self) -> dict:
-        return {"model": self.model_path, "model_files": _model_digest(self.model_path)}
+        """In every key: the model's files and rbrm's version (the code itself is not hashed)."""
+        from . import __version__
+
+        return {"model": self.model_path, "model_files": _model_digest(self.model_path), "rbrm": __version__}
 
     # ----------------------------------------------------------------------------------- stage 1
 

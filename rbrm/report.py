@@ -64,7 +64,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
     row.update(compute)
     row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in SHARED_STAGES[method]
                                + ([method] if method != "base" else [])}
-    row["model"] = pipeline.model_path if method == "base" else pipeline.path(method, "model")
+    row["model"] = pipeline.config.model if method == "base" else pipeline.path(method, "model")
     log = _read_log(pipeline, method)
     if log:
         row["training"] = _training_summary(log)

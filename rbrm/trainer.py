@@ -265,7 +265,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.reward_model = reward_model
         self.reward_optimizer = None
         self.probe_steps = 0
-        self.forward_tokens = 0  # training tokens through the policy and the reference (compute ledger)
+        self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
         self.last_features: torch.Tensor | None = None  # [2B, L, d] pooled, last batch (for inspection)
         if reward_model is not None:
