@@ -10,7 +10,7 @@ Methods (the paper's table at small scale; every DPO method gets the same `dpo` 
               scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
               DPO on them; the rounds add up to the same number of updates
 
-Folders under `<out_dir>/<name>/`: `probe/`, `sample/`, `rerank/`, one per method (`train/`, `model/`,
+Folders under `<out_dir>/<name>/`: `probe/`, `sample/`, `rerank/`, `static_pairs/`, one per method (`train/`, `model/`,
 `eval/`), `online_rounds/round_K/`, then `report.md`, `report.json` and `figures/`. A stage folder holds `key.json`
 while it runs and `stage.json` once finished. The key hashes the stage's settings, the input files it reads and
 the keys of the stages it builds on: a finished stage with the same key is reused, a changed one is moved
