@@ -501,6 +501,26 @@ def atomic_path(path: Any) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_dir(path: Any) -> Iterator[Path]:
+    """`atomic_path` for a folder: fill the yielded temp folder; it replaces `path` (old folder and all) on
+    success and is removed on failure, so a half-written folder is never used."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _atomic_write(path: Any, write: Callable[[io.TextIOBase], None]) -> None:
     with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: keep the umask's usual mode

@@ -649,14 +649,13 @@ def _save_merged(model, tokenizer, out_dir: str) -> None:
     """The policy with any LoRA adapter merged in, as a plain Hugging Face folder (`--model` loads it)."""
     from accelerate.utils import is_peft_model
 
+    from .data import atomic_dir
+
     if is_peft_model(model):
         model = model.merge_and_unload()
-    tmp = f"{out_dir.rstrip('/')}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a half-finished earlier save of the same stage
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -267,6 +267,23 @@ def test_write_jsonl_is_atomic(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"x": [1, 2]}
 
 
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    from rbrm.data import atomic_dir
+
+    path = tmp_path / "model"
+    with atomic_dir(path) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(path) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("killed while saving")
+    assert sorted(p.name for p in path.iterdir()) == ["a.txt"]  # the old folder, untouched
+    with atomic_dir(path) as tmp:
+        (tmp / "c.txt").write_text("2")
+    assert sorted(p.name for p in path.iterdir()) == ["c.txt"]  # replaced whole, no leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left behind
+
+
 def test_read_jsonl_truncated_tail_and_append(tmp_path, caplog):
     path = tmp_path / "s.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')
