@@ -192,7 +192,8 @@ def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], 
     if record and record.get("key") == key:
         print(f"[{label}] cached ({directory})", flush=True)
         return record
-    started = _read_json(os.path.join(directory, "key.json"))
+    ledger = os.path.join(directory, "key.json")
+    started = _read_json(ledger)
     if started is None or started.get("key") != key:
         if os.path.exists(directory):
             old = directory.rstrip("/") + ".old"
@@ -200,7 +201,8 @@ def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], 
             os.replace(directory, old)
             print(f"[{label}] settings or inputs changed: previous outputs moved to {old}", flush=True)
         os.makedirs(directory)
-        write_json(os.path.join(directory, "key.json"), {"key": key, "inputs": inputs, "wall_seconds": 0.0})
+        started = {"key": key, "inputs": inputs, "wall_seconds": 0.0}
+        write_json(ledger, started)
         print(f"[{label}] running ({directory})", flush=True)
     else:
         print(f"[{label}] resuming ({directory})", flush=True)
@@ -208,9 +210,8 @@ def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], 
     try:
         compute = dict(body(directory) or {})
     finally:  # an interrupted run's time still counts
-        started = _read_json(os.path.join(directory, "key.json"))
         started["wall_seconds"] = round(started.get("wall_seconds", 0.0) + time.perf_counter() - start, 3)
-        write_json(os.path.join(directory, "key.json"), started)
+        write_json(ledger, started)
     compute["wall_seconds"] = started["wall_seconds"]
     record = {"key": key, "inputs": inputs, "compute": compute,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

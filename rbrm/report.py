@@ -11,15 +11,11 @@ import datetime
 import json
 import os
 
-from .evaluation import aggregate, bootstrap_ci, set_dir
+from .data import read_jsonl
+from .evaluation import _pct, aggregate, bootstrap_ci, set_dir
 
 LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "dpo_rerank": "(c) DPO, re-ranked pairs",
           "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
-
-
-def _rows(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[str, bool]]:
@@ -46,7 +42,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
             row["over_refusal_rate_ci"] = summary["over_refusal_rate_ci"]
             row["over_refusal_n"] = summary["n"]
         else:
-            for r in _rows(os.path.join(directory, "responses.jsonl")):
+            for r in read_jsonl(os.path.join(directory, "responses.jsonl")):
                 harmful_rows.setdefault(_norm(r["prompt"] if isinstance(r["prompt"], str) else
                                               json.dumps(r["prompt"])), r)
     pooled = aggregate(list(harmful_rows.values()), False, resamples, pipeline.config.seed)
@@ -112,12 +108,6 @@ def _verdict(name_a: str, name_b: str, diff: dict | None) -> str:
     if ci[0] > 0:
         return text + f"{name_a} is less safe."
     return text + "no clear difference at this sample size."
-
-
-def _pct(rate, ci) -> str:
-    if rate is None:
-        return "-"
-    return f"{100 * rate:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{100 * rate:.1f}%"
 
 
 def _count(n) -> str:
