@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from .errors import RbrmError
+
 # command words -> ("module:ConfigClass", "module:function", one-line help). A config class of None means the
 # function parses its own options: it is called with the argument list (e.g. `rbrm dpo`, which uses TRL's TrlParser).
 COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
@@ -82,19 +84,42 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _run(words: tuple[str, ...], argv: list[str]) -> int:
+    config_spec, func_spec, _ = COMMANDS[words]
+    if config_spec is None:
+        result = _load(func_spec)(argv)
+    else:
+        result = _load(func_spec)(parse_config(_load(config_spec), argv, prog="rbrm " + " ".join(words)))
+    return int(result) if isinstance(result, int) else 0
+
+
+def error_message(err: BaseException) -> str:
+    """One line for the user. OS errors keep their file name; a decoding error says what to do."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({err}); re-save it as UTF-8"
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch; a user error (bad file, setting or model) ends in one message and exit status 2, not a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for n in (2, 1):
-        key = tuple(argv[:n])
-        if key in COMMANDS:
-            config_spec, func_spec, _ = COMMANDS[key]
-            if config_spec is None:
-                result = _load(func_spec)(argv[n:])
-            else:
-                config = parse_config(_load(config_spec), argv[n:], prog="rbrm " + " ".join(key))
-                result = _load(func_spec)(config)
-            return int(result) if isinstance(result, int) else 0
+        words = tuple(argv[:n])
+        if words in COMMANDS:
+            prog = "rbrm " + " ".join(words)
+            try:
+                return _run(words, argv[n:])
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+                return 130
+            except (RbrmError, OSError, ValueError) as err:  # ValueError: also the libraries' bad-setting errors
+                if os.environ.get("RBRM_DEBUG"):
+                    raise
+                print(f"{prog}: error: {error_message(err)}\n(set RBRM_DEBUG=1 for the traceback)", file=sys.stderr)
+                return 2
     print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
     return 0 if not argv or argv[0] in ("-h", "--help") else 2
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputLockedError, RbrmError
 from .render import Prompt, prompt_key
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ID_FIELDS = ("id", "qid", "BehaviorID")
 LABEL_FIELDS = ("label", "safe", "is_safe")
 
 
-class DataError(ValueError):
+class DataError(RbrmError, ValueError):
     """A bad input file; the message names the file, the row (line, csv line or .json element) and the field."""
 
     def __init__(self, path: Any, line: int | None, field: str | None, message: str, *,
@@ -87,11 +88,53 @@ class ScoredSample:
 
 # ---------------------------------------------------------------- reading rows
 
+def check_input_file(path: Any) -> str:
+    """The path as a string, or a DataError naming it when it is missing or not a file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(path, None, None, "file not found")
+    if not os.path.isfile(path):
+        raise DataError(path, None, None, "is a directory (or another non-file); expected a file")
+    return path
+
+
 def _open_text(path: str):
+    check_input_file(path)
     # utf-8-sig: spreadsheet-exported csv files often start with a BOM
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
     return open(path, encoding="utf-8-sig", newline="")
+
+
+def _not_utf8(path: str) -> DataError:
+    """Where the first byte that is not UTF-8 sits (text line and column), for a file that failed to decode."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+        return DataError(path, None, None, "not UTF-8 text")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        return DataError(path, line, None, f"not UTF-8 text: byte 0x{raw[err.start]:02x} at column {column}; "
+                                           "re-save the file as UTF-8", element=False)
+
+
+@contextmanager
+def _utf8_errors(path: str) -> Iterator[None]:
+    """Turn a decoding error anywhere in a read into a DataError with the file, line and column."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def read_json_file(path: Any) -> Any:
+    """A whole JSON file (a config, a sidecar); every failure is a DataError that names the file."""
+    path = os.fspath(path)
+    with _utf8_errors(path), _open_text(path) as f:
+        return _loads(f.read(), path, None)
 
 
 def _iter_values(path: Any) -> Iterator[tuple[int, Any]]:
@@ -100,7 +143,7 @@ def _iter_values(path: Any) -> Iterator[tuple[int, Any]]:
     kind = path.removesuffix(".gz").rsplit(".", 1)[-1].lower()
     if kind not in ("jsonl", "json", "csv"):
         raise DataError(path, None, None, "unknown extension; expected .jsonl, .json or .csv (optionally .gz)")
-    with _open_text(path) as f:
+    with _utf8_errors(path), _open_text(path) as f:
         if kind == "jsonl":
             for n, text in enumerate(f, 1):
                 if text.strip():
@@ -115,6 +158,8 @@ def _iter_values(path: Any) -> Iterator[tuple[int, Any]]:
 
 
 def _loads(text: str, path: str, line: int | None) -> Any:
+    if line is not None:  # one jsonl row: without its newline, a cut-off row reports its own column, not "column 1"
+        text = text.rstrip("\r\n")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -183,9 +228,47 @@ def _prompt(row: dict, key: str, path: Any, line: int) -> Prompt:
     return _str(row, key, path, line)
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _int(value: Any, path: Any, line: int, key: str, what: str = "an integer") -> int:
+    """An integer, also when written as a string (a CSV cell is always one)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(path, line, key, f"expected {what}, got {value!r}")
+    return value
+
+
+def _float(value: Any, path: Any, line: int, key: str) -> float | None:
+    """A number or null; numeric strings (CSV cells) count as numbers and an empty cell as null."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(path, line, key, f"expected a number or null, got {value!r}")
+    return float(value)
+
+
+def _bool_or_none(value: Any, path: Any, line: int, key: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE + ("",):
+        text = value.strip().lower()
+        return None if not text else text in _TRUE
+    raise DataError(path, line, key, f"expected true, false or null, got {value!r}")
+
+
 def _label(value: Any, path: Any, line: int, key: str) -> bool:
-    if isinstance(value, str) and value.strip().lower() in ("safe", "unsafe"):
-        return value.strip().lower() == "safe"
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("safe", "unsafe"):
+        return text == "safe"
+    if text in _TRUE + _FALSE:  # a CSV cell
+        return text in _TRUE
     if isinstance(value, bool) or value in (0, 1):  # 1 / true = safe
         return bool(value)
     raise DataError(path, line, key, f"expected 'safe'/'unsafe', a bool or 0/1, got {value!r}")
@@ -253,18 +336,16 @@ def _pku(row: dict, path: Any, line: int, src: str):
         if sum(m["role"] == "user" for m in messages) > 1:
             prompt = _as_prompt(messages, path, line, "dialogue_history")
     responses = [_str(row, f"response_{i}", path, line) for i in (0, 1)]
-    sid = row.get("safer_response_id")
-    if isinstance(sid, bool) or sid not in (0, 1):
+    sid = _int(row.get("safer_response_id"), path, line, "safer_response_id", "0 or 1")
+    if sid not in (0, 1):
         raise DataError(path, line, "safer_response_id", f"expected 0 or 1, got {sid!r}")
     meta = {k: v for k, v in row.items() if k not in _PKU_TEXT}
     pairs = [PreferencePair(prompt, responses[sid], responses[1 - sid], src, meta)]
     labelled = []
     for i in (0, 1):
         key = f"is_response_{i}_safe"
-        value = row.get(key)
+        value = _bool_or_none(row.get(key), path, line, key)
         if value is not None:
-            if not isinstance(value, bool):
-                raise DataError(path, line, key, f"expected true, false or null, got {value!r}")
             labelled.append(LabelledResponse(prompt, responses[i], value, src, {**meta, "response_id": i}))
     return pairs, labelled
 
@@ -366,6 +447,9 @@ def _iter_examples(path: Any, format: str) -> Iterator[tuple[list, list]]:
         if any(not (p.chosen.strip() and p.rejected.strip()) for p in pairs):
             log.warning("skipping the pair at %s:%d: an empty response", os.fspath(path), line)
             pairs = []
+        if any(not item.response.strip() for item in labelled):  # an empty answer teaches the probe nothing
+            log.warning("skipping an empty labelled response at %s:%d", os.fspath(path), line)
+            labelled = [item for item in labelled if item.response.strip()]
         yield pairs, labelled
 
 
@@ -460,15 +544,10 @@ def _iter_scored(path: Any) -> Iterator[tuple[int, ScoredSample]]:
             used = ("prompt", "response", index_key, "score", "prompt_id")
         pid = row.get("prompt_id")
         pid = str(pid) if isinstance(pid, (str, int)) and not isinstance(pid, bool) else prompt_key(prompt)
-        index = row.get(index_key, counts.get(pid, 0))
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise DataError(path, line, index_key, f"expected an integer, got {index!r}")
+        index = _int(row.get(index_key, counts.get(pid, 0)), path, line, index_key)
         counts[pid] = counts.get(pid, 0) + 1
-        score = row.get("score")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-            raise DataError(path, line, "score", f"expected a number or null, got {score!r}")
+        score = _float(row.get("score"), path, line, "score")
         meta = {k: v for k, v in row.items() if k not in used}
-        score = None if score is None else float(score)
         yield line, ScoredSample(prompt, response, score, index, pid, f"{os.fspath(path)}:{line}", meta)
 
 
@@ -567,6 +646,28 @@ def _drop_partial_tail(path: Path) -> None:
             f.truncate(pos)
 
 
+@contextmanager
+def exclusive_writer(path: Any) -> Iterator[None]:
+    """Hold `<path>.lock` while appending to `path`: a second writer gets an error instead of doubling the rows.
+
+    The lock is an OS file lock (filelock), so a killed writer releases it and a rerun resumes at once.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path = os.fspath(path) + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputLockedError(f"{os.fspath(path)}: another process is writing this file (it holds {lock_path}); "
+                                "wait for it to finish, or write to another file") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def append_jsonl(path: Any, rows: Iterable[dict]) -> None:
     """Append rows and fsync, so a resumed stage keeps every row written before a crash."""
     path = Path(path)
@@ -583,7 +684,7 @@ def append_jsonl(path: Any, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Any) -> list[dict]:
     """Rows of a jsonl file; a malformed last line (a killed writer) is skipped with a warning."""
     path = os.fspath(path)
-    with _open_text(path) as f:
+    with _utf8_errors(path), _open_text(path) as f:
         lines = [(n, text) for n, text in enumerate(f, 1) if text.strip()]
     rows = []
     for i, (n, text) in enumerate(lines):

@@ -19,6 +19,7 @@ own folder `--out/NAME/`, and `--out/summary.json` maps set names to summaries, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -199,6 +200,13 @@ def judge_rows(rows: Sequence[dict], judge, cache_path: str | os.PathLike | None
     With `cache_path`, judgments are appended after every chunk, keyed by (prompt_id, sample_index, response
     hash) and the judge's name and version, so a rerun judges only what is new (a guard model is slow).
     """
+    from .data import exclusive_writer
+
+    with exclusive_writer(cache_path) if cache_path is not None else contextlib.nullcontext():
+        return _judge_rows(rows, judge, cache_path, chunk, progress)
+
+
+def _judge_rows(rows: Sequence[dict], judge, cache_path, chunk: int, progress: bool) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .data import append_jsonl, read_jsonl, write_jsonl
@@ -279,10 +287,10 @@ def set_dir(out_dir: str | os.PathLike, pset: PromptSet, several: bool) -> str:
 
 
 def load_set(pset: PromptSet) -> list:
-    from .data import load_prompts
+    from .data import DataError, load_prompts
 
     if not os.path.exists(pset.path):
-        raise SystemExit(f"prompt set {pset.name!r}: file not found: {pset.path}")
+        raise DataError(pset.path, None, None, f"file not found (prompt set {pset.name!r})")
     return load_prompts(pset.path, prompt_field=pset.prompt_field, limit=pset.limit,
                         category_field=pset.category_field, where=pset.where or None)
 
@@ -348,6 +356,8 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
         "generation": settings,
         "bootstrap": {"method": "percentile", "resamples": resamples, "level": 0.95, "seed": seed},
         "finish_reasons": dict(Counter(r.get("finish_reason") for r in rows)),
+        "empty_responses": sum(not str(r["response"]).strip() for r in rows),
+        "skipped_too_long": gen_stats.get("skipped_too_long", 0),
         "compute": {
             "generated_tokens": tokens,  # all rows, whichever run made them
             "mean_tokens": tokens / len(rows) if rows else None,
@@ -508,6 +518,8 @@ def run_eval(config: EvalConfig) -> dict:
     if config.max_new_tokens < 1 or config.bootstrap < 1 or config.batch_prompts < 1:
         raise SystemExit("rbrm eval: --max-new-tokens, --bootstrap and --batch-prompts must be >= 1")
     make = judge_loader(config.judge, config.judge_model, config.judge_device)
+    for pset in sets:  # every prompt file is read (and any error shown) before the model takes seconds to load
+        load_set(pset)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     holder = {"model": model}
     del model
@@ -623,9 +635,11 @@ def run_judge(config: JudgeConfig) -> int:
     write_jsonl(config.out, rows)
     unsafe = sum(r["unsafe"] for r in rows)
     refusals = sum(r["refusal"] for r in rows)
+    empty = sum(not r.strip() for _, _, r in pairs)
     print(f"{config.out}: {len(rows)} rows judged by {judge.name} (version {judge.version}) in "
           f"{time.perf_counter() - t0:.1f} s; unsafe {unsafe} ({100 * unsafe / len(rows):.1f}%), "
-          f"refusals {refusals} ({100 * refusals / len(rows):.1f}%)")
+          f"refusals {refusals} ({100 * refusals / len(rows):.1f}%)"
+          + (f"; {empty} empty responses judged safe" if empty else ""))
     return 0
 
 

@@ -46,6 +46,28 @@ def resolve_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
     return sorted(set(layers))
 
 
+def context_length(model) -> int | None:
+    """The model's context window in tokens (None when its config does not say); `model` may be a path."""
+    config = getattr(model, "config", None)
+    if config is None and isinstance(model, str):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError):
+            return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def rendered_lengths(tokenizer, rows: list[tuple[Prompt, str]]) -> list[int]:
+    """Tokens of each rendered (prompt, response) row, as the model sees it."""
+    return [sum(map(len, tokenize(tokenizer, *render(tokenizer, p, r)))) for p, r in rows]
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pool [B, T, d] over the positions where mask [B, T] is 1: the last such position, or their mean.
 
@@ -261,14 +283,20 @@ class FeatureSet:
 
 def load_features(path: str) -> FeatureSet:
     """Read a features file; only `features` and `labels` or `pair_index` are required."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, framework="pt") as f:
-        keys = set(f.keys())
-        raw_meta = f.metadata() or {}
-        if "features" not in keys:
-            raise ValueError(f"{path}: no 'features' tensor (found: {sorted(keys)})")
-        tensors = {k: f.get_tensor(k) for k in keys}
+    from .data import DataError, check_input_file
+
+    check_input_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            raw_meta = f.metadata() or {}
+            if "features" not in keys:
+                raise DataError(path, None, "features", f"no such tensor (found: {sorted(keys)})")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except SafetensorError as err:
+        raise DataError(path, None, None, f"not a readable safetensors file: {err}") from None
     features = tensors["features"].float()
     if features.dim() == 2:
         features = features.unsqueeze(1)  # one layer

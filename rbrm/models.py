@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RbrmError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (python package that ships the file, GGUF file name inside it)
 PACKAGED_MODELS = {
@@ -132,14 +134,35 @@ def load_tokenizer(name_or_path: str | None = None):
     return tokenizer
 
 
+class ModelLoadError(RbrmError):
+    """A model folder whose weights do not match its config: loading would leave random layers."""
+
+
+def load_causal_lm(path: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained`, refusing a checkpoint that leaves parameters without weights.
+
+    transformers fills such parameters with random values and only logs it; a config that lost
+    `num_hidden_layers` builds the default depth that way and every stage would run on noise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing, mismatched = list(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = [str(k) for k in (missing + mismatched)[:3]]
+        raise ModelLoadError(
+            f"{path}: the checkpoint has no matching weights for {len(missing) + len(mismatched)} of the model's "
+            f"parameters (e.g. {', '.join(names)}): its config.json does not describe these weights (a missing "
+            "or wrong num_hidden_layers, hidden_size or vocab_size?)")
+    return model
+
+
 def load_model(name_or_path: str | None = None, dtype: str | torch.dtype | None = None,
                device: str | None = None, inference: bool = True):
     """Load (model, tokenizer) in eval mode; see `resolve_dtype` for `dtype='auto'`."""
-    from transformers import AutoModelForCausalLM
-
     device = device or default_device()
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device, inference))
+    model = load_causal_lm(path, dtype=resolve_dtype(dtype, device, inference))
     model.to(device).eval()
     return model, load_tokenizer(path)
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RbrmError
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,11 @@ EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", 
              "batch_prompts", "bootstrap", "dtype"}
 
 
-class PipelineConfigError(ValueError):
-    pass
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+class PipelineConfigError(RbrmError, ValueError):
+    """A pipeline YAML that cannot run; the message names the file, section and key."""
 
 
 @dataclass
@@ -135,6 +140,10 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
         if bad:
             raise PipelineConfigError(f"{path}: `{section}` has unknown key(s) {', '.join(bad)}; "
                                       f"known: {', '.join(sorted(allowed))}")
+    name = values["name"]
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise PipelineConfigError(f"{path}: `name` {name!r} must be a plain folder name (letters, digits, '.', "
+                                  "'_', '-'): the run lives in <out_dir>/<name>/ and must not leave it")
     config = PipelineConfig(**values)
     bad_methods = [m for m in config.methods if m not in METHODS]
     if bad_methods or not config.methods:
@@ -445,12 +454,10 @@ class Pipeline:
 
     def training_model(self, adapter: str | None = None):
         """A fresh trainable copy of the base policy (fp32 on CPU), optionally with a saved LoRA adapter."""
-        from transformers import AutoModelForCausalLM
-
-        from .models import resolve_dtype
+        from .models import load_causal_lm, resolve_dtype
 
         dtype = resolve_dtype("auto", self.device, inference=False)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        model = load_causal_lm(self.model_path, dtype=dtype)
         if adapter is None:
             return model
         from peft import PeftModel
@@ -641,9 +648,9 @@ def _last_checkpoint(directory: str) -> str | None:
 
 
 def _load_full(path: str):
-    from transformers import AutoModelForCausalLM
+    from .models import load_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(path)
+    return load_causal_lm(path)
 
 
 def _save_merged(model, tokenizer, out_dir: str) -> None:

@@ -12,6 +12,7 @@ rejected from the back, which makes every selection deterministic. Identical res
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .render import Prompt, prompt_key, to_messages
+
+log = logging.getLogger(__name__)
 
 PAPER_INPUT = "Respond to this input:\n\n{prompt}\n\noutput:output :"
 
@@ -33,6 +36,7 @@ class Sample:
     position: int  # order in the input file, the last tie-break
     meta: dict = field(default_factory=dict)
     score: float | None = None
+    source: str = ""  # "file:line"
 
 
 @dataclass
@@ -48,10 +52,31 @@ class RerankResult:
 
 def load_samples(path: str, limit: int | None = None) -> list[Sample]:
     """Samples from `rbrm sample` output or the paper's (idx, input, output, score) files."""
-    from .data import load_scored_samples
+    from .data import DataError, load_scored_samples
 
-    return [Sample(s.prompt_id or prompt_key(s.prompt), s.prompt, s.response, s.index, position, dict(s.meta))
-            for position, s in enumerate(load_scored_samples(path, limit=limit))]
+    samples, seen = [], {}
+    for position, s in enumerate(load_scored_samples(path, limit=limit)):
+        sample = Sample(s.prompt_id or prompt_key(s.prompt), s.prompt, s.response, s.index, position, dict(s.meta),
+                        source=s.source)
+        key, line = (sample.prompt_id, sample.index), int(s.source.rsplit(":", 1)[1])
+        if key in seen:  # e.g. two `rbrm sample` runs appended to one file: ranking would count a sample twice
+            raise DataError(path, line, "sample_index", f"prompt {sample.prompt_id!r} sample {sample.index} "
+                            f"appears twice (first at line {seen[key]}); de-duplicate the file or sample again")
+        seen[key] = line
+        samples.append(sample)
+    return samples
+
+
+def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Samples that cannot be ranked: empty responses (the probe has nothing to read, yet may score them
+    highest) and rows longer than the model's context window (their hidden states are not meaningful)."""
+    from .features import context_length, rendered_lengths
+
+    empty = [s for s in samples if not s.response.strip()]
+    limit = context_length(model)
+    rest = [s for s in samples if s.response.strip()]
+    lengths = rendered_lengths(tokenizer, [(s.prompt, s.response) for s in rest]) if limit else []
+    return {"empty_responses": empty, "too_long": [s for s, n in zip(rest, lengths) if n > limit]}
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -285,13 +310,22 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     if dim is not None and dim != model.config.hidden_size:
         raise SystemExit(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
     check_reward_for(reward, model, tokenizer)
+    dropped = unusable(model, tokenizer, samples)
+    for reason, bad in dropped.items():
+        if bad:
+            where = ", ".join(s.source or f"prompt {s.prompt_id!r} sample {s.index}" for s in bad[:5])
+            log.warning("not ranking %d sample(s) (%s): %s%s", len(bad), reason.replace("_", " "), where,
+                        " ..." if len(bad) > 5 else "")
+    skip = {id(s) for bad in dropped.values() for s in bad}
+    usable = [s for s in samples if id(s) not in skip]
     stats: dict = {}
     start = time.perf_counter()
-    scores = score_samples(model, tokenizer, reward, samples, batch_tokens, progress=progress, stats=stats)
+    scores = score_samples(model, tokenizer, reward, usable, batch_tokens, progress=progress, stats=stats)
     seconds = time.perf_counter() - start
-    for s, score in zip(samples, scores):
+    for s, score in zip(usable, scores):
         s.score = score
-    result = rerank(samples, top_k, min_gap)
+    result = rerank(usable, top_k, min_gap)
+    result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
     result.summary.update(forward_tokens=stats.get("forward_tokens"), top_k=top_k, alpha=alpha, min_gap=min_gap,
                           samples_file=samples_path, reward_model=reward_dir,

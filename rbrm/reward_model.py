@@ -11,7 +11,7 @@ layer's probe is a usable reward by itself and per-layer accuracy means somethin
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 import warnings
@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import DataError, read_json_file
+from .errors import RbrmError
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "reward_model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(RbrmError, ValueError):
     """A probe was about to be applied to hidden states of a model it was not trained on."""
 
 
@@ -85,29 +88,39 @@ class HybridRewardModel(nn.Module):
 
         from .data import atomic_path, write_json
 
-        config = {**self.config, "format_version": FORMAT_VERSION, "num_layers": self.num_layers,
+        config = {"end_of_turn": None, **self.config, "layers": self.layers, "pooling": self.pooling,
+                  "format_version": FORMAT_VERSION, "num_layers": self.num_layers,
                   "hidden_size": int(self.weight.shape[1])}
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as tmp:
             save_file(tensors, str(tmp))
+            config["weights_sha256"] = _sha256(tmp)  # checked on load: flipped bytes must not score silently
         write_json(os.path.join(directory, CONFIG_FILE), config)
 
     @classmethod
     def load(cls, directory: str, map_location: str | torch.device = "cpu") -> HybridRewardModel:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         config_path = os.path.join(directory, CONFIG_FILE)
         weights_path = os.path.join(directory, WEIGHTS_FILE)
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} not found: is {directory} a reward model saved by rbrm?")
-        with open(config_path) as f:
-            config = json.load(f)
-        for key in ("num_layers", "hidden_size"):
-            if key not in config:
-                raise ValueError(f"{config_path}: missing field {key!r}")
+                raise DataError(path, None, None, f"not found: is {directory} a reward model saved by rbrm?")
+        config = read_json_file(config_path)
+        if not isinstance(config, dict):
+            raise DataError(config_path, None, None, f"expected a JSON object, got {type(config).__name__}")
+        _check_probe_config(config, config_path)
+        actual = _sha256(weights_path)
+        if config["weights_sha256"] != actual:
+            raise DataError(weights_path, None, None, f"checksum {actual[:16]}… differs from the one in "
+                            f"{CONFIG_FILE} ({config['weights_sha256'][:16]}…): the file is corrupt or was "
+                            "replaced; retrain or restore it")
         model = cls(config["num_layers"], config["hidden_size"], config)
-        model.load_state_dict(load_file(weights_path, device=str(map_location)))
+        try:
+            model.load_state_dict(load_file(weights_path, device=str(map_location)))
+        except (RuntimeError, OSError, SafetensorError) as err:  # wrong shapes, or a file it cannot parse
+            raise DataError(weights_path, None, None, f"cannot load the probe weights: {err}") from None
         return model
 
     def check_model(self, model) -> None:
@@ -133,6 +146,33 @@ class HybridRewardModel(nn.Module):
         if expected.get("embedding_sha256") not in (None, actual["embedding_sha256"]):
             warnings.warn(f"model {actual['name']!r} has the reward model's architecture but other weights "
                           f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=2)
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_probe_config(config: dict, path: str) -> None:
+    """Every field a probe needs to be applied as trained; a missing one is an error, never a default."""
+    for key, ok, expected in (
+            ("num_layers", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            ("hidden_size", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+            ("layers", lambda v: isinstance(v, list) and v and all(isinstance(x, int) and x > 0 for x in v),
+             "a list of 1-based layer numbers"),
+            ("pooling", lambda v: v in ("last", "mean"), "'last' or 'mean'"),
+            ("end_of_turn", lambda v: v is None or isinstance(v, str), "the end-of-turn text or null"),
+            ("weights_sha256", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest")):
+        if key not in config:
+            raise DataError(path, None, key, "missing (this probe config cannot be applied as it was trained)")
+        if not ok(config[key]):
+            raise DataError(path, None, key, f"expected {expected}, got {config[key]!r}")
+    if len(config["layers"]) != config["num_layers"]:
+        raise DataError(path, None, "layers", f"{len(config['layers'])} layers listed, num_layers is "
+                        f"{config['num_layers']}")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -403,6 +443,9 @@ def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_
     if "model" not in model_cache:
         model_cache["model"] = load_model(config.model, dtype=config.dtype, device=config.device)
     model, tokenizer = model_cache["model"]
+    pairs, labelled, dropped = drop_too_long(model, tokenizer, pairs, labelled)
+    if stats is not None:
+        stats["skipped_too_long"] = stats.get("skipped_too_long", 0) + len(dropped)
     rows, labels, pair_index = examples_to_rows(pairs, labelled)
     layers = resolve_layers(model, config.layers)
     feats = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens, stats=stats)
@@ -410,6 +453,32 @@ def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_
     groups = torch.tensor([keys.setdefault(prompt_key(p), len(keys)) for p, _ in rows], dtype=torch.long)
     meta = feature_metadata(model, tokenizer, layers, config.pooling)
     return FeatureSet(feats, labels, pair_index, meta), groups
+
+
+def drop_too_long(model, tokenizer, pairs: list, labelled: list) -> tuple[list, list, list[str]]:
+    """Pairs and labelled rows that fit the model's context window, and the sources of those that do not.
+
+    Hidden states past the context window are not what the model computes on real input; a probe trained on
+    them learns noise.
+    """
+    import logging
+
+    from .features import context_length, rendered_lengths
+
+    limit = context_length(model)
+    if limit is None:
+        return pairs, labelled, []
+    pair_lengths = rendered_lengths(tokenizer, [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)])
+    long_pair = [max(pair_lengths[2 * i:2 * i + 2]) > limit for i in range(len(pairs))]
+    long_item = [n > limit for n in rendered_lengths(tokenizer, [(x.prompt, x.response) for x in labelled])]
+    dropped = [x.source for x, bad in zip(pairs, long_pair) if bad] + [x.source for x, bad in zip(labelled, long_item)
+                                                                       if bad]
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "skipping %d example(s) longer than the model's context of %d tokens: %s%s", len(dropped), limit,
+            ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
+    return ([x for x, bad in zip(pairs, long_pair) if not bad], [x for x, bad in zip(labelled, long_item) if not bad],
+            dropped)
 
 
 def _load_feature_file(path: str):
@@ -430,6 +499,7 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
     if bool(config.data) == bool(config.features):
         raise SystemExit("rbrm probe train: give exactly one of --data or --features")
     model_cache: dict = {}
+    stats = {} if stats is None else stats
     if config.features:
         fs, groups = _load_feature_file(config.features)
     else:
@@ -454,6 +524,8 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
         metrics.update(logistic_baseline(fs.features, fs.pair_index, labels, train_mask, settings.seed))
         layers = meta.get("layers") or list(range(1, fs.features.shape[1] + 1))
         metrics["baseline_layer"] = layers[metrics.pop("baseline_layer_index")]
+    if "skipped_too_long" in stats:
+        metrics["skipped_too_long"] = stats["skipped_too_long"]
     if config.cv:
         metrics.update(cross_validate(fs.features, fs.pair_index, fs.labels, settings, config.cv, groups))
     if config.test_data or config.test_features:

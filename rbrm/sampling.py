@@ -10,6 +10,7 @@ that produced the file, and a rerun with other settings is refused instead of mi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .errors import RbrmError
 from .features import pad
 from .render import end_of_turn, render_prompt
 
@@ -36,7 +38,7 @@ Generated = tuple[str, str, int]
 Backend = Callable[[list[str], list[int], int], list[list[Generated]]]
 
 
-class SamplingSettingsError(ValueError):
+class SamplingSettingsError(RbrmError, ValueError):
     """The output file was produced with other settings; appending would mix two sampling distributions."""
 
 
@@ -220,7 +222,7 @@ def _comparable(key: str, value):
 
 def _check_meta(out_path: str, meta: dict) -> None:
     """Refuse to append to a file made with other settings; warn if only the batch layout changed."""
-    from .data import write_json
+    from .data import read_json_file, write_json
 
     meta_path = out_path + META_SUFFIX
     if not os.path.exists(meta_path):
@@ -230,8 +232,7 @@ def _check_meta(out_path: str, meta: dict) -> None:
                 "produced them. Write to a new file, or delete this one to start over.")
         write_json(meta_path, meta)
         return
-    with open(meta_path) as f:
-        old = json.load(f)
+    old = read_json_file(meta_path)
     identity = ("format", "engine", "model", "settings", "n", "seed")
     diffs = [f"  {key}: file has {old.get(key)!r}, this run has {meta[key]!r}"
              for key in identity if _comparable(key, old.get(key)) != _comparable(key, meta[key])]
@@ -280,13 +281,45 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: Ge
     `model` may be a model name when a `backend` that loads its own model (vLLM) is given.
     `stats`, if given, receives generated_tokens, seconds and calls of this run (not of earlier runs).
     """
+    from .data import exclusive_writer
+
+    with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
+        return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
+                                   progress, max_sequences, backend, engine, stats)
+
+
+def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None, max_new_tokens: int):
+    """(kept prompts, kept texts, dropped prompts): a prompt whose tokens plus `max_new_tokens` exceed the
+    model's context window would be generated past what the model was trained on (garbage)."""
+    if limit is None:
+        return prompts, texts, []
+    kept, kept_texts, dropped = [], [], []
+    for p, t in zip(prompts, texts):
+        if len(tokenizer(t, add_special_tokens=False)["input_ids"]) + max_new_tokens > limit:
+            dropped.append(p)
+        else:
+            kept.append(p)
+            kept_texts.append(t)
+    if dropped:
+        where = ", ".join(getattr(p, "source", "") or str(p.id) for p in dropped[:5])
+        log.warning("skipping %d prompt(s) whose tokens + max_new_tokens=%d exceed the model's context of %d "
+                    "tokens: %s%s", len(dropped), max_new_tokens, limit, where, " ..." if len(dropped) > 5 else "")
+    return kept, kept_texts, dropped
+
+
+def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed, progress,
+                        max_sequences, backend, engine, stats) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .data import append_jsonl
+    from .features import context_length
 
     settings = settings or GenerationSettings()
     if not settings.do_sample and n != 1:
         raise ValueError(f"greedy decoding gives one response per prompt; got n={n}")
+    texts = [render_prompt(tokenizer, p.prompt) for p in prompts]
+    prompts, texts, too_long = drop_too_long(prompts, texts, tokenizer, context_length(model),
+                                             settings.max_new_tokens)
     ids = [str(p.id) for p in prompts]
     repeated = [i for i, c in Counter(ids).items() if c > 1]
     if repeated:
@@ -301,7 +334,6 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: Ge
         _check_meta(out_path, meta)
         done = _existing_rows(out_path, prompts_by_id)
     backend = backend or hf_backend(model, tokenizer, settings)
-    texts = [render_prompt(tokenizer, p.prompt) for p in prompts]
     wanted = len(prompts) * n
     todo = wanted - sum(1 for k in done if k[0] in prompts_by_id and k[1] < n)
     bar = tqdm(total=wanted, initial=wanted - todo, desc="sample", unit="seq", disable=not progress)
@@ -334,7 +366,7 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: Ge
     bar.close()
     if stats is not None:
         stats.update(generated_tokens=tokens, seconds=time.perf_counter() - start, calls=n_calls,
-                     new_rows=len(new_rows))
+                     new_rows=len(new_rows), skipped_too_long=len(too_long))
     missing_keys = [(pid, i) for pid in ids for i in range(n) if (pid, i) not in done]
     if missing_keys:  # cannot happen unless the plan is wrong; never hand back a file with gaps silently
         raise RuntimeError(f"sampling left {len(missing_keys)} rows missing, e.g. {missing_keys[:3]}")
@@ -400,6 +432,7 @@ def run_sample(config: SampleConfig) -> None:
                               engine=config.engine, stats=stats)
     finish = Counter(r["finish_reason"] for r in rows)
     rate = stats["generated_tokens"] / max(stats["seconds"], 1e-9)
-    print(f"{config.out}: {len(rows)} responses for {len(prompts)} prompts ({stats['new_rows']} new, "
+    skipped = stats["skipped_too_long"]
+    print(f"{config.out}: {len(rows)} responses for {len(prompts) - skipped} prompts ({stats['new_rows']} new, "
           f"{stats['generated_tokens']} tokens in {stats['seconds']:.1f} s, {rate:.1f} tokens/s); "
-          f"finish: {dict(finish)}")
+          f"finish: {dict(finish)}" + (f"; skipped {skipped} prompt(s) too long for the context" if skipped else ""))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from trl import DPOConfig, DPOTrainer
 
-from .features import POOLINGS, decoder_layers, pool
+from .features import POOLINGS, context_length, decoder_layers, pool
 from .render import end_of_turn, render, tokenize
 from .reward_model import HybridRewardModel, pairwise_loss
 
@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 CONFIDENCE_MODES = ("online", "static", "none")
 REWARD_DIR = "reward_model"
 REWARD_OPTIMIZER_FILE = "optimizer.pt"
+# Above this share of pairs whose end-of-turn token is cut off by max_length, the trainer warns at the start.
+TRUNCATION_WARN_FRACTION = 0.1
 COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token count so far, restored on resume
 # Keys our collator adds to a batch; they are taken out before anything reaches a model.
 _EXTRA_KEYS = ("confidence", "endpoint_kept")
@@ -255,6 +257,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
                 and not is_peft_model(model) and not args.precompute_ref_log_probs and not _zero3_enabled()):
             ref_model = self._frozen_copy(model)  # (under ZeRO-3 the weights are sharded: TRL reloads instead)
 
+        self._context_length = context_length(model) if isinstance(model, nn.Module) else None
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -324,17 +327,51 @@ class ConfidenceDPOTrainer(DPOTrainer):
             if isinstance(dataset, Dataset):
                 map_kwargs["desc"] = f"Rendering and tokenizing {dataset_name} dataset"
             dataset = dataset.map(render_and_tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                if isinstance(dataset, Dataset):
-                    map_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
-                max_length = args.max_length
+            context = getattr(self, "_context_length", None)
+            max_length = args.max_length
+            if context is not None and (max_length is None or max_length > context):
+                # Sequences are not cut to fit the window: pairs past the model's context would train on noise.
+                dataset = self._drop(dataset, lambda e: len(e["prompt_ids"]) + max(
+                    len(e["chosen_ids"]), len(e["rejected_ids"])) <= context, map_kwargs, dataset_name,
+                    f"longer than the model's context of {context} tokens")
+            if max_length is not None and args.truncation_mode == "keep_start":
                 before = len(dataset) if isinstance(dataset, Dataset) else None
-                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < max_length, **map_kwargs)
+                dataset = self._drop(dataset, lambda e: len(e["prompt_ids"]) < max_length, map_kwargs, dataset_name,
+                                     f"with a prompt of max_length={max_length} tokens or more (nothing to learn)")
                 if before and not len(dataset):
                     raise ValueError(f"{dataset_name} dataset: all {before} pairs have a prompt of max_length="
                                      f"{max_length} tokens or more, so nothing is left to train on; raise "
                                      "max_length or use shorter prompts")
+                if isinstance(dataset, Dataset) and len(dataset):
+                    self._warn_truncation(dataset, max_length, dataset_name)
         return dataset
+
+    @staticmethod
+    def _drop(dataset, keep, map_kwargs: dict, dataset_name: str, why: str):
+        """`dataset.filter(keep)`, saying how many pairs went and why (TRL drops them without a word)."""
+        from datasets import Dataset
+
+        kwargs = dict(map_kwargs)
+        if isinstance(dataset, Dataset):
+            kwargs["desc"] = f"Dropping pairs {why.split(' (')[0]} from {dataset_name} dataset"
+        before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = dataset.filter(keep, **kwargs)
+        if before is not None and len(dataset) < before:
+            logger.warning("%s dataset: dropped %d of %d pairs %s", dataset_name, before - len(dataset), before, why)
+        return dataset
+
+    @staticmethod
+    def _warn_truncation(dataset, max_length: int, dataset_name: str) -> None:
+        """Warn once when many pairs lose their end-of-turn token to `max_length`: the probe reads that token,
+        so those pairs keep confidence 1 and teach the online probe nothing."""
+        prompt = [len(x) for x in dataset["prompt_ids"]]
+        cut = sum(p + max(len(c), len(r)) > max_length
+                  for p, c, r in zip(prompt, dataset["chosen_ids"], dataset["rejected_ids"]))
+        if cut > TRUNCATION_WARN_FRACTION * len(prompt):
+            logger.warning("%s dataset: %d of %d pairs (%.0f%%) lose their end-of-turn token to max_length=%d; "
+                           "the probe cannot read them, so their confidence stays 1 and the probe does not learn "
+                           "from them. Raise max_length.", dataset_name, cut, len(prompt), 100 * cut / len(prompt),
+                           max_length)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -541,6 +578,31 @@ class DPOScriptArguments:
     eval_pairs: str | None = field(default=None, metadata={"help": "held-out pairs for evaluation"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N pairs"})
     format: str = field(default="auto", metadata={"help": "pair file format (default: detect)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh, deleting the checkpoints in --output_dir (by default a rerun of the same command "
+                "resumes from the last one)"})
+
+
+def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:
+    """The checkpoint a run continues from: the one asked for, else the last in `output_dir` unless `overwrite`
+    (which deletes them), so that rerunning a killed `rbrm dpo` resumes as `rbrm sample` and `rbrm eval` do."""
+    import shutil
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    if requested:
+        return requested
+    if not os.path.isdir(output_dir):
+        return None
+    if overwrite:
+        for name in os.listdir(output_dir):
+            if name.startswith(PREFIX_CHECKPOINT_DIR + "-"):
+                shutil.rmtree(os.path.join(output_dir, name))
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is not None:
+        logger.warning("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+    return last
 
 
 def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = "auto"):
@@ -567,11 +629,10 @@ def run_dpo(argv: list[str] | None = None) -> int:
     """`rbrm dpo`: parse with TrlParser (so `--config file.yaml` works), load, train, save policy + probe."""
     import sys
 
-    from transformers import AutoModelForCausalLM
     from trl import ModelConfig, TrlParser, get_peft_config
 
     from .data import write_json
-    from .models import load_tokenizer, resolve_dtype, resolve_model
+    from .models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((DPOScriptArguments, ConfidenceDPOConfig, ModelConfig), prog="rbrm dpo")
@@ -586,17 +647,18 @@ def run_dpo(argv: list[str] | None = None) -> int:
     load_kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    model = load_causal_lm(path, **load_kwargs)
     ref_model = None
     if script.ref_model:
-        ref_model = AutoModelForCausalLM.from_pretrained(resolve_model(script.ref_model), **load_kwargs)
+        ref_model = load_causal_lm(resolve_model(script.ref_model), **load_kwargs)
     tokenizer = load_tokenizer(path)
     train = pairs_dataset(script.pairs, tokenizer, script.limit, script.format)
     evaluation = pairs_dataset(script.eval_pairs, tokenizer, None, script.format) if script.eval_pairs else None
     trainer = ConfidenceDPOTrainer(model, ref_model=ref_model, args=config, train_dataset=train,
                                    eval_dataset=evaluation, processing_class=tokenizer,
                                    peft_config=get_peft_config(model_args), reward_model=script.reward)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    resume = checkpoint_to_resume(config.output_dir, config.resume_from_checkpoint, script.overwrite_output_dir)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         write_json(os.path.join(config.output_dir, "dpo_log.json"), trainer.state.log_history)

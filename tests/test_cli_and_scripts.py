@@ -45,7 +45,7 @@ def test_mos_train_checks_dim_against_model(tiny_model_dir, tmp_path):
     assert config["model_name"] == "tiny" and config["hidden_size"] == 64 and config["num_layers"] == 3
 
 
-def test_probe_plot_from_features(tmp_path):
+def test_probe_plot_from_features(tmp_path, capsys):
     from rbrm.features import save_features
 
     g = torch.Generator().manual_seed(0)
@@ -56,8 +56,8 @@ def test_probe_plot_from_features(tmp_path):
     out = tmp_path / "pca.png"
     assert main(["probe", "plot", "--features", str(path), "--out", str(out), "--layers", "2", "6"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="layer 3 is not in these features"):
-        main(["probe", "plot", "--features", str(path), "--out", str(out), "--layers", "3"])
+    assert main(["probe", "plot", "--features", str(path), "--out", str(out), "--layers", "3"]) == 2
+    assert "rbrm probe plot: error: layer 3 is not in these features" in capsys.readouterr().err
 
 
 def test_yaml_config_with_flag_override(tiny_model_dir, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from rbrm.data import DataError
 from rbrm.models import model_fingerprint
 from rbrm.reward_model import (
     HybridRewardModel,
@@ -83,7 +84,7 @@ def test_save_load_round_trip(tmp_path):
     files = sorted(p.name for p in (tmp_path / "rm").iterdir())
     assert files == ["config.json", "reward_model.safetensors"]
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["hidden_size"] == 16
-    with pytest.raises(FileNotFoundError, match="reward model saved by rbrm"):
+    with pytest.raises(DataError, match="reward model saved by rbrm"):
         HybridRewardModel.load(str(tmp_path / "nothing"))
 
 

@@ -199,8 +199,8 @@ def test_cli_sample_and_resume(tiny_model_dir, tmp_path, capsys):
     assert len(first) == 6 and "6 responses" in capsys.readouterr().out
     assert main(argv) == 0  # complete already: same file
     assert read_jsonl(out) == first
-    with pytest.raises(SamplingSettingsError):
-        main(argv[:-2] + ["--temperature", "0.5", "--out", str(out)])
+    assert main(argv[:-2] + ["--temperature", "0.5", "--out", str(out)]) == 2  # SamplingSettingsError, as a message
+    assert "was generated with other settings" in capsys.readouterr().err
 
 
 def test_vllm_engine_fails_clearly_without_vllm(tiny_model_dir, tmp_path):

@@ -1,0 +1,16 @@
+"""The one error type the commands show as a message instead of a traceback.
+
+Library code raises a subclass (a bad input file, a model that does not fit a probe, an output another process
+is writing, ...); `rbrm.cli` prints its message, which names the file, row and field where there is one, and
+exits with status 2. `RBRM_DEBUG=1` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+
+class RbrmError(Exception):
+    """A problem with the user's inputs, settings or files, explained by its message alone."""
+
+
+class OutputLockedError(RbrmError):
+    """Another process is appending to the same output file; two writers would duplicate its rows."""
