@@ -694,16 +694,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Libraries whose versions change the numbers (kernels, sampling, training, judging); the report records them.
+VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scikit-learn", "sentence-transformers",
+             "tokenizers", "safetensors")
+
+
 def machine() -> dict:
+    """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions.
+
+    Float results differ across CPUs and thread counts in the last digits (docs/results/README.md measures it).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            text = f.read()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                            if line.startswith("model name")), None)
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
     except OSError:
         pass
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE"):
+        if os.environ.get(name):
+            info[name] = os.environ[name]
+    info["versions"] = {}
+    for package in VERSIONED:
+        try:
+            info["versions"][package] = version(package)
+        except PackageNotFoundError:
+            pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -160,13 +160,25 @@ def write_report(pipeline) -> dict:
     return report
 
 
+def _software(info: dict) -> str:
+    """`, N threads, AVX512 kernels (avx512_bf16), torch X, transformers Y, ...` for the report's header."""
+    parts = [f"{info['torch_threads']} threads"] if "torch_threads" in info else []
+    if info.get("cpu_capability"):
+        flags = [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+        parts.append(f"{info['cpu_capability']} kernels" + (f" ({', '.join(flags)})" if flags else ""))
+    parts += [f"{k} {v}" for k, v in info.get("versions", {}).items()]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def render_markdown(report: dict, pipeline) -> str:
     m = report["methods"]
     lines = [f"# rbrm pipeline: {report['name']}", "",
              f"{report['date']} · config `{report['config']}` · model `{report['model']}` · judge "
              f"`{report['judge']}` · machine: {report['machine'].get('cpu') or report['machine']['platform']}, "
              f"{report['machine']['cpu_count']} cores" + (f", {report['machine']['gpu']}" if report['machine'].get(
-                 "gpu") else ", no GPU"), "",
+                 "gpu") else ", no GPU") + _software(report["machine"]), "",
+             "Float results vary across CPUs and thread counts in the last digits, and a greedy answer can flip "
+             "where two tokens tie; docs/results/README.md measures the spread.", "",
              "Unsafe and refusal rates on the held-out harmful prompts "
              f"({', '.join(s for s in report['eval_sets'] if s != 'xstest_safe')}, pooled), over-refusal on "
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
