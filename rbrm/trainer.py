@@ -258,6 +258,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
             ref_model = self._frozen_copy(model)  # (under ZeRO-3 the weights are sharded: TRL reloads instead)
 
         self._context_length = context_length(model) if isinstance(model, nn.Module) else None
+        self.pair_counts: dict[str, dict[str, int]] = {}  # per dataset: pairs dropped or truncated, and why
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -333,10 +334,11 @@ class ConfidenceDPOTrainer(DPOTrainer):
                 # Sequences are not cut to fit the window: pairs past the model's context would train on noise.
                 dataset = self._drop(dataset, lambda e: len(e["prompt_ids"]) + max(
                     len(e["chosen_ids"]), len(e["rejected_ids"])) <= context, map_kwargs, dataset_name,
-                    f"longer than the model's context of {context} tokens")
+                    "too_long", f"longer than the model's context of {context} tokens")
             if max_length is not None and args.truncation_mode == "keep_start":
                 before = len(dataset) if isinstance(dataset, Dataset) else None
                 dataset = self._drop(dataset, lambda e: len(e["prompt_ids"]) < max_length, map_kwargs, dataset_name,
+                                     "prompt_too_long",
                                      f"with a prompt of max_length={max_length} tokens or more (nothing to learn)")
                 if before and not len(dataset):
                     raise ValueError(f"{dataset_name} dataset: all {before} pairs have a prompt of max_length="
@@ -346,9 +348,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
                     self._warn_truncation(dataset, max_length, dataset_name)
         return dataset
 
-    @staticmethod
-    def _drop(dataset, keep, map_kwargs: dict, dataset_name: str, why: str):
-        """`dataset.filter(keep)`, saying how many pairs went and why (TRL drops them without a word)."""
+    def _drop(self, dataset, keep, map_kwargs: dict, dataset_name: str, reason: str, why: str):
+        """`dataset.filter(keep)`, saying how many pairs went and why (TRL drops them without a word);
+        the counts are kept in `self.pair_counts[dataset_name]` for the run's summary."""
         from datasets import Dataset
 
         kwargs = dict(map_kwargs)
@@ -358,15 +360,16 @@ class ConfidenceDPOTrainer(DPOTrainer):
         dataset = dataset.filter(keep, **kwargs)
         if before is not None and len(dataset) < before:
             logger.warning("%s dataset: dropped %d of %d pairs %s", dataset_name, before - len(dataset), before, why)
+            self.pair_counts.setdefault(dataset_name, {})[f"dropped_{reason}"] = before - len(dataset)
         return dataset
 
-    @staticmethod
-    def _warn_truncation(dataset, max_length: int, dataset_name: str) -> None:
+    def _warn_truncation(self, dataset, max_length: int, dataset_name: str) -> None:
         """Warn once when many pairs lose their end-of-turn token to `max_length`: the probe reads that token,
         so those pairs keep confidence 1 and teach the online probe nothing."""
         prompt = [len(x) for x in dataset["prompt_ids"]]
         cut = sum(p + max(len(c), len(r)) > max_length
                   for p, c, r in zip(prompt, dataset["chosen_ids"], dataset["rejected_ids"]))
+        self.pair_counts.setdefault(dataset_name, {})["endpoint_truncated"] = cut
         if cut > TRUNCATION_WARN_FRACTION * len(prompt):
             logger.warning("%s dataset: %d of %d pairs (%.0f%%) lose their end-of-turn token to max_length=%d; "
                            "the probe cannot read them, so their confidence stays 1 and the probe does not learn "
@@ -662,6 +665,9 @@ def run_dpo(argv: list[str] | None = None) -> int:
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         write_json(os.path.join(config.output_dir, "dpo_log.json"), trainer.state.log_history)
+        counts = trainer.pair_counts.get("train", {})
         print(f"saved the policy to {config.output_dir}"
-              + (f" and the probe to {os.path.join(config.output_dir, REWARD_DIR)}" if script.reward else ""))
+              + (f" and the probe to {os.path.join(config.output_dir, REWARD_DIR)}" if script.reward else "")
+              + f"; {len(trainer.train_dataset)} training pairs"
+              + (" (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) + ")" if counts else ""))
     return 0

@@ -288,14 +288,40 @@ def test_guard_judges_need_a_model() -> None:
 
 @pytest.mark.slow
 def test_build_reproduces_shipped_judge(tmp_path, minilm_meta) -> None:
-    """Refit the shipped recipe and C with the shipped seed: the same held-out metrics and weights."""
+    """Refit the shipped recipe and C with the shipped seed: the same split, the same decisions, the same metrics.
+
+    Not bit for bit: the refit runs BLAS kernels that differ between CPUs (AMD and Intel, AMX or not) and lbfgs
+    stops at a tolerance, so coefficients move by ~1e-5 (2e-5 seen between an AMD EPYC and a Sapphire Rapids
+    Xeon). On the held-out rows that moves a score by well under 1e-3, so a decision may flip only for a row
+    within 1e-3 of the threshold, and at most 1% of rows may; metrics then agree within 0.005 (one flipped row
+    moves accuracy by 1/590).
+    """
     from safetensors.numpy import load_file
 
     chosen = minilm_meta["selection"]["chosen"]
-    metrics = judges.build_minilm_judge(tmp_path, seed=minilm_meta["split"]["seed"],
-                                        recipes=(chosen["recipe"],), cs=(chosen["C"],))
-    assert metrics["heldout"] == minilm_meta["heldout_metrics"]
-    assert metrics["split"] == minilm_meta["split"]
-    new = load_file(str(tmp_path / "minilm_judge.safetensors"))["coef"]
-    old = load_file(str(judges.WEIGHTS_DIR / "minilm_judge.safetensors"))["coef"]
-    np.testing.assert_allclose(new, old, atol=1e-6)
+    seed = minilm_meta["split"]["seed"]
+    metrics = judges.build_minilm_judge(tmp_path, seed=seed, recipes=(chosen["recipe"],), cs=(chosen["C"],))
+    assert metrics["split"] == minilm_meta["split"]  # integer counts from a seeded split: exact everywhere
+
+    rows = judges.load_judge_data()
+    test = judges.split_by_prompt(rows, seed=seed)
+    held = [r for r, t in zip(rows, test) if t]
+    x = judges.minilm_features(chosen["recipe"], [r["prompt"] for r in held], [r["response"] for r in held],
+                               judges.EmbeddingJudge(device="cpu").encoder)
+
+    def scores(folder) -> np.ndarray:
+        tensors = load_file(str(folder / "minilm_judge.safetensors"))
+        return 1.0 / (1.0 + np.exp(-(x @ tensors["coef"].astype(np.float64) + float(tensors["intercept"][0]))))
+
+    old, new = scores(judges.WEIGHTS_DIR), scores(tmp_path)
+    threshold = minilm_meta["head"]["threshold"]
+    flipped = (old >= threshold) != (new >= threshold)
+    print(f"rebuilt judge: max |score change| {np.abs(new - old).max():.2e}, {int(flipped.sum())} of {len(old)} "
+          "held-out decisions flipped")
+    assert np.abs(new - old).max() < 1e-3
+    assert np.all(np.abs(old[flipped] - threshold) < 1e-3), "a decision flipped far from the threshold"
+    assert flipped.mean() <= 0.01
+    for subset, by_judge in minilm_meta["heldout_metrics"].items():
+        for name in ("accuracy", "balanced_accuracy"):
+            assert metrics["heldout"][subset]["minilm"][name] == pytest.approx(by_judge["minilm"][name], abs=0.005)
+        assert metrics["heldout"][subset]["refusal_baseline"] == by_judge["refusal_baseline"]  # keyword rule: exact
