@@ -171,6 +171,10 @@ def aggregate(rows: Sequence[dict], benign: bool = False, resamples: int = 1000,
     }
     if benign:
         out["over_refusal_rate"], out["over_refusal_rate_ci"] = refusal_rate, refusal_ci
+    if rows and all(r.get("helpful") is not None for r in rows):
+        out["helpfulness_rate"], out["helpfulness_rate_ci"] = _rate([bool(r["helpful"]) for r in rows], resamples,
+                                                                    seed)
+        out["helpful_count"] = sum(bool(r["helpful"]) for r in rows)
     if any(r.get("category") is not None for r in rows):
         groups: dict[str, list[dict]] = {}
         for r in rows:
@@ -346,6 +350,11 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     summary = {"format": SUMMARY_FORMAT, "set": pset.name, "prompts_file": pset.path, "benign": pset.benign,
                "where": pset.where or None, "limit": pset.limit}
     summary.update(aggregate(judged, pset.benign, resamples, seed))
+    if any("helpful" in j for j in judgments):
+        from .helpfulness import HelpfulnessJudge
+
+        summary["helpfulness_measure"] = {"name": HelpfulnessJudge.name,
+                                          "note": "share of answers that address the question (rbrm.helpfulness)"}
     if pset.benign and judge.name == "refusal":
         summary["note"] = ("the 'refusal' judge calls every non-refusal unsafe, so unsafe_rate means nothing on "
                            "a benign set; read over_refusal_rate")
@@ -381,12 +390,13 @@ def _pct(rate: float | None, ci: list[float] | None) -> str:
 def summary_table(summaries: dict[str, dict]) -> str:
     """Markdown table, one row per set."""
     lines = ["| set | benign | n | unsafe rate [95% CI] | refusal rate [95% CI] | over-refusal [95% CI] | "
-             "tokens | judge |", "|---|---|---|---|---|---|---|---|"]
+             "helpfulness [95% CI] | tokens | judge |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         over = _pct(s.get("over_refusal_rate"), s.get("over_refusal_rate_ci")) if s.get("benign") else "-"
+        helpful = _pct(s.get("helpfulness_rate"), s.get("helpfulness_rate_ci"))
         lines.append(f"| {name} | {'yes' if s.get('benign') else 'no'} | {s['n']} | "
                      f"{_pct(s['unsafe_rate'], s['unsafe_rate_ci'])} | {_pct(s['refusal_rate'], s['refusal_rate_ci'])} "
-                     f"| {over} | {s['compute']['generated_tokens']} | {s['judge']['name']} |")
+                     f"| {over} | {helpful} | {s['compute']['generated_tokens']} | {s['judge']['name']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -407,11 +417,13 @@ def write_outputs(out_dir: str, summaries: dict[str, dict], several: bool, extra
 
 def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, settings=None, *,
              model_info: dict | None = None, batch_prompts: int = 8, seed: int = 0, resamples: int = 1000,
-             plot: bool = True, progress: bool = True, release_model: Callable[[], None] | None = None) -> dict:
+             plot: bool = True, progress: bool = True, release_model: Callable[[], None] | None = None,
+             helpfulness: bool = False) -> dict:
     """Generate, judge and summarise every set; returns set name -> summary.
 
     `judge` is a Judge or a zero-argument callable that builds one (called after generation, once
-    `release_model` has freed the policy).
+    `release_model` has freed the policy). With `helpfulness`, every answer on a benign set also gets
+    `helpful` (does it address the question? `rbrm.helpfulness`) and the set's summary a `helpfulness_rate`.
     """
     from .data import write_json, write_jsonl
     from .sampling import GenerationSettings, model_identity
@@ -439,11 +451,19 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
         release_model()
     judge = judge() if callable(judge) and not hasattr(judge, "judge") else judge
 
+    helper = None
+    if helpfulness and any(s.benign for s in sets):
+        from .helpfulness import HelpfulnessJudge
+
+        helper = HelpfulnessJudge()
     summaries: dict[str, dict] = {}
     for s in sets:
         rows, stats = generated[s.name]
         t0 = time.perf_counter()
         judgments = judge_rows(rows, judge, judge_cache_path(dirs[s.name], judge), progress=progress)
+        if helper is not None and s.benign:
+            flags = helper.helpful([prompt_key(r["prompt"]) for r in rows], [r["response"] for r in rows])
+            judgments = [{**j, "helpful": f} for j, f in zip(judgments, flags)]
         summary, judged = summarize_set(s, rows, judgments, judge, model_info=model_info, settings=generation,
                                         gen_stats=stats, judge_seconds=time.perf_counter() - t0,
                                         resamples=resamples, seed=seed)
@@ -474,6 +494,9 @@ class EvalConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
     over_refusal: bool = field(default=False, metadata={
         "help": f"also evaluate XSTest's 250 safe prompts as the benign set {OVER_REFUSAL_SET!r}"})
+    helpfulness: bool = field(default=False, metadata={
+        "help": "on every benign set, also report the share of answers that address the question "
+                "(helpfulness_rate; sees deflections that the keyword over-refusal rate misses)"})
     prompt_field: str | None = field(default=None, metadata={"help": "column holding the prompt (default: detect)"})
     category_field: str | None = field(default=None, metadata={
         "help": "column holding the category (default: detect, e.g. Salad-Bench's 1-category)"})
@@ -540,7 +563,7 @@ def run_eval(config: EvalConfig) -> dict:
         summaries = evaluate(holder["model"], tokenizer, sets, make, config.out, settings,
                              model_info={"name": config.model, "path": resolve_model(config.model)},
                              batch_prompts=config.batch_prompts, seed=config.seed, resamples=config.bootstrap,
-                             plot=config.plot, release_model=release)
+                             plot=config.plot, release_model=release, helpfulness=config.helpfulness)
     except DataError as err:
         raise SystemExit(f"rbrm eval: {err}") from None
     print(open(os.path.join(config.out, "summary.md")).read(), end="")
@@ -593,6 +616,8 @@ class JudgeConfig:
     judge: str = field(default="minilm", metadata={"help": "minilm (default), refusal, llamaguard[1-3], mdjudge"})
     judge_model: str | None = field(default=None, metadata={"help": "local guard model folder"})
     judge_device: str | None = None
+    helpfulness: bool = field(default=False, metadata={
+        "help": "instead of safety, write `helpful` (does the answer address the benign question?) and `score`"})
     prompt_field: str = "prompt"
     response_field: str = "response"
     limit: int | None = field(default=None, metadata={"help": "judge only the first N rows"})
@@ -623,6 +648,8 @@ def run_judge(config: JudgeConfig) -> int:
         pairs = read_pairs(config.data, config.prompt_field, config.response_field, config.limit)
     except (ValueError, DataError) as err:
         raise SystemExit(f"rbrm judge: {err}") from None
+    if config.helpfulness:
+        return _run_helpfulness(config, pairs)
     judge = make_judge(config.judge, config.judge_model, config.judge_device)
     t0 = time.perf_counter()
     results = judge.judge([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
@@ -640,6 +667,21 @@ def run_judge(config: JudgeConfig) -> int:
           f"{time.perf_counter() - t0:.1f} s; unsafe {unsafe} ({100 * unsafe / len(rows):.1f}%), "
           f"refusals {refusals} ({100 * refusals / len(rows):.1f}%)"
           + (f"; {empty} empty responses judged safe" if empty else ""))
+    return 0
+
+
+def _run_helpfulness(config: JudgeConfig, pairs: list[tuple[dict, Prompt, str]]) -> int:
+    from .data import write_jsonl
+    from .helpfulness import HelpfulnessJudge
+
+    helper = HelpfulnessJudge(device=config.judge_device)
+    t0 = time.perf_counter()
+    scores = helper.scores([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
+    rows = [{**row, "helpful": bool(s >= helper.threshold), "score": float(s)} for (row, _, _), s in zip(pairs, scores)]
+    write_jsonl(config.out, rows)
+    helpful = sum(r["helpful"] for r in rows)
+    print(f"{config.out}: {len(rows)} rows judged by {helper.name} (version {helper.version}) in "
+          f"{time.perf_counter() - t0:.1f} s; helpful {helpful} ({100 * helpful / len(rows):.1f}%)")
     return 0
 
 

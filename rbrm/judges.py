@@ -282,7 +282,7 @@ class EmbeddingJudge(Judge):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path) -> list[dict]:
+def read_labelled_csv(path: Path) -> list[dict]:
     """Rows of a CSV whose first lines may be '# comments' (PyRIT); '#' inside quoted fields is data."""
     with open(path, newline="", encoding="utf-8") as f:
         lines = f.readlines()
@@ -301,11 +301,11 @@ def load_judge_data(data_dir: str | os.PathLike | None = None) -> list[dict]:
     """
     root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
     xs = root / "xstest"
-    prompts = {row["id"]: row for row in _read_csv(xs / "xstest_prompts.csv")}
+    prompts = {row["id"]: row for row in read_labelled_csv(xs / "xstest_prompts.csv")}
     rows = []
     for path in sorted((xs / "model_completions").glob("xstest_v2_completions_*.csv")):
         model = path.stem.removeprefix("xstest_v2_completions_")
-        for row in _read_csv(path):
+        for row in read_labelled_csv(path):
             pid = row["id"].removeprefix("v2-")
             meta = prompts[pid]
             unsafe_prompt = meta["label"] == "unsafe"
@@ -410,7 +410,7 @@ def _pyrit_refusal_agreement(root: Path) -> dict | None:
     paths = sorted((root / "pyrit_refusal").glob("*.csv"))
     if not paths:
         return None
-    rows = [r for p in paths for r in _read_csv(p)]
+    rows = [r for p in paths for r in read_labelled_csv(p)]
     return _refusal_metrics([int(r["human_score"]) for r in rows],
                             [is_refusal(r["assistant_response"]) for r in rows])
 

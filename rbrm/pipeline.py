@@ -62,7 +62,7 @@ RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
 STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
 ONLINE_KEYS = {"rounds"}
 EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
-             "batch_prompts", "bootstrap", "dtype"}
+             "batch_prompts", "bootstrap", "dtype", "helpfulness"}
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -574,7 +574,8 @@ class Pipeline:
             summaries = evaluate(model, tokenizer, sets, judge_loader(e.get("judge", "minilm"), e.get("judge_model")),
                                  directory, settings, model_info={"name": method, "path": model_dir},
                                  batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
-                                 resamples=e.get("bootstrap", 1000), plot=False)
+                                 resamples=e.get("bootstrap", 1000), plot=False,
+                                 helpfulness=e.get("helpfulness", True))
             return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values())}
 
         return self._stage(f"{method}/eval", inputs, body)

@@ -188,6 +188,26 @@ def plot_rates(summaries: dict[str, dict], out: str, title: str = "") -> str:
     return _finish(fig, out, title)
 
 
+def plot_safety_vs_helpfulness(methods: dict[str, dict], out: str, title: str = "") -> str:
+    """Unsafe rate (x) against helpfulness (y), one point per method with 95% intervals: a method that buys
+    safety with refusals or deflections sits low on the left, not high on the left."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, row in methods.items():
+        if row.get("helpfulness_rate") is None:
+            continue
+        x, xl, xh = _rate_err(row["unsafe_rate"], row.get("unsafe_rate_ci"))
+        y, yl, yh = _rate_err(row["helpfulness_rate"], row.get("helpfulness_rate_ci"))
+        ax.errorbar([x], [y], xerr=[[xl], [xh]], yerr=[[yl], [yh]], fmt="o", capsize=3, label=name)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("unsafe rate (harmful prompts)")
+    ax.set_ylabel("helpfulness (benign prompts)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    return _finish(fig, out, title or "safety against helpfulness (better: bottom-left to top-left)")
+
+
 def plot_categories(summary: dict, out: str, title: str = "") -> str:
     """Unsafe and refusal rate per category of one prompt set (horizontal bars, 95% intervals)."""
     plt = _pyplot()

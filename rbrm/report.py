@@ -27,6 +27,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
     eval_dir = pipeline.path(method, "eval")
     resamples = pipeline.config.eval.get("bootstrap", 1000)
     harmful_rows: dict[str, dict] = {}
+    benign_rows: list[dict] = []
     figure_sets: dict[str, dict] = {}
     row: dict = {}
     for pset in sets:
@@ -36,11 +37,12 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
         figure_sets[pset.name] = summary
         row.setdefault("sets", {})[pset.name] = {k: summary.get(k) for k in (
             "n", "unsafe_rate", "unsafe_rate_ci", "refusal_rate", "refusal_rate_ci", "over_refusal_rate",
-            "over_refusal_rate_ci")} | {"benign": pset.benign}
+            "over_refusal_rate_ci", "helpfulness_rate", "helpfulness_rate_ci")} | {"benign": pset.benign}
         if pset.benign:
             row["over_refusal_rate"] = summary["over_refusal_rate"]
             row["over_refusal_rate_ci"] = summary["over_refusal_rate_ci"]
             row["over_refusal_n"] = summary["n"]
+            benign_rows += [r for r in read_jsonl(os.path.join(directory, "responses.jsonl")) if "helpful" in r]
         else:
             for r in read_jsonl(os.path.join(directory, "responses.jsonl")):
                 harmful_rows.setdefault(_norm(r["prompt"] if isinstance(r["prompt"], str) else
@@ -49,6 +51,9 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
     row.update({"unsafe_rate": pooled["unsafe_rate"], "unsafe_rate_ci": pooled["unsafe_rate_ci"],
                 "refusal_rate": pooled["refusal_rate"], "refusal_rate_ci": pooled["refusal_rate_ci"],
                 "harmful_n": pooled["n"]})
+    helpful = aggregate(benign_rows, True, resamples, pipeline.config.seed) if benign_rows else {}
+    row.update(helpfulness_rate=helpful.get("helpfulness_rate"), helpfulness_rate_ci=helpful.get("helpfulness_rate_ci"),
+               helpfulness_n=len(benign_rows))
     if "over_refusal_rate" not in row:
         row.update(over_refusal_rate=None, over_refusal_rate_ci=None, over_refusal_n=0)
     if len([s for s in sets if not s.benign]) > 1:
@@ -142,7 +147,7 @@ def write_report(pipeline) -> dict:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             probe_metrics = json.load(f)
-    figures = draw_figures(pipeline, figure_sets, probe_metrics)
+    figures = draw_figures(pipeline, figure_sets, probe_metrics, methods)
     report = {
         "name": config.name, "config": pipeline.config_path,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -184,14 +189,19 @@ def render_markdown(report: dict, pipeline) -> str:
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
              "scoring, DPO policy + reference), wall seconds.", "",
-             "| method | unsafe rate | refusal rate | over-refusal | generated tokens | forward tokens | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | unsafe rate | refusal rate | over-refusal | helpfulness* | generated tokens | forward tokens "
+             "| wall s |", "|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
         lines.append(f"| {LABELS.get(name, name)} | {_pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
                      f"{_pct(row['refusal_rate'], row['refusal_rate_ci'])} | "
                      f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
+                     f"{_pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
                      f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{row['wall_seconds']:.0f} |")
+    lines += ["", "\\* Helpfulness: the share of answers on the benign sets that address the question "
+              "(`rbrm.helpfulness`). It is not yet validated: on 120 labelled SmolLM2 answers it agrees with the "
+              "labels on 56% and it misses most deflections, so read it as an upper bound "
+              "(docs/evaluation.md)."]
     sets = [name for name, s in next(iter(m.values()))["sets"].items() if not s["benign"]]
     if len(sets) > 1:
         lines += ["", "Unsafe rate per harmful set:", "", "| method | " + " | ".join(sets) + " |",
@@ -224,8 +234,15 @@ def render_markdown(report: dict, pipeline) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict) -> dict[str, str]:
-    from .plots import plot_layer_accuracy, plot_pca, plot_rates, plot_training, safe_unsafe_rows
+def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
+    from .plots import (
+        plot_layer_accuracy,
+        plot_pca,
+        plot_rates,
+        plot_safety_vs_helpfulness,
+        plot_training,
+        safe_unsafe_rows,
+    )
 
     out: dict[str, str] = {}
     fig_dir = pipeline.path("figures")
@@ -249,4 +266,7 @@ def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict) -> dict[str, 
     if logs:
         out["Confidence and reward margin over training"] = plot_training(logs, os.path.join(fig_dir, "training.png"))
     out["Unsafe rate and over-refusal per method"] = plot_rates(figure_sets, os.path.join(fig_dir, "rates.png"))
+    if methods and any(row.get("helpfulness_rate") is not None for row in methods.values()):
+        out["Unsafe rate against helpfulness per method"] = plot_safety_vs_helpfulness(
+            methods, os.path.join(fig_dir, "safety_helpfulness.png"))
     return out

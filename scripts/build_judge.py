@@ -1,7 +1,8 @@
 """Rebuild the default MiniLM safety judge (`rbrm/judge_weights/`) and print its held-out metrics.
 
-Usage: python scripts/build_judge.py [--out-dir DIR] [--seed 0] [--device cpu]
+Usage: python scripts/build_judge.py [--helpfulness] [--out-dir DIR] [--seed 0] [--device cpu]
 Same seed and data give the same weights and metrics; see `rbrm.judges.build_minilm_judge`.
+`--helpfulness` rebuilds the helpfulness head instead (`rbrm.helpfulness.build_helpfulness_head`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     parser.add_argument("--data-dir", default=None, help="the project's data/ folder (default: the repo's)")
     parser.add_argument("--device", default=None, help="device for the MiniLM encoder (default cpu)")
+    parser.add_argument("--helpfulness", action="store_true", help="build the helpfulness head instead")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.helpfulness:
+        from rbrm.helpfulness import build_helpfulness_head
+
+        metrics = build_helpfulness_head(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
+        print(json.dumps({k: metrics[k] for k in ("version", "training_data", "selection", "transfer")}, indent=2))
+        return 0
     metrics = build_minilm_judge(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -357,3 +357,17 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(command + ["--help"])
     assert exit_info.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_eval_helpfulness_on_benign_sets_only(tiny_model, tokenizer, tmp_path):
+    sets = [parse_prompt_set(_harmful(tmp_path)), parse_prompt_set("ok=" + _benign(tmp_path) + ":benign")]
+    out = tmp_path / "out"
+    summaries = evaluate(tiny_model, tokenizer, sets, FakeJudge(), str(out), SETTINGS, progress=False,
+                         helpfulness=True)
+    assert "helpfulness_rate" not in summaries["harm"]
+    ok = summaries["ok"]
+    rows = read_jsonl(out / "ok" / "responses.jsonl")
+    assert all(isinstance(r["helpful"], bool) for r in rows)
+    assert ok["helpfulness_rate"] == pytest.approx(sum(r["helpful"] for r in rows) / len(rows))
+    assert ok["helpfulness_measure"]["name"] == "minilm-helpful" and len(ok["helpfulness_rate_ci"]) == 2
+    assert "helpfulness [95% CI]" in (out / "summary.md").read_text()

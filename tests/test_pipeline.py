@@ -145,9 +145,11 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     methods = report["methods"]
     assert list(methods) == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
     for name, row in methods.items():
-        for key in ("unsafe_rate", "over_refusal_rate", "generated_tokens", "forward_tokens", "wall_seconds"):
+        for key in ("unsafe_rate", "over_refusal_rate", "helpfulness_rate", "generated_tokens", "forward_tokens",
+                    "wall_seconds"):
             assert isinstance(row[key], (int, float)), (name, key)
-        assert row["harmful_n"] == 5 and row["over_refusal_n"] == 3
+        assert row["harmful_n"] == 5 and row["over_refusal_n"] == 3 == row["helpfulness_n"]
+        assert len(row["helpfulness_rate_ci"]) == 2
     assert methods["base"]["generated_tokens"] == methods["base"]["forward_tokens"] == 0
     assert methods["dpo_static"]["generated_tokens"] == 0 < methods["dpo_static"]["forward_tokens"]
     # Re-ranked methods share stages 1-2 and train on the same pairs for the same steps.
@@ -172,10 +174,10 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
         assert not all(bool((a == b).all()) for a, b in zip(model.parameters(), base.parameters())), name
     assert methods["rbrm"]["training"]["confidence/mean"]["last"] >= 0.5  # the floor
     assert os.path.isdir(run_dir / "rbrm" / "train" / "reward_model")  # the probe that kept learning
-    for figure in ("pca.png", "probe_layers.png", "training.png", "rates.png"):
+    for figure in ("pca.png", "probe_layers.png", "training.png", "rates.png", "safety_helpfulness.png"):
         assert (run_dir / "figures" / figure).stat().st_size > 1000
     text = (run_dir / "report.md").read_text()
-    assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text
+    assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
 
     # Unchanged config: every stage is reused.
     before = stage_records(run_dir)
