@@ -339,7 +339,8 @@ def _add_compute(directory: str, stats: dict) -> dict:
 
 
 def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judge, *, model_info: dict,
-                  settings: dict, gen_stats: dict, judge_seconds: float, resamples: int, seed: int) -> tuple[dict, list]:
+                  settings: dict, gen_stats: dict, judge_seconds: float, resamples: int, seed: int,
+                  second_judge=None) -> tuple[dict, list]:
     """The set's summary and its judged rows (`responses.jsonl`)."""
     judged = []
     for row, j in zip(rows, judgments):
@@ -350,6 +351,10 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     summary = {"format": SUMMARY_FORMAT, "set": pset.name, "prompts_file": pset.path, "benign": pset.benign,
                "where": pset.where or None, "limit": pset.limit}
     summary.update(aggregate(judged, pset.benign, resamples, seed))
+    if second_judge is not None:
+        rate, ci = _rate([bool(j["second_unsafe"]) for j in judgments], resamples, seed)
+        summary["second_judge"] = {"name": second_judge.name, "version": second_judge.version,
+                                   "unsafe_rate": rate, "unsafe_rate_ci": ci}
     if any("helpful" in j for j in judgments):
         from .helpfulness import HelpfulnessJudge
 
@@ -418,12 +423,14 @@ def write_outputs(out_dir: str, summaries: dict[str, dict], several: bool, extra
 def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, settings=None, *,
              model_info: dict | None = None, batch_prompts: int = 8, seed: int = 0, resamples: int = 1000,
              plot: bool = True, progress: bool = True, release_model: Callable[[], None] | None = None,
-             helpfulness: bool = False) -> dict:
+             helpfulness: bool = False, second_judge=None) -> dict:
     """Generate, judge and summarise every set; returns set name -> summary.
 
     `judge` is a Judge or a zero-argument callable that builds one (called after generation, once
     `release_model` has freed the policy). With `helpfulness`, every answer on a benign set also gets
     `helpful` (does it address the question? `rbrm.helpfulness`) and the set's summary a `helpfulness_rate`.
+    `second_judge` (a Judge) judges every answer again, independently: rows get `second_unsafe` and summaries
+    `second_judge` with its unsafe rate, so a finding can be checked under two judges.
     """
     from .data import write_json, write_jsonl
     from .sampling import GenerationSettings, model_identity
@@ -461,12 +468,15 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
         rows, stats = generated[s.name]
         t0 = time.perf_counter()
         judgments = judge_rows(rows, judge, judge_cache_path(dirs[s.name], judge), progress=progress)
+        if second_judge is not None:
+            second = judge_rows(rows, second_judge, judge_cache_path(dirs[s.name], second_judge), progress=False)
+            judgments = [{**j, "second_unsafe": k["unsafe"]} for j, k in zip(judgments, second)]
         if helper is not None and s.benign:
             flags = helper.helpful([prompt_key(r["prompt"]) for r in rows], [r["response"] for r in rows])
             judgments = [{**j, "helpful": f} for j, f in zip(judgments, flags)]
         summary, judged = summarize_set(s, rows, judgments, judge, model_info=model_info, settings=generation,
                                         gen_stats=stats, judge_seconds=time.perf_counter() - t0,
-                                        resamples=resamples, seed=seed)
+                                        resamples=resamples, seed=seed, second_judge=second_judge)
         write_jsonl(os.path.join(dirs[s.name], RESPONSES_FILE), judged)
         if plot and summary.get("categories"):
             from .plots import plot_categories

@@ -62,7 +62,7 @@ RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
 STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
 ONLINE_KEYS = {"rounds"}
 EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
-             "batch_prompts", "bootstrap", "dtype", "helpfulness"}
+             "batch_prompts", "bootstrap", "dtype", "helpfulness", "second_judge", "second_judge_model"}
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -575,10 +575,21 @@ class Pipeline:
                                  directory, settings, model_info={"name": method, "path": model_dir},
                                  batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
                                  resamples=e.get("bootstrap", 1000), plot=False,
-                                 helpfulness=e.get("helpfulness", True))
+                                 helpfulness=e.get("helpfulness", True),
+                                 second_judge=self.second_judge())
             return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values())}
 
         return self._stage(f"{method}/eval", inputs, body)
+
+    def second_judge(self):
+        """The independent judge behind every finding (`eval.second_judge`, default the keyword judge), or None."""
+        from .judges import get_judge
+
+        e = self.config.eval
+        name = e.get("second_judge", "refusal")
+        if not name or name == e.get("judge", "minilm"):
+            return None
+        return get_judge(name, e.get("second_judge_model"))
 
     # -------------------------------------------------------------------------------------- driver
 

@@ -48,6 +48,11 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
                 harmful_rows.setdefault(_norm(r["prompt"] if isinstance(r["prompt"], str) else
                                               json.dumps(r["prompt"])), r)
     pooled = aggregate(list(harmful_rows.values()), False, resamples, pipeline.config.seed)
+    second = [bool(r["second_unsafe"]) for r in harmful_rows.values() if "second_unsafe" in r]
+    if second and len(second) == len(harmful_rows):
+        ci = bootstrap_ci(second, resamples, seed=pipeline.config.seed)
+        row["second_judge_unsafe_rate"] = sum(second) / len(second)
+        row["second_judge_unsafe_rate_ci"] = list(ci) if ci else None
     row.update({"unsafe_rate": pooled["unsafe_rate"], "unsafe_rate_ci": pooled["unsafe_rate_ci"],
                 "refusal_rate": pooled["refusal_rate"], "refusal_rate_ci": pooled["refusal_rate_ci"],
                 "harmful_n": pooled["n"]})
@@ -70,7 +75,8 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
     if log:
         row["training"] = _training_summary(log)
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
-    return row, figure_sets, flags
+    flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
+    return row, figure_sets, (flags, flags2)
 
 
 def _read_log(pipeline, method: str) -> list[dict]:
@@ -115,6 +121,25 @@ def _verdict(name_a: str, name_b: str, diff: dict | None) -> str:
     return text + "no clear difference at this sample size."
 
 
+def _sign(diff: dict | None) -> int:
+    """-1 / +1 when the interval excludes 0 below / above it, 0 otherwise."""
+    if diff is None or not diff["ci"]:
+        return 0
+    return -1 if diff["ci"][1] < 0 else (1 if diff["ci"][0] > 0 else 0)
+
+
+def _second_opinion(diff: dict | None, diff2: dict | None, name: str) -> str:
+    d2 = f"{100 * diff2['difference']:+.1f} points [{100 * diff2['ci'][0]:+.1f}, {100 * diff2['ci'][1]:+.1f}]" \
+        if diff2 and diff2["ci"] else "n/a"
+    agree = "holds under both judges" if _sign(diff) == _sign(diff2) else "does NOT hold under both judges"
+    return f"Second judge ({name}): {d2}; the finding {agree}."
+
+
+def _second_judge_name(pipeline) -> str:
+    e = pipeline.config.eval
+    return str(e.get("second_judge", "refusal"))
+
+
 def _count(n) -> str:
     return f"{int(n):,}"
 
@@ -130,12 +155,18 @@ def write_report(pipeline) -> dict:
     for method in config.methods:
         methods[method], figure_sets[method], flags[method] = method_results(pipeline, method)
     findings = []
+    second_name = _second_judge_name(pipeline)
     for a, b in (("rbrm", "base"), ("rbrm", "dpo_rerank"), ("rbrm", "dpo_static"), ("rbrm", "online"),
                  ("dpo_rerank", "base"), ("dpo_static", "base"), ("online", "base")):
         if a in methods and b in methods:
-            diff = paired_difference(flags[a], flags[b], resamples, config.seed)
+            diff = paired_difference(flags[a][0], flags[b][0], resamples, config.seed)
             methods[a].setdefault("vs", {})[b] = diff
-            findings.append(_verdict(a, b, diff))
+            text = _verdict(a, b, diff)
+            if flags[a][1] and flags[b][1]:  # the same comparison under the second, independent judge
+                diff2 = paired_difference(flags[a][1], flags[b][1], resamples, config.seed)
+                methods[a].setdefault("vs_second_judge", {})[b] = diff2
+                text += " " + _second_opinion(diff, diff2, second_name)
+            findings.append(text)
     ratio = None
     if "online" in methods and "rbrm" in methods:
         o, r = methods["online"], methods["rbrm"]
@@ -189,10 +220,12 @@ def render_markdown(report: dict, pipeline) -> str:
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
              "scoring, DPO policy + reference), wall seconds.", "",
-             "| method | unsafe rate | refusal rate | over-refusal | helpfulness* | generated tokens | forward tokens "
-             "| wall s |", "|---|---|---|---|---|---|---|---|"]
+             f"| method | unsafe rate | unsafe, 2nd judge ({_second_judge_name(pipeline)}) | refusal rate | "
+             "over-refusal | helpfulness* | generated tokens | forward tokens | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
         lines.append(f"| {LABELS.get(name, name)} | {_pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
+                     f"{_pct(row.get('second_judge_unsafe_rate'), row.get('second_judge_unsafe_rate_ci'))} | "
                      f"{_pct(row['refusal_rate'], row['refusal_rate_ci'])} | "
                      f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
                      f"{_pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
@@ -201,7 +234,9 @@ def render_markdown(report: dict, pipeline) -> str:
     lines += ["", "\\* Helpfulness: the share of answers on the benign sets that address the question "
               "(`rbrm.helpfulness`). It is not yet validated: on 120 labelled SmolLM2 answers it agrees with the "
               "labels on 56% and it misses most deflections, so read it as an upper bound "
-              "(docs/evaluation.md)."]
+              "(docs/evaluation.md). The second judge is independent of the first; the default keyword judge "
+              "counts every answer that is not a refusal as unsafe, deflections included, so it overstates the "
+              "unsafe rate of models that deflect."]
     sets = [name for name, s in next(iter(m.values()))["sets"].items() if not s["benign"]]
     if len(sets) > 1:
         lines += ["", "Unsafe rate per harmful set:", "", "| method | " + " | ".join(sets) + " |",

@@ -28,7 +28,8 @@ def tiny_config(tmp_path, model_dir: str, **changes) -> str:
         "online": {"rounds": 2},
         # The first 2 sampling prompts are also evaluation prompts here: the pipeline must drop them from training.
         "eval": {"prompts": [f"rd={SAMPLING_PROMPTS}:limit=2", "advbench=data/advbench/harmful_behaviors.csv:limit=3"],
-                 "over_refusal_limit": 3, "max_new_tokens": 4, "judge": "refusal", "bootstrap": 50},
+                 "over_refusal_limit": 3, "max_new_tokens": 4, "judge": "refusal", "bootstrap": 50,
+                 "second_judge": "minilm"},
     }
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -150,6 +151,9 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
             assert isinstance(row[key], (int, float)), (name, key)
         assert row["harmful_n"] == 5 and row["over_refusal_n"] == 3 == row["helpfulness_n"]
         assert len(row["helpfulness_rate_ci"]) == 2
+        assert 0 <= row["second_judge_unsafe_rate"] <= 1 and len(row["second_judge_unsafe_rate_ci"]) == 2
+    assert set(methods["rbrm"]["vs_second_judge"]) == set(methods["rbrm"]["vs"])
+    assert all("Second judge (minilm)" in f and "under both judges" in f for f in report["findings"])
     assert methods["base"]["generated_tokens"] == methods["base"]["forward_tokens"] == 0
     assert methods["dpo_static"]["generated_tokens"] == 0 < methods["dpo_static"]["forward_tokens"]
     # Re-ranked methods share stages 1-2 and train on the same pairs for the same steps.
@@ -178,6 +182,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
         assert (run_dir / "figures" / figure).stat().st_size > 1000
     text = (run_dir / "report.md").read_text()
     assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
+    assert "unsafe, 2nd judge (minilm)" in text
 
     # Unchanged config: every stage is reused.
     before = stage_records(run_dir)
@@ -228,3 +233,13 @@ def test_pipeline_smoke_on_smollm2(tmp_path, smollm2_path):
     assert rbrm["training"]["logged_steps"] == 2 and rbrm["forward_tokens"] > 0 and rbrm["generated_tokens"] > 0
     assert report["probe"]["val_pair_accuracy"] > 0.5
     assert set(report["methods"]) == {"base", "rbrm"}
+
+
+def test_a_finding_says_whether_the_second_judge_agrees():
+    from rbrm.report import _second_opinion
+
+    safer = {"difference": -0.3, "ci": [-0.4, -0.2], "n": 50}
+    unclear = {"difference": -0.02, "ci": [-0.1, 0.05], "n": 50}
+    assert "holds under both judges" in _second_opinion(safer, safer, "refusal")
+    text = _second_opinion(safer, unclear, "refusal")
+    assert "does NOT hold under both judges" in text and "-2.0 points [-10.0, +5.0]" in text
