@@ -563,7 +563,8 @@ class Pipeline:
         model_dir = self.model_path if method == "base" else self.path(method, "model")
         after = [self.records[method]["key"]] if method != "base" else []
         inputs = {**self._base_inputs(), "eval": e, "after": after,
-                  "sets": {s.name: file_digest(s.path) for s in sets}}
+                  "sets": {s.name: file_digest(s.path) for s in sets},
+                  "measures": {"helpfulness": e.get("helpfulness", True), "second_judge": e.get("second_judge", "refusal")}}
 
         def body(directory: str) -> dict:
             from .models import load_model
