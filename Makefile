@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRL_TELEMETRY := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast run compare lint bench clean
+.PHONY: venv test test-fast run compare lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_features.py
 	$(BIN)/python benchmarks/bench_sampling.py
 	$(BIN)/python benchmarks/bench_dpo_overhead.py --threads 1
+
+# Every stage on one GPU, timed, with the speed goals (scripts/gpu_check.py); on a CPU: make gpu-check ARGS="--device cpu --tiny"
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gpu_check.sh --model-dir "$$($(BIN)/rbrm model prepare)" $(ARGS)
 
 clean:
 	rm -rf $(VENV)
