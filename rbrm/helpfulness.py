@@ -33,6 +33,7 @@ from .judges import (
     EmbeddingJudge,
     binary_metrics,
     is_refusal,
+    load_linear_head,
     minilm_features,
     read_labelled_csv,
 )
@@ -78,19 +79,8 @@ class HelpfulnessJudge:
     name = "minilm-helpful"
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None, batch_size: int = 32):
-        from safetensors.numpy import load_file
-
-        meta_path = Path(weights) if weights is not None else HELPFUL_META
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"helpfulness head not found: {meta_path} (rebuild it with "
-                                    "`python scripts/build_judge.py --helpfulness`)")
-        self.meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(meta_path.parent / self.meta["weights_file"]))
-        self.coef = tensors["coef"].astype(np.float64)
-        self.intercept = float(tensors["intercept"].reshape(-1)[0])
-        self.recipe = self.meta["features"]["recipe"]
-        self.threshold = float(self.meta["head"]["threshold"])
-        self.version = str(self.meta["version"])
+        load_linear_head(self, Path(weights) if weights is not None else HELPFUL_META,
+                         "python scripts/build_judge.py --helpfulness")
         self.encoder = EmbeddingJudge(device=device, batch_size=batch_size).encoder
         self.batch_size = batch_size
 

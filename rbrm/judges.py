@@ -233,6 +233,22 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def load_linear_head(target, meta_path: Path, rebuild: str) -> None:
+    """Set `meta`, `coef`, `intercept`, `recipe`, `threshold`, `version` on `target` from a head's JSON + safetensors
+    (the MiniLM judge and the helpfulness head share this format)."""
+    from safetensors.numpy import load_file
+
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"head metadata not found: {meta_path} (rebuild it with `{rebuild}`)")
+    target.meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(meta_path.parent / target.meta["weights_file"]))
+    target.coef = tensors["coef"].astype(np.float64)
+    target.intercept = float(tensors["intercept"].reshape(-1)[0])
+    target.recipe = target.meta["features"]["recipe"]
+    target.threshold = float(target.meta["head"]["threshold"])
+    target.version = str(target.meta["version"])
+
+
 class EmbeddingJudge(Judge):
     """Linear head on MiniLM embeddings; cheap on CPU, and its training data and metrics are on record."""
 
@@ -240,21 +256,10 @@ class EmbeddingJudge(Judge):
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None,
                  batch_size: int = 32, encoder_path: str | None = None):
-        from safetensors.numpy import load_file
-
         meta_path = Path(weights) if weights is not None else MINILM_WEIGHTS
         if meta_path.suffix == ".safetensors":
             meta_path = meta_path.with_suffix(".json")
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"MiniLM judge metadata not found: {meta_path} "
-                                    "(rebuild it with `python scripts/build_judge.py`)")
-        self.meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(meta_path.parent / self.meta["weights_file"]))
-        self.coef = tensors["coef"].astype(np.float64)
-        self.intercept = float(tensors["intercept"].reshape(-1)[0])
-        self.recipe = self.meta["features"]["recipe"]
-        self.threshold = float(self.meta["head"]["threshold"])
-        self.version = str(self.meta["version"])
+        load_linear_head(self, meta_path, "python scripts/build_judge.py")
         self.device = device or "cpu"
         self.batch_size = batch_size
         self.encoder_path = encoder_path or minilm_path()
