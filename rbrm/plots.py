@@ -205,7 +205,7 @@ def plot_safety_vs_helpfulness(methods: dict[str, dict], out: str, title: str = 
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    return _finish(fig, out, title or "safety against helpfulness (better: bottom-left to top-left)")
+    return _finish(fig, out, title or "safety against helpfulness (best: top left)")
 
 
 def plot_categories(summary: dict, out: str, title: str = "") -> str:
