@@ -336,8 +336,9 @@ class Pipeline:
         n = int(s.get("n", 8))
         rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
                                   s.get("batch_prompts", 8), seed, max_sequences=s.get("max_sequences", 64))
+        sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
         prefill = sum(len(tokenizer(render_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
-                      for p in prompts) * n
+                      for p in prompts if str(p.id) in sampled) * n
         return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": prefill,
                 "responses": len(rows)}
 
@@ -564,7 +565,7 @@ class Pipeline:
         after = [self.records[method]["key"]] if method != "base" else []
         inputs = {**self._base_inputs(), "eval": e, "after": after,
                   "sets": {s.name: file_digest(s.path) for s in sets},
-                  "measures": {"helpfulness": e.get("helpfulness", True), "second_judge": e.get("second_judge", "refusal")}}
+                  "measures": self.eval_measures()}
 
         def body(directory: str) -> dict:
             from .models import load_model
@@ -576,21 +577,26 @@ class Pipeline:
                                  directory, settings, model_info={"name": method, "path": model_dir},
                                  batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
                                  resamples=e.get("bootstrap", 1000), plot=False,
-                                 helpfulness=e.get("helpfulness", True),
+                                 helpfulness=self.eval_measures()["helpfulness"],
                                  second_judge=self.second_judge())
             return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values())}
 
         return self._stage(f"{method}/eval", inputs, body)
 
-    def second_judge(self):
-        """The independent judge behind every finding (`eval.second_judge`, default the keyword judge), or None."""
-        from .judges import get_judge
-
+    def eval_measures(self) -> dict:
+        """What the evaluation measures beside the main judge: helpfulness on benign sets (default on) and the
+        independent second judge (default the keyword judge; None when it would be the main judge again)."""
         e = self.config.eval
         name = e.get("second_judge", "refusal")
-        if not name or name == e.get("judge", "minilm"):
-            return None
-        return get_judge(name, e.get("second_judge_model"))
+        return {"helpfulness": e.get("helpfulness", True),
+                "second_judge": None if not name or name == e.get("judge", "minilm") else name}
+
+    def second_judge(self):
+        """The second judge of `eval_measures`, built, or None."""
+        from .judges import get_judge
+
+        name = self.eval_measures()["second_judge"]
+        return get_judge(name, self.config.eval.get("second_judge_model")) if name else None
 
     # -------------------------------------------------------------------------------------- driver
 

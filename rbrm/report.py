@@ -136,8 +136,7 @@ def _second_opinion(diff: dict | None, diff2: dict | None, name: str) -> str:
 
 
 def _second_judge_name(pipeline) -> str:
-    e = pipeline.config.eval
-    return str(e.get("second_judge", "refusal"))
+    return str(pipeline.eval_measures()["second_judge"] or "none")
 
 
 def _count(n) -> str:
