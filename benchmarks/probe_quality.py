@@ -21,11 +21,11 @@ from rbrm.models import load_model
 from rbrm.render import prompt_key
 from rbrm.reward_model import (
     TrainSettings,
-    _split,
     evaluate,
     logistic_baseline,
     row_groups,
     train_reward_model,
+    train_val_split,
 )
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -68,7 +68,7 @@ def main() -> None:
             model, metrics = train_reward_model(fs.features, fs.pair_index, None, settings, groups, progress=False)
             generator = torch.Generator().manual_seed(settings.seed)
             n = fs.features.shape[0]
-            train_rows, _ = _split(n, row_groups(n, fs.pair_index, groups), settings.val_fraction, generator)
+            train_rows, _ = train_val_split(n, row_groups(n, fs.pair_index, groups), settings.val_fraction, generator)
             mask = torch.zeros(n, dtype=torch.bool)
             mask[train_rows] = True
             base = logistic_baseline(fs.features, fs.pair_index, torch.full((n,), -1), mask, settings.seed)

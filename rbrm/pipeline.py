@@ -55,7 +55,7 @@ COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "wall_seconds")
 # Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
 PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
               "lr", "weight_decay", "batch_size", "margin", "layer_loss_weight", "patience", "val_fraction",
-              "seed", "baseline", "cv"}
+              "seed", "baseline", "cv", "fit", "gate", "inner_folds"}
 SAMPLE_KEYS = {"prompts", "prompt_field", "where", "limit", "n", "temperature", "top_k", "top_p",
                "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype"}
 RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
@@ -362,11 +362,13 @@ class Pipeline:
         from .rerank import rerank_file, write_outputs
 
         r = self.config.rerank
-        alpha = r.get("alpha", self.config.dpo.get("confidence_alpha", 7.5))
+        alpha = r.get("alpha")
+        if alpha is None and self.config.dpo.get("confidence_scale", "calibrated") == "alpha":
+            alpha = self.config.dpo.get("confidence_alpha", 7.5)
         result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.get("top_k", 1),
                              alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
                              loaded=self.inference_model(r.get("dtype", "auto")))
-        write_outputs(result, out_dir, alpha)
+        write_outputs(result, out_dir, result.summary["alpha"])
         return {"forward_tokens": result.summary.get("forward_tokens") or 0, "pairs": len(result.pairs)}
 
     def rerank(self) -> dict:

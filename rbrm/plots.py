@@ -56,6 +56,21 @@ def plot_pca(features: torch.Tensor, safe: torch.Tensor, unsafe: torch.Tensor, l
     return _finish(fig, out, title)
 
 
+def plot_confidence(histories: dict[str, list[float]], floor: float, out: str,
+                    title: str = "Confidence gamma of the training pairs") -> str:
+    """Histogram of every training pair's gamma per method: a step function shows as two spikes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    bins = [floor + i * (1 - floor) / 25 for i in range(26)] if floor < 1 else 25
+    for method, gamma in histories.items():
+        ax.hist(gamma, bins=bins, alpha=0.6, label=f"{method} ({len(gamma)} pairs)")
+    ax.set_xlabel(f"gamma (floor {floor:g})")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _finish(fig, out)
+
+
 def plot_layer_accuracy(per_layer: list[float], layer_names: list[int], out: str, gate: list[float] | None = None,
                         hybrid: float | None = None, title: str = "Per-layer probe accuracy") -> str:
     plt = _pyplot()
@@ -65,10 +80,10 @@ def plot_layer_accuracy(per_layer: list[float], layer_names: list[int], out: str
         ax.axhline(hybrid, color="tab:green", ls="--", label=f"hybrid reward {hybrid:.3f}")
     if gate is not None:
         ax2 = ax.twinx()
-        ax2.bar(layer_names, gate, alpha=0.2, color="gray", label="gate weight")
-        ax2.set_ylabel("mean gate weight")
+        ax2.bar(layer_names, gate, alpha=0.2, color="gray", label="gate share")
+        ax2.set_ylabel("share of the vote (val mean)")
     ax.set_xlabel("layer")
-    ax.set_ylabel("pair accuracy")
+    ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     return _finish(fig, out)

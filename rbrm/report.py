@@ -74,6 +74,9 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
     log = _read_log(pipeline, method)
     if log:
         row["training"] = _training_summary(log)
+    history = _read_confidence(pipeline, method)
+    if history:
+        row["confidence"] = confidence_summary(history, pipeline.config.dpo.get("confidence_floor", 0.5))
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
     flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
     return row, figure_sets, (flags, flags2)
@@ -85,6 +88,30 @@ def _read_log(pipeline, method: str) -> list[dict]:
         return []
     with open(path) as f:
         return json.load(f)
+
+
+def _read_confidence(pipeline, method: str) -> dict | None:
+    from .trainer import CONFIDENCE_FILE
+
+    path = pipeline.path(method, "train", CONFIDENCE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def confidence_summary(history: dict, floor: float) -> dict:
+    """How graded gamma was over training: quantiles, and the shares at the floor and at 1."""
+    gamma = sorted(history["gamma"])
+    if not gamma:
+        return {"scale": history.get("scale"), "n": 0}
+
+    def quantile(q: float) -> float:
+        return gamma[min(len(gamma) - 1, round(q * (len(gamma) - 1)))]
+    return {"scale": history.get("scale"), "n": len(gamma), "floor": floor,
+            "quantiles": {f"q{round(q * 100):02d}": quantile(q) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
+            "at_floor": sum(g <= floor + 1e-6 for g in gamma) / len(gamma),
+            "at_one": sum(g >= 0.999 for g in gamma) / len(gamma)}
 
 
 def _training_summary(log: list[dict]) -> dict:
@@ -257,11 +284,23 @@ def render_markdown(report: dict, pipeline) -> str:
         if t:
             bits = [f"{k} {v['first']:.3g} → {v['last']:.3g}" for k, v in t.items() if isinstance(v, dict)]
             lines.append(f"- {name} training (first → last logged step): {'; '.join(bits)}")
+        c = row.get("confidence")
+        if c and c.get("n"):
+            q = c["quantiles"]
+            lines.append(f"- {name} confidence gamma over {c['n']} training pairs (scale {c['scale']:.3g}): median "
+                         f"{q['q50']:.3f}, 5-95% {q['q05']:.3f}–{q['q95']:.3f}; {c['at_floor']:.0%} at the floor "
+                         f"{c['floor']:g}, {c['at_one']:.0%} at 1")
     probe = report.get("probe") or {}
     if probe:
-        keys = [k for k in ("val_pair_accuracy", "val_accuracy", "test_pair_accuracy", "test_accuracy",
-                            "baseline_val_pair_accuracy") if k in probe]
-        lines.append("- hybrid reward (stage 1): " + ", ".join(f"{k} {probe[k]:.3f}" for k in keys))
+        side = [("hybrid", probe.get("val_pair_accuracy", probe.get("val_accuracy"))),
+                ("mean of the probes", probe.get("val_mean_probe_accuracy")),
+                ("best probe", probe.get("val_best_probe_accuracy")),
+                ("scikit-learn best layer", probe.get("baseline_val_accuracy")),
+                ("test (hybrid)", probe.get("test_pair_accuracy", probe.get("test_accuracy")))]
+        text = ", ".join(f"{k} {v:.3f}" for k, v in side if v is not None)
+        if probe.get("val_ece") is not None:
+            text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
+        lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
     lines += ["", "## Figures", ""]
     for title, path in report["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, pipeline.path())})", ""]
@@ -270,6 +309,7 @@ def render_markdown(report: dict, pipeline) -> str:
 
 def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
     from .plots import (
+        plot_confidence,
         plot_layer_accuracy,
         plot_pca,
         plot_rates,
@@ -294,11 +334,16 @@ def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict
         if probe_metrics.get("val_per_layer_accuracy"):
             out["Per-layer probe accuracy"] = plot_layer_accuracy(
                 probe_metrics["val_per_layer_accuracy"], names, os.path.join(fig_dir, "probe_layers.png"),
-                gate=probe_metrics.get("val_gate_weights"), hybrid=probe_metrics.get("val_pair_accuracy"))
+                gate=probe_metrics.get("val_gate_share"),
+                hybrid=probe_metrics.get("val_pair_accuracy", probe_metrics.get("val_accuracy")))
     logs = {m: _read_log(pipeline, m) for m in pipeline.config.methods if m != "base"}
     logs = {m: log for m, log in logs.items() if log}
     if logs:
         out["Confidence and reward margin over training"] = plot_training(logs, os.path.join(fig_dir, "training.png"))
+    histories = {m: h["gamma"] for m in pipeline.config.methods if (h := _read_confidence(pipeline, m)) and h["gamma"]}
+    if histories:
+        out["Confidence gamma of the training pairs"] = plot_confidence(
+            histories, pipeline.config.dpo.get("confidence_floor", 0.5), os.path.join(fig_dir, "confidence.png"))
     out["Unsafe rate and over-refusal per method"] = plot_rates(figure_sets, os.path.join(fig_dir, "rates.png"))
     if methods and any(row.get("helpfulness_rate") is not None for row in methods.values()):
         out["Unsafe rate against helpfulness per method"] = plot_safety_vs_helpfulness(

@@ -296,16 +296,20 @@ def write_outputs(result: RerankResult, out_dir: str, alpha: float = 7.5) -> Non
 # --------------------------------------------------------------------------------------- the stage
 
 
-def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int = 1, alpha: float = 7.5,
+def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
                 loaded: tuple | None = None) -> RerankResult:
-    """Load, check, score, rank and select; `loaded` = (model, tokenizer) skips loading the model."""
+    """Load, check, score, rank and select; `loaded` = (model, tokenizer) skips loading the model.
+
+    alpha None: the confidence column uses the probe's calibrated scale.
+    """
     from .models import load_model
     from .reward_model import HybridRewardModel
 
     samples = load_samples(samples_path, limit)
     reward = HybridRewardModel.load(reward_dir)
+    alpha = reward.calibration["scale"] if alpha is None else alpha
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
         raise SystemExit(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
@@ -340,7 +344,8 @@ class RerankConfig:
     out_dir: str = field(metadata={"help": "directory for rank/chosen/rejected/pairs .jsonl and summary.json"})
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "the policy that produced the samples"})
     top_k: int = field(default=1, metadata={"help": "pairs per prompt: i-th best vs i-th worst, i < k"})
-    alpha: float = field(default=7.5, metadata={"help": "confidence = sigmoid(alpha x score gap)"})
+    alpha: float | None = field(default=None, metadata={
+        "help": "confidence = sigmoid(alpha x score gap) (default: the probe's calibrated scale)"})
     min_gap: float = field(default=0.0, metadata={"help": "drop pairs whose score gap is <= this"})
     dtype: str = field(default="auto", metadata={
         "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
@@ -352,6 +357,6 @@ class RerankConfig:
 def run_rerank(config: RerankConfig) -> None:
     result = rerank_file(config.model, config.reward, config.samples, config.top_k, config.alpha, config.min_gap,
                          config.dtype, config.device, config.batch_tokens, config.limit)
-    write_outputs(result, config.out_dir, config.alpha)
+    write_outputs(result, config.out_dir, result.summary["alpha"])
     print(format_summary(result.summary))
     print(f"wrote {config.out_dir}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

@@ -59,6 +59,8 @@ REWARD_OPTIMIZER_FILE = "optimizer.pt"
 # Above this share of pairs whose end-of-turn token is cut off by max_length, the trainer warns at the start.
 TRUNCATION_WARN_FRACTION = 0.1
 COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token count so far, restored on resume
+# In each checkpoint and the final model: every training pair's gamma so far, in order (restored on resume)
+CONFIDENCE_FILE = "rbrm_confidence.json"
 # Keys our collator adds to a batch; they are taken out before anything reaches a model.
 _EXTRA_KEYS = ("confidence", "endpoint_kept")
 
@@ -71,7 +73,12 @@ class ConfidenceDPOConfig(DPOConfig):
         "help": "online: gamma from the hybrid reward on the policy's hidden states in the same forward; static: "
                 "the pairs' `confidence` column (from `rbrm rerank`); none: plain DPO (TRL's sigmoid loss)",
         "choices": list(CONFIDENCE_MODES)})
-    confidence_alpha: float = field(default=7.5, metadata={"help": "gamma = sigmoid(alpha (r_c - r_r))"})
+    confidence_scale: str = field(default="calibrated", metadata={
+        "help": "calibrated: gamma = sigmoid(a (r_c - r_r)) with the probe's calibrated scale a (fitted by `rbrm "
+                "probe train` on rewards it did not train on), a probability that varies across pairs; alpha: the "
+                "paper's fixed confidence_alpha", "choices": ["calibrated", "alpha"]})
+    confidence_alpha: float = field(default=7.5, metadata={
+        "help": "gamma = sigmoid(alpha (r_c - r_r)) when confidence_scale=alpha (the paper: 7.5)"})
     confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
@@ -89,6 +96,8 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence={self.confidence!r}: choose one of {CONFIDENCE_MODES}")
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
+        if self.confidence_scale not in ("calibrated", "alpha"):
+            raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
         if self.confidence_alpha <= 0:
             raise ValueError(f"confidence_alpha={self.confidence_alpha} must be positive")
 
@@ -245,6 +254,11 @@ class ConfidenceDPOTrainer(DPOTrainer):
             raise ValueError("confidence='online' needs a reward_model (a HybridRewardModel or its folder)")
         if reward_model is not None and reward_model.pooling not in POOLINGS:
             raise ValueError(f"reward model pooling {reward_model.pooling!r} is not one of {POOLINGS}")
+        if (args.confidence == "online" and args.confidence_scale == "calibrated"
+                and "calibration" not in reward_model.config):
+            raise ValueError("confidence_scale='calibrated' needs a probe with a calibrated scale: this one was "
+                             "saved before rbrm 0.3; retrain it with `rbrm probe train`, or set "
+                             "confidence_scale='alpha'")
         if args.confidence != "none":
             self._check_loss_settings(args)
 
@@ -271,6 +285,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.probe_steps = 0
         self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
+        self.confidence_history: list[float] = []  # every training pair's gamma, in order (rank 0's gather)
+        self.confidence_scale = (reward_model.calibration["scale"] if reward_model is not None
+                                 and args.confidence_scale == "calibrated" else args.confidence_alpha)
         self.last_features: torch.Tensor | None = None  # [2B, L, d] pooled, last batch (for inspection)
         if reward_model is not None:
             reward_model.check_model(self.accelerator.unwrap_model(self.model))
@@ -284,7 +301,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
                 for tensor in self.reward_model.state_dict().values():
                     tensor.copy_(broadcast(tensor.clone(), from_process=0))
-            self.reward_optimizer = torch.optim.Adam(self.reward_model.parameters(), lr=args.reward_lr)
+            self.reward_optimizer = torch.optim.Adam(self._probe_parameters(), lr=args.reward_lr)
         if args.confidence == "static" and "confidence" not in (getattr(self.train_dataset, "column_names", None)
                                                                 or ["confidence"]):
             raise ValueError("confidence='static' needs a `confidence` column in the training pairs "
@@ -438,6 +455,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
             loss = loss + weight * ((1.0 - gamma.to(delta.dtype)) * self.beta * delta).mean()
             gathered = self.accelerator.gather(gamma)
             metrics["confidence/mean"].append(gathered.mean().item())
+            if self.model.training:
+                self.confidence_history += gathered.float().tolist()
             metrics["confidence/std"].append(gathered.std().item() if gathered.numel() > 1 else 0.0)
         return (loss, outputs) if return_outputs else loss
 
@@ -450,7 +469,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
                 raise ValueError("confidence='static' needs a `confidence` value on every pair (written by "
                                  "`rbrm rerank`)")
             return column.to(device, torch.float32).clamp(min=args.confidence_floor, max=1.0)
-        gamma = torch.sigmoid(args.confidence_alpha * reward_gap)
+        gamma = torch.sigmoid(self.confidence_scale * reward_gap)
         if args.confidence_batch_mean:
             value = gamma[pair_kept].mean() if pair_kept.any() else gamma.new_ones(())
             gamma = value.expand(n_pairs)
@@ -502,7 +521,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     def _probe_step(self) -> None:
         """One Adam step on the gradient accumulated since the last one, averaged over ranks first."""
-        params = list(self.reward_model.parameters())
+        params = self._probe_parameters()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -511,6 +530,10 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.reward_optimizer.step()
         self.reward_optimizer.zero_grad(set_to_none=True)
         self.probe_steps += 1
+
+    def _probe_parameters(self) -> list[nn.Parameter]:
+        """What the online update trains: everything but a frozen gate bias (the paper's vote gate)."""
+        return [p for p in self.reward_model.parameters() if p.requires_grad]
 
     def _all_reduce_probe_grads(self, params: list[nn.Parameter]) -> None:
         flat = torch.cat([p.grad.reshape(-1) for p in params])
@@ -530,6 +553,11 @@ class ConfidenceDPOTrainer(DPOTrainer):
                                                "probe_steps": self.probe_steps,
                                                "confidence": self.args.confidence}
             self.reward_model.save(os.path.join(output_dir or self.args.output_dir, REWARD_DIR))
+        if self.args.should_save and self.args.confidence != "none":
+            from .data import write_json
+
+            write_json(os.path.join(output_dir or self.args.output_dir, CONFIDENCE_FILE),
+                       {"scale": self.confidence_scale, "gamma": self.confidence_history})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -537,6 +565,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
             from .data import write_json
 
             write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens})
+            write_json(os.path.join(output_dir, CONFIDENCE_FILE), {"scale": self.confidence_scale,
+                                                                   "gamma": self.confidence_history})
         if self.reward_optimizer is not None and self.args.should_save:
             directory = os.path.join(output_dir, REWARD_DIR)
             os.makedirs(directory, exist_ok=True)
@@ -549,6 +579,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, COMPUTE_FILE)):
             with open(os.path.join(checkpoint, COMPUTE_FILE)) as f:
                 self.forward_tokens = int(json.load(f)["forward_tokens"])
+        if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, CONFIDENCE_FILE)):
+            with open(os.path.join(checkpoint, CONFIDENCE_FILE)) as f:
+                self.confidence_history = [float(g) for g in json.load(f)["gamma"]]
         if checkpoint is None or self.reward_model is None:
             return
         directory = os.path.join(checkpoint, REWARD_DIR)

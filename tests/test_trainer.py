@@ -68,7 +68,7 @@ def make_probe(model, tokenizer, layers=None, pooling: str = "last", seed: int =
     layers = layers or list(range(1, model.config.num_hidden_layers + 1))
     probe = HybridRewardModel(len(layers), model.config.hidden_size,
                               {"model": model_fingerprint(model), "layers": layers, "pooling": pooling,
-                               "end_of_turn": end_of_turn(tokenizer)})
+                               "end_of_turn": end_of_turn(tokenizer), "calibration": {"scale": 7.5, "offset": 0.0}})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (probe.weight, probe.bias, probe.gate):
@@ -363,6 +363,36 @@ def test_every_probe_parameter_learns_and_is_saved(tokenizer, tmp_path):
     for key, value in trainer.reward_model.state_dict().items():
         assert torch.equal(saved.state_dict()[key], value)
     assert saved.config["dpo"]["probe_steps"] == 3
+    from rbrm.trainer import CONFIDENCE_FILE
+
+    history = json.loads(open(os.path.join(trainer.args.output_dir, CONFIDENCE_FILE)).read())
+    assert history["scale"] == 7.5 and len(history["gamma"]) == 3 * 2  # 3 steps of 2 training pairs
+    assert all(0.5 <= g <= 1.0 for g in history["gamma"])
+
+
+def test_the_confidence_scale_is_the_probes_calibration_or_the_papers_alpha(tokenizer, tmp_path):
+    from rbrm.trainer import ConfidenceDPOTrainer
+
+    policy = make_tiny_model(tokenizer)
+    probe = make_probe(policy, tokenizer)
+    probe.config["calibration"] = {"scale": 0.01, "offset": 0.0}  # small: no gamma saturates
+    gammas = {}
+    for scale in ("calibrated", "alpha"):
+        args = config(tmp_path, confidence_floor=0.0, reward_update=False, confidence_scale=scale,
+                      confidence_alpha=0.03)
+        trainer = ConfidenceDPOTrainer(policy, args=args, train_dataset=dataset(tokenizer, 4),
+                                       processing_class=tokenizer, reward_model=probe)
+        assert trainer.confidence_scale == (0.01 if scale == "calibrated" else 0.03)
+        trainer.compute_loss(trainer.model, batch_of(trainer, 4))
+        gammas[scale] = trainer.last_confidence.logit()
+    assert gammas["alpha"].abs().max() > 0.05 and gammas["alpha"].isfinite().all()
+    # the same reward gaps at 3x the scale
+    torch.testing.assert_close(torch.sigmoid(3 * gammas["calibrated"]), torch.sigmoid(gammas["alpha"]), atol=1e-4,
+                               rtol=0)
+    del probe.config["calibration"]
+    with pytest.raises(ValueError, match="calibrated scale"):
+        ConfidenceDPOTrainer(policy, args=config(tmp_path), train_dataset=dataset(tokenizer, 4),
+                             processing_class=tokenizer, reward_model=probe)
 
 
 def test_probe_steps_once_per_optimizer_step(tokenizer, tmp_path):
