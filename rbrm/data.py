@@ -27,7 +27,7 @@ from .render import Prompt, prompt_key
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("pku", "hh", "trl", "paper_samples", "labelled", "prompts")
+FORMATS = ("pku", "hh", "trl", "paper_samples", "labelled", "answer_labels", "prompts")
 PROMPT_FIELDS = ("prompt", "question", "instruction", "goal", "Behavior", "behavior", "input", "text")
 CATEGORY_FIELDS = ("category", "1-category", "SemanticCategory", "type", "risk_area")
 ID_FIELDS = ("id", "qid", "BehaviorID")
@@ -315,6 +315,8 @@ def detect_format(row: dict, path: Any = "<row>", line: int | None = None) -> st
         if "prompt" in keys or isinstance(row["chosen"], list):
             return "trl"
         return "hh"
+    if {"response", "unsafe", "benign"} <= keys:
+        return "answer_labels"
     if "response" in keys and keys & set(LABEL_FIELDS):
         return "labelled"
     if keys & set(PROMPT_FIELDS):
@@ -406,6 +408,19 @@ def _labelled(row: dict, path: Any, line: int, src: str):
     return [], [LabelledResponse(prompt, response, safe, src, meta)]
 
 
+def _answer_labels(row: dict, path: Any, line: int, src: str):
+    """data/rbrm_labels rows: a model's answer with `unsafe` judged on harmful prompts. Rows of benign prompts
+    carry a helpfulness label instead, so they give no safety example."""
+    if _bool_or_none(row["benign"], path, line, "benign"):
+        return [], []
+    unsafe = _bool_or_none(row["unsafe"], path, line, "unsafe")
+    if unsafe is None:
+        raise DataError(path, line, "unsafe", "missing on a harmful prompt")
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "response", "unsafe")}
+    return [], [LabelledResponse(_prompt(row, "prompt", path, line), _str(row, "response", path, line), not unsafe,
+                                 src, meta)]
+
+
 def _paper_pairs(path: Any) -> Iterator[tuple[list, list]]:
     """One pair per prompt: the best-scored response over the worst (the paper's re-ranking)."""
     groups: dict[str, list[ScoredSample]] = {}
@@ -423,7 +438,8 @@ def _paper_pairs(path: Any) -> Iterator[tuple[list, list]]:
         yield [PreferencePair(best.prompt, best.response, worst.response, group[0].source, meta)], []
 
 
-_ROW_PARSERS: dict[str, Callable] = {"pku": _pku, "hh": _hh, "trl": _trl, "labelled": _labelled}
+_ROW_PARSERS: dict[str, Callable] = {"pku": _pku, "hh": _hh, "trl": _trl, "labelled": _labelled,
+                                     "answer_labels": _answer_labels}
 
 
 def _iter_examples(path: Any, format: str) -> Iterator[tuple[list, list]]:

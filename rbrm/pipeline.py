@@ -55,7 +55,7 @@ COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "wall_seconds")
 # Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
 PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
               "lr", "weight_decay", "batch_size", "margin", "layer_loss_weight", "patience", "val_fraction",
-              "seed", "baseline", "cv", "fit", "gate", "inner_folds"}
+              "seed", "baseline", "cv", "fit", "gate", "inner_folds", "calibration_data"}
 SAMPLE_KEYS = {"prompts", "prompt_field", "where", "limit", "n", "temperature", "top_k", "top_p",
                "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype"}
 RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
@@ -279,7 +279,7 @@ class Pipeline:
         from .reward_model import ProbeTrainConfig, run_probe_train
 
         section = dict(self.config.probe)
-        files = {k: file_digest(section[k]) for k in ("data", "test_data") if section.get(k)}
+        files = {k: file_digest(section[k]) for k in ("data", "test_data", "calibration_data") if section.get(k)}
 
         def body(directory: str) -> dict:
             stats: dict = {}

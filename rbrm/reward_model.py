@@ -631,6 +631,29 @@ def calibrate(reward: torch.Tensor, pairs: torch.Tensor, rows: torch.Tensor, saf
     return {"scale": float(log_scale.detach().exp()), "offset": float(offset.detach())}
 
 
+def recalibrate(model: HybridRewardModel, fs, source: str) -> dict:
+    """Refit the model's calibration on another labelled set (the policy's own answers); returns how well the
+    reward ranks that set and the calibration error before and after (after is in-sample)."""
+    from sklearn.metrics import roc_auc_score
+
+    pairs = fs.pair_index if fs.pair_index is not None else torch.empty(0, 2, dtype=torch.long)
+    labels = fs.labels if fs.labels is not None else torch.full((fs.features.shape[0],), -1, dtype=torch.long)
+    rows = torch.nonzero(labels >= 0).flatten()
+    metrics: dict = {}
+    with torch.no_grad():
+        reward = model(fs.features)
+    if len(rows) and 0 < int(labels[rows].sum()) < len(rows):
+        metrics["calibration_data_auc"] = float(roc_auc_score(labels[rows].numpy(), reward[rows].numpy()))
+    if len(pairs):
+        metrics["calibration_data_pair_accuracy"] = float((reward[pairs[:, 0]] > reward[pairs[:, 1]]).float().mean())
+    metrics["calibration_data_ece_before"] = calibration_report(model, fs.features, pairs, rows, labels[rows]).get("ece")
+    model.config["calibration"] = {**calibrate(reward, pairs, rows, labels[rows]), "fitted_on": source}
+    metrics.update(calibration_scale=model.calibration["scale"], calibration_offset=model.calibration["offset"],
+                   calibration_data_ece=calibration_report(model, fs.features, pairs, rows, labels[rows]).get("ece"),
+                   calibration_data_rows=len(rows) + 2 * len(pairs))
+    return metrics
+
+
 def reliability(probability: torch.Tensor, truth: torch.Tensor, bins: int = 10) -> tuple[float, list[dict]]:
     """Expected calibration error and the reliability table (equal-width bins; empty bins left out)."""
     probability, truth = probability.double().flatten(), truth.double().flatten()
@@ -764,6 +787,10 @@ class ProbeTrainConfig:
     test_data: str | None = field(default=None, metadata={"help": "another data set to test on (needs --model)"})
     test_features: str | None = field(default=None, metadata={"help": "another features file to test on"})
     test_limit: int | None = field(default=None, metadata={"help": "use only the first N rows of --test-data"})
+    calibration_data: str | None = field(default=None, metadata={
+        "help": "labelled answers of the policy itself (e.g. data/rbrm_labels/smollm2_dev.jsonl for SmolLM2) to "
+                "calibrate the reward scale on, instead of the probe's own cross-fitted rewards: the confidence "
+                "is applied to the policy's answers, which the probe data may separate far more easily"})
     layers: list[int] | None = field(default=None, metadata={"help": "1-based layers (default: all)"})
     pooling: str = field(default="last", metadata={"help": "last (end-of-turn token) or mean"})
     dtype: str = field(default="auto", metadata={"help": "dtype of the model forward"})
@@ -899,6 +926,9 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
         test = evaluate(model, test_fs.features, test_fs.pair_index, lab_rows,
                         test_fs.labels[lab_rows] if lab_rows is not None else None)
         metrics.update({f"test_{k}": v for k, v in test.items()})
+    if config.calibration_data:
+        calibration_fs, _ = _features_for(config, config.calibration_data, None, model_cache)
+        metrics.update(recalibrate(model, calibration_fs, config.calibration_data))
     if "model" in model_cache:
         model.check_model(model_cache["model"][0])
     model.config["train_metrics"] = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}

@@ -250,3 +250,26 @@ def test_calibration_stays_finite_when_the_rewards_separate_every_pair():
     result = calibrate(reward, pairs, empty, empty)
     assert 1.0 < result["scale"] < 20  # the likelihood alone would send it to infinity
     assert torch.sigmoid(torch.tensor(result["scale"] * 1.0)) < 0.999  # a gap of 1 is not certainty
+
+
+def test_recalibration_on_the_policys_answers_tempers_an_overconfident_probe():
+    """A probe that separates its own data perfectly, applied to answers whose labels it gets wrong a quarter of
+    the time with the same large rewards: the scale fitted on those answers is smaller, and the calibration
+    error there drops."""
+    from rbrm.features import FeatureSet
+    from rbrm.reward_model import recalibrate
+
+    g = torch.Generator().manual_seed(4)
+    n, layers, hidden = 200, 2, 8
+    direction = torch.randn(hidden, generator=g)
+    safe = (torch.arange(n) % 2).long()
+    sign = (2 * safe - 1).float()[:, None, None]
+    easy = 3.0 * sign * direction + 0.3 * torch.randn(n, layers, hidden, generator=g)
+    model, metrics = train_reward_model(easy, None, safe, TrainSettings(), progress=False)
+    fresh = 3.0 * sign * direction + 0.3 * torch.randn(n, layers, hidden, generator=g)
+    noisy = torch.where(torch.rand(n, generator=g) < 0.25, 1 - safe, safe)  # a quarter of the labels flipped
+    before = metrics["calibration_scale"]
+    result = recalibrate(model, FeatureSet(fresh, noisy), "hard answers")
+    assert result["calibration_scale"] < 0.5 * before and model.calibration["fitted_on"] == "hard answers"
+    assert result["calibration_data_ece"] < result["calibration_data_ece_before"]
+    assert 0.6 < result["calibration_data_auc"] < 0.99
