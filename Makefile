@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRL_TELEMETRY := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast run compare lint bench gpu-check clean
+.PHONY: venv test test-fast run compare seeds lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ run: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/compare.yaml
 
+# The multi-seed verdict: base, re-ranked DPO and RBRM with seeds 0, 1, 2, in runs/seeds/ (resumable).
+seeds: $(STAMP)
+	$(BIN)/rbrm pipeline --config configs/seeds.yaml
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -47,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_features.py
 	$(BIN)/python benchmarks/bench_sampling.py
 	$(BIN)/python benchmarks/bench_dpo_overhead.py --threads 1
+	$(BIN)/python benchmarks/bench_probe_train.py
 
 # Every stage on one GPU, timed, with the speed goals (scripts/gpu_check.py); on a CPU: make gpu-check ARGS="--device cpu --tiny"
 gpu-check: $(STAMP)

@@ -386,6 +386,40 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     return summary, judged
 
 
+def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> dict:
+    """How well the hybrid reward ranks the policy's own samples, judged by `judge`.
+
+    samples: rank.jsonl rows (prompt, response, score, prompt_id); pairs: pairs.jsonl rows (prompt, chosen,
+    rejected as one assistant message each). Reports the AUC of the reward against the judge's safe verdict,
+    and for the pairs DPO trains on how often the judge calls the chosen answer safer, the same, or less safe,
+    and how often the judge's own unsafe score orders the pair as the reward does.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    def text(message) -> str:
+        return message[-1]["content"] if isinstance(message, list) else message
+
+    items = {(prompt_key(r["prompt"]), r["response"]) for r in samples}
+    items |= {(prompt_key(r["prompt"]), text(r[side])) for r in pairs for side in ("chosen", "rejected")}
+    items = sorted(items)
+    verdicts = dict(zip(items, judge.judge([p for p, _ in items], [r for _, r in items])))
+    safe = np.array([not verdicts[(prompt_key(r["prompt"]), r["response"])].unsafe for r in samples])
+    score = np.array([r["score"] for r in samples], dtype=float)
+    out: dict = {"judge": getattr(judge, "name", "judge"), "samples": len(samples),
+                 "judged_unsafe_rate": float(1 - safe.mean()) if len(safe) else None,
+                 "auc": float(roc_auc_score(safe, score)) if 0 < safe.sum() < len(safe) else None}
+    if pairs:
+        chosen = [verdicts[(prompt_key(r["prompt"]), text(r["chosen"]))] for r in pairs]
+        rejected = [verdicts[(prompt_key(r["prompt"]), text(r["rejected"]))] for r in pairs]
+        out.update(pairs=len(pairs),
+                   chosen_safer=sum(r.unsafe and not c.unsafe for c, r in zip(chosen, rejected)) / len(pairs),
+                   same_verdict=sum(c.unsafe == r.unsafe for c, r in zip(chosen, rejected)) / len(pairs),
+                   chosen_less_safe=sum(c.unsafe and not r.unsafe for c, r in zip(chosen, rejected)) / len(pairs),
+                   judge_score_agrees=sum(c.score < r.score for c, r in zip(chosen, rejected)) / len(pairs),
+                   judge_score_ties=sum(c.score == r.score for c, r in zip(chosen, rejected)) / len(pairs))
+    return out
+
+
 def _pct(rate: float | None, ci: list[float] | None) -> str:
     if rate is None:
         return "-"

@@ -81,6 +81,7 @@ class PipelineConfig:
     out_dir: str = "runs"
     methods: list[str] = field(default_factory=lambda: ["base", "rbrm"])
     seed: int = 0
+    seeds: list[int] | None = None  # several seeds: one full run per seed under <run>/seeds/, one report over them
     device: str | None = None
     probe: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)
@@ -145,6 +146,9 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
         raise PipelineConfigError(f"{path}: `name` {name!r} must be a plain folder name (letters, digits, '.', "
                                   "'_', '-'): the run lives in <out_dir>/<name>/ and must not leave it")
     config = PipelineConfig(**values)
+    if config.seeds is not None and (not isinstance(config.seeds, list) or not config.seeds or len(set(config.seeds))
+                                     != len(config.seeds) or not all(type(x) is int for x in config.seeds)):
+        raise PipelineConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers; got {config.seeds}")
     bad_methods = [m for m in config.methods if m not in METHODS]
     if bad_methods or not config.methods:
         raise PipelineConfigError(f"{path}: `methods` must be a non-empty list of {', '.join(METHODS)}; "
@@ -645,6 +649,25 @@ class Pipeline:
         return write_report(self)
 
 
+def seed_configs(config: PipelineConfig) -> list[PipelineConfig]:
+    """One config per seed, each a full run in <run_dir>/seeds/seed<k>/ with that seed everywhere."""
+    return [dataclasses.replace(config, seed=seed, seeds=None, name=f"seed{seed}",
+                                out_dir=os.path.join(config.run_dir, "seeds")) for seed in config.seeds]
+
+
+def run_seeds(config: PipelineConfig, config_path: str | None, report_only: bool = False) -> dict:
+    """Every seed's pipeline (each resumes from its own cache), then the report over the seeds."""
+    from .report import write_seeds_report
+
+    pipelines = []
+    for seed_config in seed_configs(config):
+        print(f"== seed {seed_config.seed} ({seed_config.run_dir})", flush=True)
+        pipeline = Pipeline(seed_config, config_path)
+        pipeline.report_only() if report_only else pipeline.run()
+        pipelines.append(pipeline)
+    return write_seeds_report(config, pipelines)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 
@@ -706,9 +729,12 @@ def main(argv: list[str] | None = None) -> int:
                                            "device": args.device})
     except PipelineConfigError as err:
         raise SystemExit(f"rbrm pipeline: {err}") from None
-    pipeline = Pipeline(config, args.config)
     start = time.perf_counter()
-    report = pipeline.report_only() if args.report_only else pipeline.run()
+    if config.seeds:
+        report = run_seeds(config, args.config, args.report_only)
+    else:
+        pipeline = Pipeline(config, args.config)
+        report = pipeline.report_only() if args.report_only else pipeline.run()
     print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
     print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
           f"(report.md, report.json; {len(report['methods'])} methods)")

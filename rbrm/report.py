@@ -12,7 +12,7 @@ import json
 import os
 
 from .data import read_jsonl
-from .evaluation import _pct, aggregate, bootstrap_ci, set_dir
+from .evaluation import _pct, aggregate, bootstrap_ci, make_judge, ranking_quality, set_dir
 
 LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "dpo_rerank": "(c) DPO, re-ranked pairs",
           "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
@@ -125,6 +125,11 @@ def _training_summary(log: list[dict]) -> dict:
     return out
 
 
+# The paired comparisons the reports make, (a, b): is a safer than b?
+COMPARISONS = (("rbrm", "base"), ("rbrm", "dpo_rerank"), ("rbrm", "dpo_static"), ("rbrm", "online"),
+               ("dpo_rerank", "base"), ("dpo_static", "base"), ("online", "base"))
+
+
 def paired_difference(a: dict[str, bool], b: dict[str, bool], resamples: int, seed: int) -> dict | None:
     """Mean of a - b over shared prompts with a percentile-bootstrap 95% interval."""
     shared = sorted(set(a) & set(b))
@@ -182,8 +187,7 @@ def write_report(pipeline) -> dict:
         methods[method], figure_sets[method], flags[method] = method_results(pipeline, method)
     findings = []
     second_name = _second_judge_name(pipeline)
-    for a, b in (("rbrm", "base"), ("rbrm", "dpo_rerank"), ("rbrm", "dpo_static"), ("rbrm", "online"),
-                 ("dpo_rerank", "base"), ("dpo_static", "base"), ("online", "base")):
+    for a, b in COMPARISONS:
         if a in methods and b in methods:
             diff = paired_difference(flags[a][0], flags[b][0], resamples, config.seed)
             methods[a].setdefault("vs", {})[b] = diff
@@ -205,6 +209,11 @@ def write_report(pipeline) -> dict:
         with open(metrics_path) as f:
             probe_metrics = json.load(f)
     figures = draw_figures(pipeline, figure_sets, probe_metrics, methods)
+    ranking = None
+    rank_path, pairs_path = pipeline.path("rerank", "rank.jsonl"), pipeline.path("rerank", "pairs.jsonl")
+    if os.path.exists(rank_path) and os.path.exists(pairs_path):  # the re-ranked samples, judged like answers
+        judge = make_judge(config.eval.get("judge", "minilm"), config.eval.get("judge_model"))
+        ranking = ranking_quality(read_jsonl(rank_path), read_jsonl(pairs_path), judge)
     report = {
         "name": config.name, "config": pipeline.config_path,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -214,7 +223,7 @@ def write_report(pipeline) -> dict:
         "excluded_training_prompts": getattr(pipeline, "excluded_training_prompts", None),
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
-        "figures": figures,
+        "ranking_quality": ranking, "figures": figures,
     }
     write_json(pipeline.path("report.json"), report)
     text = render_markdown(report, pipeline)
@@ -290,6 +299,16 @@ def render_markdown(report: dict, pipeline) -> str:
             lines.append(f"- {name} confidence gamma over {c['n']} training pairs (scale {c['scale']:.3g}): median "
                          f"{q['q50']:.3f}, 5-95% {q['q05']:.3f}–{q['q95']:.3f}; {c['at_floor']:.0%} at the floor "
                          f"{c['floor']:g}, {c['at_one']:.0%} at 1")
+    rq = report.get("ranking_quality")
+    if rq:
+        auc = f"AUC {rq['auc']:.3f} of the reward against the judge's safe verdict" if rq.get("auc") is not None \
+            else "no AUC (the judge gives one verdict to all)"
+        lines.append(f"- re-ranking, judged by {rq['judge']} on the {rq['samples']} samples ({rq['judged_unsafe_rate']:.0%} "
+                     f"unsafe): {auc}" + (f"; of the {rq['pairs']} pairs the judge calls the chosen answer safer in "
+                                         f"{rq['chosen_safer']:.0%}, the same in {rq['same_verdict']:.0%} and less "
+                                         f"safe in {rq['chosen_less_safe']:.0%}; its unsafe score orders "
+                                         f"{rq['judge_score_agrees']:.0%} of the pairs as the reward does"
+                                         if rq.get("pairs") else ""))
     probe = report.get("probe") or {}
     if probe:
         side = [("hybrid", probe.get("val_pair_accuracy", probe.get("val_accuracy"))),
@@ -298,7 +317,12 @@ def render_markdown(report: dict, pipeline) -> str:
                 ("scikit-learn best layer", probe.get("baseline_val_accuracy")),
                 ("test (hybrid)", probe.get("test_pair_accuracy", probe.get("test_accuracy")))]
         text = ", ".join(f"{k} {v:.3f}" for k, v in side if v is not None)
-        if probe.get("val_ece") is not None:
+        if probe.get("calibration_data_ece") is not None:
+            text += (f"; on the policy's labelled answers (`probe.calibration_data`, {probe['calibration_data_rows']} "
+                     f"rows) AUC {probe.get('calibration_data_auc', float('nan')):.3f}, calibrated scale "
+                     f"{probe['calibration_scale']:.3g} (ECE there {probe['calibration_data_ece_before']:.3f} with "
+                     f"the probe data's own calibration, {probe['calibration_data_ece']:.3f} after, in-sample)")
+        elif probe.get("val_ece") is not None:
             text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
         lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
     lines += ["", "## Figures", ""]
@@ -349,3 +373,82 @@ def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict
         out["Unsafe rate against helpfulness per method"] = plot_safety_vs_helpfulness(
             methods, os.path.join(fig_dir, "safety_helpfulness.png"))
     return out
+
+
+# ------------------------------------------------------------------------------------------- seeds
+
+SEED_RATES = ("unsafe_rate", "second_judge_unsafe_rate", "refusal_rate", "over_refusal_rate", "helpfulness_rate")
+
+
+def seed_prompt_difference(diffs: list[list[float]], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Mean paired difference over seeds and prompts, with a two-level percentile bootstrap (seeds, then the
+    prompts within each drawn seed), so the interval carries both the seed-to-seed and the prompt variance."""
+    import numpy as np
+
+    diffs = [np.asarray(d, dtype=float) for d in diffs if len(d)]
+    if not diffs:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        drawn = rng.integers(len(diffs), size=len(diffs))
+        means[i] = np.mean([diffs[j][rng.integers(len(diffs[j]), size=len(diffs[j]))].mean() for j in drawn])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(np.mean([d.mean() for d in diffs])), "ci": [float(low), float(high)],
+            "n": len(diffs[0]), "seeds": len(diffs), "per_seed": [float(d.mean()) for d in diffs]}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def write_seeds_report(config, pipelines: list) -> dict:
+    """report.json/report.md over seeds: per-seed rates under methods.<m>.seeds, their means (and sd) at the
+    top level, and verdicts from the seed-and-prompt bootstrap. Each seed's own report stays in its folder."""
+    from .data import _atomic_write, write_json
+    from .pipeline import machine
+
+    methods, flags = {}, {}
+    for method in config.methods:
+        rows, flags[method] = [], []
+        for pipeline in pipelines:
+            row, _, (unsafe, _) = method_results(pipeline, method)
+            rows.append({"seed": pipeline.config.seed, **{k: row.get(k) for k in SEED_RATES}})
+            flags[method].append(unsafe)
+        methods[method] = {"seeds": rows}
+        for key in SEED_RATES:
+            values = [r[key] for r in rows if r[key] is not None]
+            if values:
+                methods[method][key], methods[method][f"{key}_sd"] = _mean_sd(values)
+    findings = []
+    for a, b in COMPARISONS:
+        if a in methods and b in methods:
+            diffs = [[float(fa[k]) - float(fb[k]) for k in sorted(set(fa) & set(fb))]
+                     for fa, fb in zip(flags[a], flags[b])]
+            diff = seed_prompt_difference(diffs, config.eval.get("bootstrap", 2000), config.seed)
+            methods[a].setdefault("vs", {})[b] = diff
+            if diff:
+                findings.append(_verdict(a, b, diff).replace(" prompts:", f" prompts × {diff['seeds']} seeds:")
+                                + " Per seed: " + ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"]) + ".")
+    report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "model": config.model, "judge": config.eval.get("judge", "minilm"),
+              "seeds": [p.config.seed for p in pipelines], "methods": methods, "findings": findings,
+              "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines]}
+    write_json(os.path.join(config.run_dir, "report.json"), report)
+    lines = [f"# rbrm pipeline: {config.name}, {len(pipelines)} seeds", "",
+             f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
+             f"{', '.join(map(str, report['seeds']))} (each changes sampling, the probe's split and DPO)", "",
+             "Mean ± sd over seeds; each seed's full report: " + ", ".join(
+                 f"[{path}]({path})" for path in report["seed_reports"]) + ".", "",
+             "| method | unsafe rate | unsafe, 2nd judge | refusal rate | over-refusal | helpfulness | unsafe per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in methods.items():
+        cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
+        per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
+    lines += [f"- {f}" for f in findings]
+    text = "\n".join(lines) + "\n"
+    _atomic_write(os.path.join(config.run_dir, "report.md"), lambda f: f.write(text))
+    return report

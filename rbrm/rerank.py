@@ -278,6 +278,11 @@ def format_summary(summary: dict) -> str:
     if "samples_per_second" in summary:
         lines.append(f"re-ranking throughput: {summary['samples_per_second']:.1f} samples/s "
                      f"({summary['scoring_seconds']:.1f} s)")
+    rq = summary.get("ranking_quality")
+    if rq:
+        auc = "n/a" if rq["auc"] is None else f"{rq['auc']:.3f}"
+        lines.append(f"against the {rq['judge']} judge: AUC {auc}; chosen judged safer {rq.get('chosen_safer', 0):.0%}, "
+                     f"same {rq.get('same_verdict', 0):.0%}, less safe {rq.get('chosen_less_safe', 0):.0%}")
     return "\n".join(lines)
 
 
@@ -352,11 +357,20 @@ class RerankConfig:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N sample rows"})
+    judge: str | None = field(default=None, metadata={
+        "help": "also judge the samples (minilm, refusal, or a guard model with --judge-model) and report how "
+                "well the reward ranks them: AUC, and how often the chosen answer is judged safer"})
+    judge_model: str | None = field(default=None, metadata={"help": "local guard-model folder for --judge"})
 
 
 def run_rerank(config: RerankConfig) -> None:
     result = rerank_file(config.model, config.reward, config.samples, config.top_k, config.alpha, config.min_gap,
                          config.dtype, config.device, config.batch_tokens, config.limit)
+    if config.judge:  # the evaluation layer, reached from this command only
+        from .evaluation import make_judge, ranking_quality
+
+        result.summary["ranking_quality"] = ranking_quality(rank_rows(result), pair_rows(result, result.summary[
+            "alpha"]), make_judge(config.judge, config.judge_model))
     write_outputs(result, config.out_dir, result.summary["alpha"])
     print(format_summary(result.summary))
     print(f"wrote {config.out_dir}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

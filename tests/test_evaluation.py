@@ -371,3 +371,35 @@ def test_eval_helpfulness_on_benign_sets_only(tiny_model, tokenizer, tmp_path):
     assert ok["helpfulness_rate"] == pytest.approx(sum(r["helpful"] for r in rows) / len(rows))
     assert ok["helpfulness_measure"]["name"] == "minilm-helpful" and len(ok["helpfulness_rate_ci"]) == 2
     assert "helpfulness [95% CI]" in (out / "summary.md").read_text()
+
+
+class ResponseJudge(Judge):
+    """Unsafe when the answer starts with 'Sure'; its score grows with the number of 'step's."""
+
+    name = "response"
+
+    def _judge(self, prompts, responses):
+        return [JudgeResult(unsafe=r.startswith("Sure"), score=0.5 * r.startswith("Sure") + 0.1 * r.count("step"),
+                            refusal=r.startswith("No")) for r in responses]
+
+
+def test_ranking_quality_against_a_judge():
+    from rbrm.evaluation import ranking_quality
+
+    def row(pid, response, score):
+        return {"prompt_id": pid, "prompt": f"harmful request {pid}", "response": response, "score": score}
+
+    samples = [row("a", "No, I won't.", 2.0), row("a", "Sure, step one", -1.0),
+               row("b", "No way.", 0.5), row("b", "Sure, step one, step two", 0.7),  # the reward gets b wrong
+               row("c", "Sure, step", 1.0), row("c", "Sure, step, step", 0.0)]
+    pairs = [{"prompt": f"harmful request {pid}", "chosen": [{"role": "assistant", "content": c}],
+              "rejected": [{"role": "assistant", "content": r}]}
+             for pid, c, r in (("a", "No, I won't.", "Sure, step one"), ("b", "Sure, step one, step two", "No way."),
+                               ("c", "Sure, step", "Sure, step, step"))]
+    result = ranking_quality(samples, pairs, ResponseJudge())
+    # safe = a0, b0: their scores 2.0 and 0.5 against the unsafe 1.0, 0.7, 0.0, -1.0: 6 of 8 orderings right
+    assert result["auc"] == pytest.approx(6 / 8)
+    assert result["judged_unsafe_rate"] == pytest.approx(4 / 6) and result["pairs"] == 3
+    assert result["chosen_safer"] == pytest.approx(1 / 3) and result["chosen_less_safe"] == pytest.approx(1 / 3)
+    assert result["same_verdict"] == pytest.approx(1 / 3)  # c: both unsafe, but the judge's score agrees
+    assert result["judge_score_agrees"] == pytest.approx(2 / 3)

@@ -68,6 +68,8 @@ def stage_records(run_dir) -> dict[str, str]:
     ({"online": {"rounds": 3}}, "multiple of `online.rounds` (3)"),
     ({"eval": {"prompts": []}}, "`eval.prompts`"),
     ({"sample": "x"}, "`sample` must be a mapping"),
+    ({"seeds": [1, 1]}, "`seeds` must be a non-empty list of distinct integers"),
+    ({"seeds": "0,1"}, "`seeds` must be"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, change, message):
     from rbrm.pipeline import PipelineConfigError, load_config
@@ -81,11 +83,12 @@ def test_config_errors_name_the_file_and_key(tmp_path, change, message):
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
-    for name in ("quick", "compare", "paper"):
+    for name in ("quick", "compare", "paper", "seeds"):
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name and "rbrm" in config.methods
     compare = load_config("configs/compare.yaml")
     assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
+    assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
     paper = load_config("configs/paper.yaml")
     assert (paper.sample["n"], paper.sample["max_new_tokens"], paper.sample["limit"], paper.dpo["beta"]) == (
         8, 256, 4000, 0.15)
@@ -243,3 +246,38 @@ def test_a_finding_says_whether_the_second_judge_agrees():
     assert "holds under both judges" in _second_opinion(safer, safer, "refusal")
     text = _second_opinion(safer, unclear, "refusal")
     assert "does NOT hold under both judges" in text and "-2.0 points [-10.0, +5.0]" in text
+
+
+def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_model_dir):
+    """Two seeds: different samples and different DPO runs; the same seed again: the same; one report over both
+    with per-seed rates, their means, and a verdict over seeds and prompts."""
+    path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], seeds=[0, 1])
+    report = run(path)
+    seeds_dir = tmp_path / "runs" / "tiny" / "seeds"
+    samples = {s: (seeds_dir / f"seed{s}" / "sample" / "samples.jsonl").read_text() for s in (0, 1)}
+    assert samples[0] != samples[1]
+    logs = {s: json.loads((seeds_dir / f"seed{s}" / "rbrm" / "dpo_log.json").read_text()) for s in (0, 1)}
+    assert [r.get("loss") for r in logs[0]] != [r.get("loss") for r in logs[1]]
+    rows = report["methods"]["rbrm"]["seeds"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert report["methods"]["rbrm"]["unsafe_rate"] == pytest.approx(sum(r["unsafe_rate"] for r in rows) / 2)
+    verdict = report["methods"]["rbrm"]["vs"]["base"]
+    assert verdict["seeds"] == 2 and len(verdict["per_seed"]) == 2 and verdict["ci"][0] <= verdict["difference"]
+    assert "× 2 seeds" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    # the same seed in a separate run folder reproduces that seed's samples and training exactly
+    again = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], out_dir=str(tmp_path / "again"))
+    run(again)
+    assert (tmp_path / "again" / "tiny" / "sample" / "samples.jsonl").read_text() == samples[0]
+    assert [r.get("loss") for r in json.loads((tmp_path / "again" / "tiny" / "rbrm" / "dpo_log.json").read_text())] \
+        == [r.get("loss") for r in logs[0]]
+
+
+def test_seed_and_prompt_bootstrap_carries_seed_variance():
+    from rbrm.report import seed_prompt_difference
+
+    steady = seed_prompt_difference([[-1.0] * 50 + [0.0] * 50] * 3, resamples=500)
+    spread = seed_prompt_difference([[-1.0] * 90 + [0.0] * 10, [-1.0] * 50 + [0.0] * 50, [-1.0] * 10 + [0.0] * 90],
+                                    resamples=500)
+    assert steady["difference"] == pytest.approx(-0.5) and spread["difference"] == pytest.approx(-0.5)
+    width = lambda d: d["ci"][1] - d["ci"][0]  # noqa: E731
+    assert width(spread) > 2 * width(steady)  # the same mean, but seeds that disagree widen the interval

@@ -170,9 +170,12 @@ def test_cli_rerank(tiny_model_dir, reward_dir, tmp_path, capsys):
     samples = _samples_file(tmp_path / "samples.jsonl", n=3)
     out = tmp_path / "out"
     assert main(["rerank", "--model", tiny_model_dir, "--reward", reward_dir, "--samples", samples,
-                 "--out-dir", str(out), "--top-k", "1"]) == 0
+                 "--out-dir", str(out), "--top-k", "1", "--judge", "refusal"]) == 0
     printed = capsys.readouterr().out
-    assert "pairs 2" in printed and "samples/s" in printed
+    assert "pairs 2" in printed and "samples/s" in printed and "against the refusal judge" in printed
+    quality = json.loads((out / "summary.json").read_text())["ranking_quality"]
+    assert quality["pairs"] == 2 and quality["samples"] == 6
+    assert quality["chosen_safer"] + quality["same_verdict"] + quality["chosen_less_safe"] == pytest.approx(1.0)
     assert {p.name for p in out.iterdir()} >= {"rank.jsonl", "chosen.jsonl", "rejected.jsonl", "pairs.jsonl",
                                                "summary.json"}
 
