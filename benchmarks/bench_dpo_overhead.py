@@ -26,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from rbrm.pipeline import machine_summary  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"
 
@@ -153,6 +155,7 @@ def main() -> None:
     print(f"setting: {setting}, batch {options.batch_size}, max_length {options.max_length}, {len(rows)} pairs, "
           f"{len(layers)} probed layers, torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     print(f"ratio_cpu={cpu['ours'] / cpu['trl']:.3f}")
+    print(f"machine: {machine_summary()}")
     print(f"ratio={wall['ours'] / wall['trl']:.3f}")
 
 

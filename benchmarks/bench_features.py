@@ -20,6 +20,7 @@ import torch
 from rbrm.data import load_pairs
 from rbrm.features import FeaturesConfig, examples_to_rows, extract_features
 from rbrm.models import load_model
+from rbrm.pipeline import machine_summary
 from rbrm.render import render, tokenize
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "hh_rlhf_harmless_test", "derived_pku_format.jsonl")
@@ -163,6 +164,7 @@ def main() -> None:
           f"= {achieved / peak:.1%} of it")
     print(f"all layers' full-sequence states for every row would take {all_states / 2**20:.0f} MiB")
     print(f"min cosine similarity naive vs ours (layers 1..L-1): {agree:.4f}")
+    print(f"machine: {machine_summary()}")
     print(f"ratio={naive_s / ours_s:.2f}")
 
 

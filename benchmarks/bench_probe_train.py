@@ -24,6 +24,7 @@ import time
 import torch
 
 from rbrm.features import save_features
+from rbrm.pipeline import machine_summary
 from rbrm.reward_model import ProbeTrainConfig, run_probe_train
 
 
@@ -68,8 +69,8 @@ def main() -> None:
         results = {}
         for fit in ("staged",) + (() if args.skip_joint else ("joint",)):
             results[fit] = run(path, fit, os.path.join(tmp, fit))
-    print(f"threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()} "
-          f"shape={args.rows}x{args.layers}x{args.hidden} peak_rss_gib="
+    print(f"machine: {machine_summary()}")
+    print(f"shape={args.rows}x{args.layers}x{args.hidden} peak_rss_gib="
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
     for fit, (seconds, m) in results.items():
         print(f"{fit:>7}: {seconds:6.1f} s  held-out accuracy hybrid {m['val_accuracy']:.3f}, mean of probes "

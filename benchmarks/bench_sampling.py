@@ -21,6 +21,7 @@ import torch
 
 from rbrm.data import load_prompts
 from rbrm.models import load_model, model_fingerprint
+from rbrm.pipeline import machine_summary
 from rbrm.render import render_prompt
 from rbrm.rerank import Sample, score_samples
 from rbrm.reward_model import HybridRewardModel
@@ -101,6 +102,7 @@ def main() -> None:
     rerank_s = time.perf_counter() - start
     print(f"re-ranking ({len(samples)} samples, {layers} layers): {rerank_s:.1f} s, "
           f"{len(samples) / rerank_s:.1f} samples/s")
+    print(f"machine: {machine_summary()}")
     print(f"ratio={single_s / batched_s:.2f}")
 
 

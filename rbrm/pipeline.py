@@ -746,6 +746,15 @@ VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "sci
              "tokenizers", "safetensors")
 
 
+def machine_summary(info: dict | None = None) -> str:
+    """One line for benchmarks: the CPU, threads, kernels and the bf16/AMX instructions it has."""
+    info = info or machine()
+    flags = [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+    return (f"{info.get('cpu') or info['platform']}; {info['torch_threads']} threads; {info['cpu_capability']} "
+            "kernels" + (f" ({', '.join(flags)})" if flags else ", no bf16/AMX instructions")
+            + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
+
+
 def machine() -> dict:
     """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions.
 
