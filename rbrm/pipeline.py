@@ -23,6 +23,7 @@ run of the stage that ended) and summed per method over the stages that method n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -122,7 +123,25 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
         raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(values, dict):
         raise PipelineConfigError(f"{path}: expected a mapping of settings")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "set"})
+    for item in (overrides or {}).get("set") or []:  # --set SECTION.KEY=VALUE or KEY=VALUE, VALUE read as YAML
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineConfigError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PipelineConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        section, dot, name = key.strip().partition(".")
+        if not dot:
+            values[section] = value
+        elif values.get(section) is None or isinstance(values[section], dict):
+            values[section] = {**(values.get(section) or {}), name: value}
+        else:
+            raise PipelineConfigError(f"--set {item!r}: `{section}` is not a section")
     known = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -720,13 +739,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", help="parent folder of runs (default: runs)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="override the config's methods")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting (the "
+                        "value is read as YAML, e.g. --set dpo.learning_rate=1e-4 --set seeds=[0,1]); repeatable")
     parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
                         help="only redraw report.md/json and figures from the finished stages")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
-                                           "device": args.device})
+                                           "device": args.device, "set": args.set})
     except PipelineConfigError as err:
         raise SystemExit(f"rbrm pipeline: {err}") from None
     start = time.perf_counter()

@@ -80,10 +80,23 @@ def test_config_errors_name_the_file_and_key(tmp_path, change, message):
     assert path in str(err.value) and message in str(err.value)
 
 
+def test_set_overrides_one_setting(tmp_path):
+    from rbrm.pipeline import PipelineConfigError, load_config
+
+    path = tiny_config(tmp_path, "unused")
+    config = load_config(path, {"set": ["dpo.learning_rate=2e-4", "seeds=[3, 4]", "eval.over_refusal=false"]})
+    assert config.dpo["learning_rate"] == 2e-4 and config.dpo["max_steps"] == 4  # the rest of the section stays
+    assert config.seeds == [3, 4] and config.eval["over_refusal"] is False
+    with pytest.raises(PipelineConfigError, match="`dpo` has unknown key"):
+        load_config(path, {"set": ["dpo.learning_rat=1"]})
+    with pytest.raises(PipelineConfigError, match="expected KEY=VALUE"):
+        load_config(path, {"set": ["dpo.learning_rate"]})
+
+
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
-    for name in ("quick", "compare", "paper", "seeds"):
+    for name in ("quick", "compare", "paper", "seeds", "tune"):
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name and "rbrm" in config.methods
     compare = load_config("configs/compare.yaml")
