@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's evaluation (METHOD.md section 5): greedy answers to the Salad-Bench base questions, judged,
+# The paper's evaluation (docs/method.md §5): greedy answers to the Salad-Bench base questions, judged,
 # with the unsafe rate (and the paper's safe rate = 1 - unsafe) overall and per `1-category`.
 #
 # usage (from the repository root):

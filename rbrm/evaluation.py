@@ -1,4 +1,4 @@
-"""Safety evaluation (METHOD.md section 5): greedy answers to prompt sets, judged, with bootstrap intervals.
+"""Safety evaluation (docs/method.md §5): greedy answers to prompt sets, judged, with bootstrap intervals.
 
 `rbrm eval` generates one greedy response per prompt (resumable, through `sampling.generate_responses`),
 judges every response (resumable too: judgments are appended per chunk to a cache keyed by the response),

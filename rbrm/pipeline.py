@@ -5,7 +5,7 @@ Methods (the paper's table at small scale; every DPO method gets the same `dpo` 
   dpo_static  DPO on a fixed pair file (`static_pairs`, e.g. HH-RLHF harmless)
   dpo_rerank  DPO on pairs re-ranked by the hybrid reward, without confidence
   rbrm        the same pairs with per-pair confidence from the hybrid reward on the current policy, which keeps
-              learning (METHOD.md section 4)
+              learning (docs/method.md §4)
   online      an iterative online baseline: every round samples fresh responses from the current policy,
               scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
               DPO on them; the rounds add up to the same number of updates

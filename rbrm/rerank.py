@@ -1,4 +1,4 @@
-"""Re-rank sampled responses with the hybrid reward on the policy's own hidden states (METHOD.md section 3).
+"""Re-rank sampled responses with the hybrid reward on the policy's own hidden states (docs/method.md §3).
 
 Every sample is scored r = RM(h(prompt, response)) with the layers and pooling the reward model was trained
 with; a `score` already in the input (the paper's files carry one) is ignored. Samples are grouped by prompt id (never by line position) and ranked best first. Chosen = the top k,
@@ -189,7 +189,7 @@ def rerank(samples: list[Sample], top_k: int = 1, min_gap: float = 0.0) -> Reran
 
 
 def confidence(gap: float, alpha: float = 7.5) -> float:
-    """Label confidence sigmoid(alpha x reward gap) (METHOD.md section 4, without the floor)."""
+    """Label confidence sigmoid(alpha x reward gap) (docs/method.md §4, without the floor)."""
     return 1.0 / (1.0 + math.exp(-alpha * gap))
 
 

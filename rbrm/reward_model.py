@@ -1,4 +1,4 @@
-"""The hybrid reward model: one linear probe per layer, mixed by a learned vote gate (METHOD.md section 2).
+"""The hybrid reward model: one linear probe per layer, mixed by a learned vote gate (docs/method.md §2).
 
     s_l = w_l . z_l + b_l,   z_l = (h_l - mean_l) / std_l     (per-layer standardisation, saved with the model)
     g   = sigmoid(V s + c),  V in R^{L x L}, c in R^L      (c = 0 and frozen for the paper's `vote` gate)

@@ -1,4 +1,4 @@
-"""Sample N responses per prompt from the policy (METHOD.md section 3), batched and resumable.
+"""Sample N responses per prompt from the policy (docs/method.md §3), batched and resumable.
 
 Work is cut into a fixed plan of generate calls (many prompts x N each, left-padded). Each call draws its
 randomness from a seed derived from (seed, the prompt ids and sample indices in the call) only, so a call

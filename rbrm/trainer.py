@@ -1,6 +1,6 @@
 """DPO with per-pair preference confidence from the hybrid reward on the policy's own hidden states.
 
-METHOD.md section 4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrainer` (TRL 1.16):
+docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrainer` (TRL 1.16):
 
 * Forward hooks on the decoder layers, installed around TRL's one policy forward and removed right after it
   (gradient checkpointing's recomputation never fires them), pool every probed layer's output at the end-of-turn
@@ -67,7 +67,7 @@ _EXTRA_KEYS = ("confidence", "endpoint_kept")
 
 @dataclass
 class ConfidenceDPOConfig(DPOConfig):
-    """`DPOConfig` plus the preference-confidence and online-probe settings of METHOD.md section 4."""
+    """`DPOConfig` plus the preference-confidence and online-probe settings of docs/method.md §4."""
 
     confidence: str = field(default="online", metadata={
         "help": "online: gamma from the hybrid reward on the policy's hidden states in the same forward; static: "
