@@ -32,6 +32,8 @@ from .judges import (
     WEIGHTS_DIR,
     EmbeddingJudge,
     binary_metrics,
+    cross_validated_heads,
+    fit_linear_head,
     is_refusal,
     load_linear_head,
     minilm_features,
@@ -101,12 +103,6 @@ class HelpfulnessJudge:
         return [bool(s >= self.threshold) for s in self.scores(prompts, responses)]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
-
-
 def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int = 0,
                            data_dir: str | os.PathLike | None = None, recipes: Sequence[str] = RECIPES,
                            cs: Sequence[float] = CS, device: str | None = None) -> dict:
@@ -129,28 +125,22 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
                 for recipe in recipes}
     order = np.random.default_rng(seed).permutation(len(rows))  # GroupKFold is deterministic; shuffle the groups
     splits = [(order[tr], order[va]) for tr, va in GroupKFold(n_splits=5).split(order, y[order], groups[order])]
-    table = []
-    for recipe, x in features.items():
-        for c in cs:
-            oof = np.zeros(len(rows))
-            for tr, va in splits:
-                oof[va] = _fit(x[tr], y[tr], c).predict_proba(x[va])[:, 1]
-            m = binary_metrics(y, oof >= 0.5)
-            table.append({"recipe": recipe, "C": c, "accuracy": m["accuracy"],
-                          "helpful_recall": m["unsafe_recall"], "unhelpful_recall": m["safe_recall"],
-                          "balanced_accuracy": m["balanced_accuracy"]})
+    # the judge's CV loop, with its "unsafe" class read as "helpful"
+    table = [{"recipe": r["recipe"], "C": r["C"], "accuracy": r["accuracy"], "helpful_recall": r["unsafe_recall"],
+              "unhelpful_recall": r["safe_recall"], "balanced_accuracy": r["balanced_accuracy"]}
+             for r in cross_validated_heads(features, y, splits, cs)]
     chosen = max(table, key=lambda r: (round(r["balanced_accuracy"], 3), -r["C"]))
     x = features[chosen["recipe"]]
     transfer = {}
     for source in sorted(set(sources)):
         held = sources == source
-        pred = _fit(x[~held], y[~held], chosen["C"]).predict_proba(x[held])[:, 1] >= 0.5
+        pred = fit_linear_head(x[~held], y[~held], chosen["C"]).predict_proba(x[held])[:, 1] >= 0.5
         m = binary_metrics(y[held], pred)
         transfer[source] = {"n": m["n"], "n_helpful": m["n_unsafe"], "accuracy": m["accuracy"],
                             "helpful_recall": m["unsafe_recall"], "unhelpful_recall": m["safe_recall"],
                             "keyword_accuracy": float(np.mean([(not is_refusal(r["response"])) == bool(r["helpful"])
                                                                for r, h in zip(rows, held) if h]))}
-    head = _fit(x, y, chosen["C"])
+    head = fit_linear_head(x, y, chosen["C"])
     coef = head.coef_.reshape(-1).astype(np.float64)
     intercept = np.asarray(head.intercept_, dtype=np.float64).reshape(1)
     version = "1+" + hashlib.sha256(coef.tobytes() + intercept.tobytes()).hexdigest()[:10]
