@@ -554,10 +554,13 @@ class ConfidenceDPOTrainer(DPOTrainer):
                                                "confidence": self.args.confidence}
             self.reward_model.save(os.path.join(output_dir or self.args.output_dir, REWARD_DIR))
         if self.args.should_save and self.args.confidence != "none":
-            from .data import write_json
+            self._write_confidence(output_dir or self.args.output_dir)
 
-            write_json(os.path.join(output_dir or self.args.output_dir, CONFIDENCE_FILE),
-                       {"scale": self.confidence_scale, "gamma": self.confidence_history})
+    def _write_confidence(self, directory: str) -> None:
+        from .data import write_json
+
+        write_json(os.path.join(directory, CONFIDENCE_FILE), {"scale": self.confidence_scale,
+                                                              "gamma": self.confidence_history})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -565,8 +568,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
             from .data import write_json
 
             write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens})
-            write_json(os.path.join(output_dir, CONFIDENCE_FILE), {"scale": self.confidence_scale,
-                                                                   "gamma": self.confidence_history})
+        if self.args.should_save and self.args.confidence != "none":
+            self._write_confidence(output_dir)
         if self.reward_optimizer is not None and self.args.should_save:
             directory = os.path.join(output_dir, REWARD_DIR)
             os.makedirs(directory, exist_ok=True)
