@@ -767,10 +767,15 @@ VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "sci
              "tokenizers", "safetensors")
 
 
+def matrix_flags(info: dict) -> list[str]:
+    """The CPU's bf16 and AMX instructions among `machine()`'s flags: what the matmul kernels can use."""
+    return [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+
+
 def machine_summary(info: dict | None = None) -> str:
     """One line for benchmarks: the CPU, threads, kernels and the bf16/AMX instructions it has."""
     info = info or machine()
-    flags = [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+    flags = matrix_flags(info)
     return (f"{info.get('cpu') or info['platform']}; {info['torch_threads']} threads; {info['cpu_capability']} "
             "kernels" + (f" ({', '.join(flags)})" if flags else ", no bf16/AMX instructions")
             + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))

@@ -233,9 +233,11 @@ def write_report(pipeline) -> dict:
 
 def _software(info: dict) -> str:
     """`, N threads, AVX512 kernels (avx512_bf16), torch X, transformers Y, ...` for the report's header."""
+    from .pipeline import matrix_flags
+
     parts = [f"{info['torch_threads']} threads"] if "torch_threads" in info else []
     if info.get("cpu_capability"):
-        flags = [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+        flags = matrix_flags(info)
         parts.append(f"{info['cpu_capability']} kernels" + (f" ({', '.join(flags)})" if flags else ""))
     parts += [f"{k} {v}" for k, v in info.get("versions", {}).items()]
     return "; " + ", ".join(parts) if parts else ""
