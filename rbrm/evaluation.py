@@ -392,12 +392,17 @@ def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> di
     samples: rank.jsonl rows (prompt, response, score, prompt_id); pairs: pairs.jsonl rows (prompt, chosen,
     rejected as one assistant message each). Reports the AUC of the reward against the judge's safe verdict,
     and for the pairs DPO trains on how often the judge calls the chosen answer safer, the same, or less safe,
-    and how often the judge's own unsafe score orders the pair as the reward does.
+    and how often the judge's own unsafe score orders the pair as the reward does. Samples of benign pool
+    prompts (prompt_id `benign:...`) and their pairs are left out: no answer to them is unsafe.
     """
     from sklearn.metrics import roc_auc_score
 
     def text(message) -> str:
         return message[-1]["content"] if isinstance(message, list) else message
+
+    benign = {prompt_key(r["prompt"]) for r in samples if str(r.get("prompt_id", "")).startswith("benign:")}
+    samples = [r for r in samples if prompt_key(r["prompt"]) not in benign]
+    pairs = [r for r in pairs if prompt_key(r["prompt"]) not in benign]
 
     items = {(prompt_key(r["prompt"]), r["response"]) for r in samples}
     items |= {(prompt_key(r["prompt"]), text(r[side])) for r in pairs for side in ("chosen", "rejected")}

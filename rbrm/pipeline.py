@@ -57,8 +57,9 @@ COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "wall_seconds")
 PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
               "lr", "weight_decay", "batch_size", "margin", "layer_loss_weight", "patience", "val_fraction",
               "seed", "baseline", "cv", "fit", "gate", "inner_folds", "calibration_data"}
-SAMPLE_KEYS = {"prompts", "prompt_field", "where", "limit", "n", "temperature", "top_k", "top_p",
-               "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype"}
+SAMPLE_KEYS = {"prompts", "prompt_field", "where", "skip", "limit", "n", "temperature", "top_k", "top_p",
+               "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype",
+               "benign_prompts", "benign_prompt_field", "benign_where", "benign_skip", "benign_limit"}
 RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
 STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
 ONLINE_KEYS = {"rounds"}
@@ -320,17 +321,24 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 2
 
     def training_prompts(self) -> list:
-        """The sampling prompts minus any evaluation prompt (case/space-insensitive), then `limit`."""
+        """The harmful sampling prompts, then the optional benign ones (the paper's "general" samples, ids
+        prefixed `benign:`), each minus any evaluation prompt (case/space-insensitive), then `skip`/`limit`."""
         from .data import load_prompts
         from .render import prompt_key
 
         s = self.config.sample
-        prompts = load_prompts(s["prompts"], prompt_field=s.get("prompt_field"), where=s.get("where"))
-        evaluation = self.evaluation_keys()
-        kept = [p for p in prompts if _norm(prompt_key(p.prompt)) not in evaluation]
-        self.excluded_training_prompts = len(prompts) - len(kept)
-        limit = s.get("limit")
-        return kept[:limit] if limit else kept
+        evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
+        for prefix in ("", "benign_"):
+            if not s.get(prefix + "prompts"):
+                continue
+            prompts = load_prompts(s[prefix + "prompts"], prompt_field=s.get(prefix + "prompt_field"),
+                                   where=s.get(prefix + "where"))
+            kept = [p for p in prompts if _norm(prompt_key(p.prompt)) not in evaluation]
+            self.excluded_training_prompts += len(prompts) - len(kept)
+            skip, limit = s.get(prefix + "skip", 0), s.get(prefix + "limit")
+            kept = kept[skip:skip + limit] if limit else kept[skip:]
+            out += [dataclasses.replace(p, id=f"benign:{p.id}") for p in kept] if prefix else kept
+        return out
 
     def evaluation_keys(self) -> set[str]:
         if self.eval_prompt_keys is None:
@@ -369,6 +377,7 @@ class Pipeline:
         s = self.config.sample
         prompts = self.training_prompts()
         inputs = {**self._base_inputs(), "sample": s, "prompts": file_digest(s["prompts"]),
+                  **({"benign_prompts": file_digest(s["benign_prompts"])} if s.get("benign_prompts") else {}),
                   "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed}
 
         def body(directory: str) -> dict:

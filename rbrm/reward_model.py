@@ -1,7 +1,7 @@
 """The hybrid reward model: one linear probe per layer, mixed by a learned vote gate (docs/method.md §2).
 
     s_l = w_l . z_l + b_l,   z_l = (h_l - mean_l) / std_l     (per-layer standardisation, saved with the model)
-    g   = sigmoid(V s + c),  V in R^{L x L}, c in R^L      (c = 0 and frozen for the paper's `vote` gate)
+    g   = sigmoid(V s + c),  V in R^{L x L}, c in R^L      (c = 0 frozen: the paper's `vote`; V = c = 0: `mean`)
     r   = sum_l g_l s_l
 
 Two ways to fit it (`TrainSettings.fit`):
@@ -29,7 +29,7 @@ from .data import DataError, read_json_file
 from .errors import RbrmError
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
-GATES = ("vote_bias", "vote")
+GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
 FITS = ("staged", "joint")
 WEIGHTS_FILE = "reward_model.safetensors"
 CONFIG_FILE = "config.json"
@@ -44,8 +44,8 @@ class HybridRewardModel(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_layers, hidden_size))  # w_l, one probe per row
         self.bias = nn.Parameter(torch.zeros(num_layers))  # b_l
-        self.gate = nn.Parameter(torch.zeros(num_layers, num_layers))  # V
         self.config = dict(config or {})
+        self.gate = nn.Parameter(torch.zeros(num_layers, num_layers), requires_grad=self.gate_kind != "mean")  # V
         # c: a per-layer prior on the vote, so the gate can trust some layers more on every input
         self.gate_bias = nn.Parameter(torch.zeros(num_layers), requires_grad=self.gate_kind == "vote_bias")
         self.register_buffer("feature_mean", torch.zeros(num_layers, hidden_size))
@@ -448,7 +448,9 @@ def _fit_gate(scores: torch.Tensor, pairs, rows, safe, gate: str, penalty: float
     """V and c on out-of-fold probe scores [n, L], penalised towards the uniform vote (V = 0, c at the prior)."""
     num_layers = scores.shape[1]
     prior = _gate_prior(num_layers) if gate == "vote_bias" else 0.0
-    v = scores.new_zeros(num_layers, num_layers, requires_grad=True)
+    v = scores.new_zeros(num_layers, num_layers, requires_grad=gate != "mean")
+    if gate == "mean":
+        return v, scores.new_zeros(num_layers)
     c = torch.full((num_layers,), prior, dtype=scores.dtype, requires_grad=gate == "vote_bias")
 
     def objective():
@@ -800,8 +802,8 @@ class ProbeTrainConfig:
     fit: str = field(default="staged", metadata={"help": "staged (penalised probes chosen by cross-validation, then "
                                                           "the gate on their out-of-fold scores) or joint (the "
                                                           "paper's: AdamW on everything)"})
-    gate: str = field(default="vote_bias", metadata={"help": "vote_bias (g = sigmoid(V s + c)) or vote (the paper's "
-                                                             "g = sigmoid(V s))"})
+    gate: str = field(default="vote_bias", metadata={"help": "vote_bias (g = sigmoid(V s + c)), vote (the paper's "
+                                                             "g = sigmoid(V s)) or mean (g = 1/2: no gate)"})
     inner_folds: int = field(default=3, metadata={"help": "staged fit: cross-validation folds on the train side"})
     epochs: int = field(default=300, metadata={"help": "joint fit: epochs (and lr ... patience below)"})
     lr: float = 1e-3

@@ -532,7 +532,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.probe_steps += 1
 
     def _probe_parameters(self) -> list[nn.Parameter]:
-        """What the online update trains: everything but a frozen gate bias (the paper's vote gate)."""
+        """What the online update trains: everything but a frozen gate (the bias of `vote`, all of `mean`)."""
         return [p for p in self.reward_model.parameters() if p.requires_grad]
 
     def _all_reduce_probe_grads(self, params: list[nn.Parameter]) -> None:

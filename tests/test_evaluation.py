@@ -403,3 +403,8 @@ def test_ranking_quality_against_a_judge():
     assert result["chosen_safer"] == pytest.approx(1 / 3) and result["chosen_less_safe"] == pytest.approx(1 / 3)
     assert result["same_verdict"] == pytest.approx(1 / 3)  # c: both unsafe, but the judge's score agrees
     assert result["judge_score_agrees"] == pytest.approx(2 / 3)
+    # benign pool prompts are left out: the same numbers with one benign prompt's samples and pair added
+    benign = [{**row("d", "Sure, step one", 5.0), "prompt_id": "benign:d"}, {**row("d", "No.", -5.0), "prompt_id": "benign:d"}]
+    pair = {"prompt": "harmful request d", "chosen": [{"role": "assistant", "content": "Sure, step one"}],
+            "rejected": [{"role": "assistant", "content": "No."}]}
+    assert ranking_quality(samples + benign, pairs + [pair], ResponseJudge()) == result

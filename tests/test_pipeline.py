@@ -93,6 +93,22 @@ def test_set_overrides_one_setting(tmp_path):
         load_config(path, {"set": ["dpo.learning_rate"]})
 
 
+def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tmp_path, tiny_model_dir):
+    from rbrm.pipeline import Pipeline, load_config
+
+    benign = "data/refusal_direction/harmless_val.json"
+    path = tiny_config(tmp_path, tiny_model_dir, sample={"benign_prompts": benign, "benign_skip": 1, "benign_limit": 3},
+                       eval={"prompts": [f"rd={SAMPLING_PROMPTS}:limit=2", f"hv={benign}:benign,limit=2"]})
+    pipeline = Pipeline(load_config(path))
+    prompts = pipeline.training_prompts()
+    harmful, rest = prompts[:4], prompts[4:]
+    instructions = [r["instruction"] for r in json.load(open(benign))]
+    assert [p.prompt for p in harmful] == [r["instruction"] for r in json.load(open(SAMPLING_PROMPTS))[2:6]]
+    # the 2 evaluation prompts go first, then `benign_skip` 1, then `benign_limit` 3
+    assert [p.prompt for p in rest] == instructions[3:6] and all(p.id.startswith("benign:") for p in rest)
+    assert pipeline.excluded_training_prompts == 4
+
+
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 

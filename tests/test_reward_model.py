@@ -115,6 +115,19 @@ def test_the_papers_vote_gate_keeps_its_bias_at_zero(tmp_path):
         train_reward_model(features, None, safe, TrainSettings(gate="softmax"), progress=False)
 
 
+def test_the_mean_gate_weighs_every_layer_alike(tmp_path):
+    features, safe = some_layers_carry_signal(n_rows=120)
+    for fit in ("staged", "joint"):
+        model, metrics = train_reward_model(features, None, safe, TrainSettings(fit=fit, gate="mean", epochs=20),
+                                            progress=False)
+        assert not model.gate.requires_grad and not model.gate_bias.requires_grad
+        assert (model.gate == 0).all() and (model.gate_bias == 0).all()
+        assert metrics["val_gate_share"] == pytest.approx([1 / 6] * 6)
+    model.save(str(tmp_path / "mean"))
+    loaded = HybridRewardModel.load(str(tmp_path / "mean"))
+    assert loaded.gate_kind == "mean" and not loaded.gate.requires_grad
+
+
 def test_a_version_1_probe_loads_as_the_papers_vote_gate(tmp_path):
     from safetensors.torch import load_file, save_file
 
