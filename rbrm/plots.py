@@ -223,6 +223,27 @@ def plot_safety_vs_helpfulness(methods: dict[str, dict], out: str, title: str = 
     return _finish(fig, out, title or "safety against helpfulness (best: top left)")
 
 
+def plot_seeds_safety_vs_helpfulness(points: dict[str, list[tuple[float, float]]], out: str, title: str = "") -> str:
+    """Unsafe rate (x) against helpfulness (y): a small point per seed and a large one at each method's mean."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for k, (name, xy) in enumerate(points.items()):
+        if not xy:
+            continue
+        xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+        ax.scatter(xs, ys, s=18, color=f"C{k % 10}", alpha=0.6)
+        mean = (sum(xs) / len(xs), sum(ys) / len(ys))
+        ax.scatter([mean[0]], [mean[1]], s=70, color=f"C{k % 10}", edgecolor="black", label=name)
+        ax.annotate(name, mean, textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("unsafe rate (harmful prompts)")
+    ax.set_ylabel("helpfulness (benign prompts)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, out, title or "safety against helpfulness per seed (best: top left)")
+
+
 def plot_categories(summary: dict, out: str, title: str = "") -> str:
     """Unsafe and refusal rate per category of one prompt set (horizontal bars, 95% intervals)."""
     plt = _pyplot()

@@ -18,8 +18,9 @@ LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "d
           "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
 
 
-def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[str, bool]]:
-    """(row for report.json, set name -> summary for the rate figure, pooled prompt -> unsafe flag)."""
+def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
+    """(row for report.json, set name -> summary for the rate figure, flags): flags maps each pooled harmful
+    prompt to its unsafe verdict under the main and the second judge, and each benign prompt to `helpful`."""
     from .pipeline import SHARED_STAGES, _norm, _sum_compute
 
     sets = pipeline.eval_sets()
@@ -79,7 +80,9 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], dict[s
         row["confidence"] = confidence_summary(history, pipeline.config.dpo.get("confidence_floor", 0.5))
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
     flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
-    return row, figure_sets, (flags, flags2)
+    helped = {_norm(r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"])): bool(r["helpful"])
+              for r in benign_rows}
+    return row, figure_sets, (flags, flags2, helped)
 
 
 def _read_log(pipeline, method: str) -> list[dict]:
@@ -223,7 +226,7 @@ def write_report(pipeline) -> dict:
         "excluded_training_prompts": getattr(pipeline, "excluded_training_prompts", None),
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
-        "ranking_quality": ranking, "figures": figures,
+        "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(pipeline),
     }
     write_json(pipeline.path("report.json"), report)
     text = render_markdown(report, pipeline)
@@ -327,6 +330,13 @@ def render_markdown(report: dict, pipeline) -> str:
         elif probe.get("val_ece") is not None:
             text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
         lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
+    times = report.get("stage_seconds") or {}
+    if times:
+        lines += ["", "## Where the time goes", "", "Wall seconds per stage (its own clock, summed over resumed "
+                  "runs; other jobs on the same cores slow it).", "", "| stage | wall s | share |", "|---|---|---|"]
+        total = sum(times.values()) or 1.0
+        lines += [f"| {name} | {t:.0f} | {t / total:.0%} |" for name, t in times.items()]
+        lines.append(f"| **all** | {sum(times.values()):.0f} | 100% |")
     lines += ["", "## Figures", ""]
     for title, path in report["figures"].items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, pipeline.path())})", ""]
@@ -405,52 +415,114 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
+def stage_seconds(pipeline) -> dict[str, float]:
+    """Wall seconds of every finished stage of a run, in the order they ran (killed runs excepted)."""
+    records = sorted(pipeline.records.items(), key=lambda kv: kv[1].get("finished", ""))
+    return {name: round(record["compute"].get("wall_seconds", 0.0), 1) for name, record in records}
+
+
+def _seed_diffs(flags_a: list[dict], flags_b: list[dict]) -> list[list[float]]:
+    return [[float(fa[k]) - float(fb[k]) for k in sorted(set(fa) & set(fb))] for fa, fb in zip(flags_a, flags_b)]
+
+
 def write_seeds_report(config, pipelines: list) -> dict:
     """report.json/report.md over seeds: per-seed rates under methods.<m>.seeds, their means (and sd) at the
-    top level, and verdicts from the seed-and-prompt bootstrap. Each seed's own report stays in its folder."""
+    top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
+    safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
+    seed, and where the time went. Each seed's own report stays in its folder."""
     from .data import _atomic_write, write_json
     from .pipeline import machine
+    from .plots import plot_seeds_safety_vs_helpfulness
 
+    resamples = config.eval.get("bootstrap", 2000)
     methods, flags = {}, {}
     for method in config.methods:
         rows, flags[method] = [], []
         for pipeline in pipelines:
-            row, _, (unsafe, _) = method_results(pipeline, method)
-            rows.append({"seed": pipeline.config.seed, **{k: row.get(k) for k in SEED_RATES}})
-            flags[method].append(unsafe)
+            row, _, method_flags = method_results(pipeline, method)
+            rows.append({"seed": pipeline.config.seed, **{k: row.get(k) for k in SEED_RATES},
+                         "wall_seconds": row.get("wall_seconds"),
+                         **({"confidence": row["confidence"]} if row.get("confidence") else {})})
+            flags[method].append(method_flags)
         methods[method] = {"seeds": rows}
         for key in SEED_RATES:
             values = [r[key] for r in rows if r[key] is not None]
             if values:
                 methods[method][key], methods[method][f"{key}_sd"] = _mean_sd(values)
-    findings = []
+    findings, second = [], _second_judge_name(pipelines[0])
     for a, b in COMPARISONS:
-        if a in methods and b in methods:
-            diffs = [[float(fa[k]) - float(fb[k]) for k in sorted(set(fa) & set(fb))]
-                     for fa, fb in zip(flags[a], flags[b])]
-            diff = seed_prompt_difference(diffs, config.eval.get("bootstrap", 2000), config.seed)
-            methods[a].setdefault("vs", {})[b] = diff
-            if diff:
-                findings.append(_verdict(a, b, diff).replace(" prompts:", f" prompts × {diff['seeds']} seeds:")
-                                + " Per seed: " + ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"]) + ".")
+        if a not in methods or b not in methods:
+            continue
+        diff = seed_prompt_difference(_seed_diffs([f[0] for f in flags[a]], [f[0] for f in flags[b]]), resamples,
+                                      config.seed)
+        if not diff:
+            continue
+        methods[a].setdefault("vs", {})[b] = diff
+        text = (_verdict(a, b, diff).replace(" prompts:", f" prompts × {diff['seeds']} seeds:")
+                + " Per seed: " + ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"]) + ".")
+        diff2 = seed_prompt_difference(_seed_diffs([f[1] for f in flags[a]], [f[1] for f in flags[b]]), resamples,
+                                       config.seed)
+        if diff2:
+            methods[a].setdefault("vs_second_judge", {})[b] = diff2
+            text += " " + _second_opinion(diff, diff2, second)
+        helped = seed_prompt_difference(_seed_diffs([f[2] for f in flags[a]], [f[2] for f in flags[b]]), resamples,
+                                        config.seed)
+        if helped:
+            methods[a].setdefault("helpfulness_vs", {})[b] = helped
+            text += (f" Helpfulness difference {100 * helped['difference']:+.1f} points [{100 * helped['ci'][0]:+.1f}, "
+                     f"{100 * helped['ci'][1]:+.1f}] over {helped['n']} benign prompts.")
+        findings.append(text)
+    against_base = {}
+    for name, row in methods.items():
+        base = methods.get("base")
+        if name == "base" or not base or not base.get("unsafe_rate"):
+            continue
+        against_base[name] = {"relative_safety_gain": 1 - row["unsafe_rate"] / base["unsafe_rate"],
+                              "helpfulness_kept": (row["helpfulness_rate"] / base["helpfulness_rate"]
+                                                   if base.get("helpfulness_rate") and "helpfulness_rate" in row
+                                                   else None)}
+    times = [stage_seconds(p) for p in pipelines]
+    stages = list(dict.fromkeys(name for t in times for name in t))
+    figure = plot_seeds_safety_vs_helpfulness(
+        {name: [(r["unsafe_rate"], r["helpfulness_rate"]) for r in row["seeds"] if r["helpfulness_rate"] is not None]
+         for name, row in methods.items()}, os.path.join(config.run_dir, "figures", "safety_helpfulness_seeds.png"))
     report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "model": config.model, "judge": config.eval.get("judge", "minilm"),
-              "seeds": [p.config.seed for p in pipelines], "methods": methods, "findings": findings,
-              "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines]}
+              "seeds": [p.config.seed for p in pipelines], "methods": methods, "against_base": against_base,
+              "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(pipelines, times)},
+              "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines],
+              "figures": {"safety_helpfulness_seeds": figure}}
     write_json(os.path.join(config.run_dir, "report.json"), report)
     lines = [f"# rbrm pipeline: {config.name}, {len(pipelines)} seeds", "",
              f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
              f"{', '.join(map(str, report['seeds']))} (each changes sampling, the probe's split and DPO)", "",
              "Mean ± sd over seeds; each seed's full report: " + ", ".join(
                  f"[{path}]({path})" for path in report["seed_reports"]) + ".", "",
-             "| method | unsafe rate | unsafe, 2nd judge | refusal rate | over-refusal | helpfulness | unsafe per seed |",
-             "|---|---|---|---|---|---|---|"]
+             f"| method | unsafe rate | unsafe, 2nd judge ({second}) | refusal rate | over-refusal | helpfulness | "
+             "unsafe per seed |", "|---|---|---|---|---|---|---|"]
     for name, row in methods.items():
         cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
         per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {per_seed} |")
     lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
     lines += [f"- {f}" for f in findings]
+    for name, g in against_base.items():
+        kept = f", and keeps {100 * g['helpfulness_kept']:.0f}% of its helpfulness" if g["helpfulness_kept"] else ""
+        lines.append(f"- {name} removes {100 * g['relative_safety_gain']:.0f}% of the base model's unsafe answers "
+                     f"(relative, mean over seeds){kept}.")
+    for name, row in methods.items():
+        gammas = [r["confidence"] for r in row["seeds"] if r.get("confidence", {}).get("n")]
+        if gammas:
+            lines.append(f"- {name} confidence gamma per seed (median; share at the floor; share at 1): " + ", ".join(
+                f"{c['quantiles']['q50']:.3f}; {c['at_floor']:.0%}; {c['at_one']:.0%}" for c in gammas))
+    lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock; other jobs "
+              "on the same cores slow it).", "", "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"])
+              + " |", "|---|" + "---|" * len(times)]
+    for name in stages:
+        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.0f}" if name in t else "-" for t in times) + " |")
+    lines.append("| **all** | " + " | ".join(f"{sum(t.values()):.0f}" for t in times) + " |")
+    lines += ["", "## Figures", "", "### Unsafe rate against helpfulness, one point per seed", "",
+              f"![safety against helpfulness]({os.path.relpath(figure, config.run_dir)})", ""]
     text = "\n".join(lines) + "\n"
     _atomic_write(os.path.join(config.run_dir, "report.md"), lambda f: f.write(text))
     return report

@@ -292,7 +292,16 @@ def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_
     assert report["methods"]["rbrm"]["unsafe_rate"] == pytest.approx(sum(r["unsafe_rate"] for r in rows) / 2)
     verdict = report["methods"]["rbrm"]["vs"]["base"]
     assert verdict["seeds"] == 2 and len(verdict["per_seed"]) == 2 and verdict["ci"][0] <= verdict["difference"]
-    assert "× 2 seeds" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    text = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    assert "× 2 seeds" in text and "Where the time goes" in text and "| rbrm/eval |" in text
+    assert "under both judges" in report["findings"][0] and "Helpfulness difference" in report["findings"][0]
+    helped = report["methods"]["rbrm"]["helpfulness_vs"]["base"]
+    assert helped["seeds"] == 2 and helped["n"] == 3  # the 3 XSTest safe prompts
+    gain = report["against_base"]["rbrm"]["relative_safety_gain"]
+    base, rbrm = report["methods"]["base"]["unsafe_rate"], report["methods"]["rbrm"]["unsafe_rate"]
+    assert gain == pytest.approx(1 - rbrm / base) if base else True
+    assert set(report["stage_seconds"]) == {"0", "1"} and report["stage_seconds"]["0"]["rbrm"] > 0
+    assert (tmp_path / "runs" / "tiny" / "figures" / "safety_helpfulness_seeds.png").stat().st_size > 1000
     # the same seed in a separate run folder reproduces that seed's samples and training exactly
     again = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], out_dir=str(tmp_path / "again"))
     run(again)
