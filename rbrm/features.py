@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .flops import ModelShape, prefix_forward_flops
 from .render import Prompt, prompt_key, render, tokenize
 
 POOLINGS = ("last", "mean")
@@ -189,7 +190,7 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     """Features float32 [N, L, d] for (prompt, response) rows, in row order.
 
     Repeated rows (a response that appears in several pairs) are computed once. `stats`, if given,
-    receives the number of tokens run through the model.
+    receives the number of tokens run through the model and their FLOPs (`rbrm.flops`).
     """
     from transformers import DynamicCache
 
@@ -207,7 +208,9 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     groups = _make_groups(tokenizer, rows, share_prefix)
     stop_early = max(layers) < model.config.num_hidden_layers
     mask_ref: dict = {}
-    tokens_run = 0
+    tokens_run, flops = 0, 0
+    shape = ModelShape.of(model)
+    shape = shape.first_layers(max(layers)) if stop_early else shape
     bar = tqdm(total=len(rows), desc="features", unit="resp", disable=not progress)
     with capture_pooled(model, layers, pooling, mask_ref, stop_after_last=stop_early) as captured:
         for batch in _batches(groups, batch_tokens, batch_size):
@@ -222,6 +225,8 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
                 pass
             captured.clear()  # prompt-only states are not features
             tokens_run += int(prompt_mask.sum())
+            flops += sum(prefix_forward_flops(shape, len(g.prompt_ids), [len(c) for c in g.completion_ids])
+                         for g in batch)
             prompt_lengths = prompt_mask.sum(1, keepdim=True)
             for j in range(len(batch[0].completion_ids)):
                 ids, mask = pad([g.completion_ids[j] for g in batch], pad_id, device)
@@ -241,6 +246,7 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     bar.close()
     if stats is not None:
         stats["forward_tokens"] = stats.get("forward_tokens", 0) + tokens_run
+        stats["flops"] = stats.get("flops", 0) + flops
     return out[row_to_unique]
 
 

@@ -26,10 +26,18 @@ class ModelShape:
     @classmethod
     def of(cls, model: nn.Module) -> ModelShape:
         config = model.config
-        head = model.get_output_embeddings()
+        head = model.get_output_embeddings()  # None for an encoder (a judge's)
         decoder = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(decoder, head.weight.numel(), config.num_hidden_layers, config.num_attention_heads * head_dim)
+        return cls(decoder, head.weight.numel() if head is not None else 0, config.num_hidden_layers,
+                   config.num_attention_heads * head_dim)
+
+
+    def first_layers(self, layers: int) -> ModelShape:
+        """The shape of a forward that stops after `layers` decoder layers (features of the lower layers only);
+        every layer holds the same weights."""
+        return ModelShape(self.decoder_weights * layers // self.layers, self.head_weights, layers,
+                          self.attention_width)
 
 
 def forward_flops(shape: ModelShape, lengths: Iterable[int], lm_head: bool = True) -> int:
@@ -39,6 +47,15 @@ def forward_flops(shape: ModelShape, lengths: Iterable[int], lm_head: bool = Tru
     for t in lengths:
         total += 2 * (shape.decoder_weights + (shape.head_weights if lm_head else 0)) * t
         total += 4 * shape.layers * shape.attention_width * t * t
+    return total
+
+
+def prefix_forward_flops(shape: ModelShape, prefix: int, continuations: Iterable[int]) -> int:
+    """A prompt's forward without the LM head, then each continuation over the prompt's cache (its queries
+    attend to the prompt and to themselves): how features and scores are computed for N answers to one prompt."""
+    total = forward_flops(shape, [prefix], lm_head=False)
+    for t in continuations:
+        total += 2 * shape.decoder_weights * t + 4 * shape.layers * shape.attention_width * t * (prefix + t)
     return total
 
 

@@ -33,6 +33,7 @@ from .judges import (
     EmbeddingJudge,
     binary_metrics,
     cross_validated_heads,
+    encoder_flops,
     fit_linear_head,
     is_refusal,
     load_linear_head,
@@ -101,6 +102,10 @@ class HelpfulnessJudge:
 
     def helpful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         return [bool(s >= self.threshold) for s in self.scores(prompts, responses)]
+
+    def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        """FLOPs of measuring these answers once (rbrm.flops), as the judges count theirs."""
+        return encoder_flops(self.recipe, list(prompts), list(responses), self.encoder)
 
 
 def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int = 0,

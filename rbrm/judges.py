@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .flops import ModelShape, forward_flops
+
 DEFAULT_JUDGE = "minilm"
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,10 @@ class Judge:
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[JudgeResult]:
         raise NotImplementedError
+
+    def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int | None:
+        """FLOPs of judging these answers once (rbrm.flops); 0 for rules, None where not counted."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
@@ -136,6 +142,9 @@ class RefusalPatternJudge(Judge):
 
     name = "refusal"
     version = "1"
+
+    def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        return 0
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[JudgeResult]:
         results = []
@@ -212,6 +221,17 @@ def minilm_features(recipe: str, prompts: list[str], responses: list[str], encod
     return np.hstack(parts + [flag])
 
 
+def encoder_flops(recipe: str, prompts: list[str], responses: list[str], encoder) -> int:
+    """FLOPs of `minilm_features` (rbrm.flops): each text it encodes once through the encoder, truncated as the
+    encoder truncates; pooling and the linear head are negligible."""
+    if recipe == "sep":
+        texts = [p + SEP + r for p, r in zip(prompts, responses)]
+    else:
+        texts = list(dict.fromkeys(prompts)) + list(dict.fromkeys(responses))
+    lengths = [min(len(ids), encoder.max_seq_length) for ids in encoder.tokenizer(texts)["input_ids"]] if texts else []
+    return forward_flops(ModelShape.of(encoder[0].auto_model), lengths, lm_head=False)
+
+
 class _MemoEncoder:
     """Remembers embeddings by text, so a build that tries several recipes encodes each text once."""
 
@@ -280,6 +300,9 @@ class EmbeddingJudge(Judge):
         scores = self.scores(prompts, responses)
         return [JudgeResult(unsafe=bool(s >= self.threshold), score=float(s), refusal=is_refusal(r))
                 for s, r in zip(scores, responses)]
+
+    def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        return encoder_flops(self.recipe, list(prompts), list(responses), self.encoder)
 
 
 # ---------------------------------------------------------------------------------------------------------

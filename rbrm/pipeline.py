@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RbrmError
+from .flops import ModelShape, generation_flops
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ SHARED_STAGES = {"base": [], "dpo_static": ["static_pairs"], "dpo_rerank": ["pro
                  "rbrm": ["probe", "sample", "rerank"], "online": ["probe"]}
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "wall_seconds")
+COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "flops", "wall_seconds")
 
 # Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
 PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
@@ -313,7 +314,7 @@ class Pipeline:
                 features_out=os.path.join(directory, "features.safetensors"),
                 metrics_out=os.path.join(directory, "metrics.json"), model_name=self.config.model,
                 seed=section.get("seed", self.config.seed), **options), stats)
-            return {"forward_tokens": stats.get("forward_tokens", 0)}
+            return {"forward_tokens": stats.get("forward_tokens", 0), "flops": stats.get("flops", 0)}
 
         return self._stage("probe", {**self._base_inputs(), "probe": section, "files": files,
                                      "seed": self.config.seed}, body)
@@ -368,9 +369,11 @@ class Pipeline:
         rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
                                   s.get("batch_prompts", 8), seed, max_sequences=s.get("max_sequences", 64))
         sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
-        prefill = sum(len(tokenizer(render_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
-                      for p in prompts if str(p.id) in sampled) * n
-        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": prefill,
+        length = {str(p.id): len(tokenizer(render_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
+                  for p in prompts if str(p.id) in sampled}
+        shape = ModelShape.of(model)
+        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * n,
+                "flops": sum(generation_flops(shape, length[str(r["prompt_id"])], int(r["num_tokens"])) for r in rows),
                 "responses": len(rows)}
 
     def sample(self) -> dict:
@@ -401,7 +404,8 @@ class Pipeline:
                              alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
                              loaded=self.inference_model(r.get("dtype", "auto")))
         write_outputs(result, out_dir, result.summary["alpha"])
-        return {"forward_tokens": result.summary.get("forward_tokens") or 0, "pairs": len(result.pairs)}
+        return {"forward_tokens": result.summary.get("forward_tokens") or 0, "flops": result.summary.get("flops") or 0,
+                "pairs": len(result.pairs)}
 
     def rerank(self) -> dict:
         inputs = {"rerank": self.config.rerank, "after": [self.records["probe"]["key"],
@@ -433,7 +437,7 @@ class Pipeline:
             if not rows:
                 raise SystemExit(f"static_pairs: no pair of {s['data']} has a prompt of at most {cap} tokens")
             write_jsonl(os.path.join(directory, "pairs.jsonl"), rows)
-            return {"pairs": len(rows)}
+            return {"pairs": len(rows), "flops": 0}  # tokenizing only
 
         return self._stage("static_pairs", {**self._base_inputs(), "static_pairs": s,
                                             "data": file_digest(s["data"])}, body)
@@ -482,7 +486,7 @@ class Pipeline:
             trainer.save_model(train_dir)
             write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)
             _save_merged(trainer.model, tokenizer, os.path.join(directory, "model"))
-            return {"forward_tokens": trainer.forward_tokens, "steps": trainer.state.global_step,
+            return {"forward_tokens": trainer.forward_tokens, "flops": trainer.flops, "steps": trainer.state.global_step,
                     "pairs": len(trainer.train_dataset)}
 
         return self._stage(method, inputs, body)
@@ -532,7 +536,7 @@ class Pipeline:
                 self.path("online_rounds", f"round_{k}", "dpo_log.json")) or []]
             write_json(os.path.join(directory, "dpo_log.json"), logs)
             total = _sum_compute(records)
-            return {k: total[k] for k in ("generated_tokens", "forward_tokens")} | {
+            return {k: total[k] for k in ("generated_tokens", "forward_tokens", "flops")} | {
                 "round_wall_seconds": total["wall_seconds"], "rounds": rounds}
 
         # The rounds live in online_rounds/; the merged final policy and the summed compute in online/.
@@ -568,6 +572,7 @@ class Pipeline:
         write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)
         return {"generated_tokens": compute["generated_tokens"],
                 "forward_tokens": compute["forward_tokens"] + scored["forward_tokens"] + trainer.forward_tokens,
+                "flops": compute["flops"] + scored["flops"] + trainer.flops,
                 "pairs": scored["pairs"], "steps": trainer.state.global_step}
 
     def reference_model(self):
@@ -607,15 +612,47 @@ class Pipeline:
             model, tokenizer = (self.inference_model(e.get("dtype", "auto")) if method == "base" else
                                 load_model(model_dir, dtype=e.get("dtype", "auto"), device=self.device))
             settings = GenerationSettings.greedy(e.get("max_new_tokens", 128))
-            summaries = evaluate(model, tokenizer, sets, judge_loader(e.get("judge", "minilm"), e.get("judge_model")),
+            loader = judge_loader(e.get("judge", "minilm"), e.get("judge_model"))
+            summaries = evaluate(model, tokenizer, sets, loader,
                                  directory, settings, model_info={"name": method, "path": model_dir},
                                  batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
                                  resamples=e.get("bootstrap", 1000), plot=False,
                                  helpfulness=self.eval_measures()["helpfulness"],
                                  second_judge=self.second_judge())
-            return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values())}
+            return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values()),
+                    **self._eval_flops(model, tokenizer, sets, directory,
+                                       loader() if e.get("judge", "minilm") in ("minilm", "refusal") else None)}
 
         return self._stage(f"{method}/eval", inputs, body)
+
+    def _eval_flops(self, model, tokenizer, sets: list, directory: str, judge) -> dict:
+        """The evaluation's own compute, apart from alignment: generating the answers, and judging them (the
+        main and the second judge, the helpfulness measure on benign sets); None where a judge does not count its FLOPs (a
+        guard model, passed here as None so that it is not loaded again)."""
+        from .data import read_jsonl
+        from .evaluation import set_dir
+        from .helpfulness import HelpfulnessJudge
+        from .render import render_prompt
+
+        shape, generation, judging = ModelShape.of(model), 0, 0
+        helpfulness = HelpfulnessJudge() if self.eval_measures()["helpfulness"] and any(s.benign for s in sets) \
+            else None
+        cheap = self.eval_measures()["second_judge"] in ("minilm", "refusal")
+        second = self.second_judge() if cheap else None  # a guard model is not loaded again: not counted
+        if self.eval_measures()["second_judge"] and not cheap:
+            judge = None
+        for pset in sets:
+            rows = read_jsonl(os.path.join(set_dir(directory, pset, len(sets) > 1), "responses.jsonl"))
+            for r in rows:
+                prompt = len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False).input_ids)
+                generation += generation_flops(shape, prompt, int(r.get("num_tokens") or 0))
+            texts = ([r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in rows],
+                     [r["response"] for r in rows])
+            for counter in [judge] + ([second] if second else []) + ([helpfulness] if pset.benign and helpfulness
+                                                                     else []):
+                flops = counter.flops(*texts) if counter is not None else None
+                judging = None if flops is None or judging is None else judging + flops
+        return {"eval_generation_flops": generation, "judge_flops": judging}
 
     def eval_measures(self) -> dict:
         """What the evaluation measures beside the main judge: helpfulness on benign sets (default on) and the

@@ -71,6 +71,8 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
     row.update(compute)
     row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in SHARED_STAGES[method]
                                + ([method] if method != "base" else [])}
+    evaluation = pipeline.records.get(f"{method}/eval", {}).get("compute", {})
+    row["eval_flops"] = {"generation": evaluation.get("eval_generation_flops"), "judges": evaluation.get("judge_flops")}
     row["model"] = pipeline.config.model if method == "base" else pipeline.path(method, "model")
     log = _read_log(pipeline, method)
     if log:
@@ -174,6 +176,33 @@ def _second_judge_name(pipeline) -> str:
     return str(pipeline.eval_measures()["second_judge"] or "none")
 
 
+def _flops(n) -> str:
+    return "-" if n is None else f"{n:.3g}"
+
+
+def compute_ledger(methods: dict) -> list[str]:
+    """report.md's ledger: each alignment stage once (re-ranked methods share stages 1-2), then each method's
+    evaluation apart (generating its answers, and judging them)."""
+    stages: dict[str, dict] = {}
+    for row in methods.values():
+        stages.update(row.get("compute_by_stage", {}))
+    if not stages:
+        return []
+    lines = ["", "## Compute ledger", "", "FLOPs by the standard estimates (`rbrm.flops`: 2 per weight and token "
+             "forward, attention over each sequence's own length, LoRA's backward without the frozen weights' "
+             "gradients, generation over the cache, the probe). Alignment stages, each counted once:", "",
+             "| stage | generated tokens | forward tokens | FLOPs | wall s |", "|---|---|---|---|---|"]
+    for name, c in stages.items():
+        lines.append(f"| {name} | {_count(c.get('generated_tokens', 0))} | {_count(c.get('forward_tokens', 0))} | "
+                     f"{_flops(c.get('flops'))} | {c.get('wall_seconds', 0) + c.get('round_wall_seconds', 0):.0f} |")
+    lines += ["", "Evaluation, apart from alignment (answering the evaluation prompts; judging the answers with the "
+              "judge and the helpfulness measure):", "", "| method | generation FLOPs | judging FLOPs |", "|---|---|---|"]
+    for name, row in methods.items():
+        e = row.get("eval_flops") or {}
+        lines.append(f"| {name} | {_flops(e.get('generation'))} | {_flops(e.get('judges'))} |")
+    return lines
+
+
 def _count(n) -> str:
     return f"{int(n):,}"
 
@@ -259,10 +288,10 @@ def render_markdown(report: dict, pipeline) -> str:
              f"({', '.join(s for s in report['eval_sets'] if s != 'xstest_safe')}, pooled), over-refusal on "
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
-             "scoring, DPO policy + reference), wall seconds.", "",
+             "scoring, DPO policy + reference), FLOPs (the compute ledger below), wall seconds.", "",
              f"| method | unsafe rate | unsafe, 2nd judge ({_second_judge_name(pipeline)}) | refusal rate | "
-             "over-refusal | helpfulness* | generated tokens | forward tokens | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "over-refusal | helpfulness* | generated tokens | forward tokens | FLOPs | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
         lines.append(f"| {LABELS.get(name, name)} | {_pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
                      f"{_pct(row.get('second_judge_unsafe_rate'), row.get('second_judge_unsafe_rate_ci'))} | "
@@ -270,7 +299,7 @@ def render_markdown(report: dict, pipeline) -> str:
                      f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
                      f"{_pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
                      f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
-                     f"{row['wall_seconds']:.0f} |")
+                     f"{_flops(row.get('flops'))} | {row['wall_seconds']:.0f} |")
     lines += ["", "\\* Helpfulness: the share of answers on the benign sets that address the question "
               "(`rbrm.helpfulness`). It is not yet validated: on 120 labelled SmolLM2 answers it agrees with the "
               "labels on 56% and it misses most deflections, so read it as an upper bound "
@@ -330,6 +359,7 @@ def render_markdown(report: dict, pipeline) -> str:
         elif probe.get("val_ece") is not None:
             text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
         lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
+    lines += compute_ledger(m)
     times = report.get("stage_seconds") or {}
     if times:
         lines += ["", "## Where the time goes", "", "Wall seconds per stage (its own clock, summed over resumed "

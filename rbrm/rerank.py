@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .flops import probe_flops
 from .render import Prompt, prompt_key, to_messages
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ def score_samples(model, tokenizer, reward, samples: list[Sample], batch_tokens:
                                     progress=False, stats=stats)
         for i, r in zip(chunk, reward(features.to(reward.weight.device)).tolist()):
             scores[i] = float(r)
+        if stats is not None:
+            stats["flops"] = stats.get("flops", 0) + probe_flops(reward.num_layers, features.shape[2], len(chunk))
         bar.update(len(chunk))
         bar.set_postfix(samples_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):.1f}")
     bar.close()
@@ -336,7 +339,7 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     result = rerank(usable, top_k, min_gap)
     result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
-    result.summary.update(forward_tokens=stats.get("forward_tokens"), top_k=top_k, alpha=alpha, min_gap=min_gap,
+    result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k, alpha=alpha, min_gap=min_gap,
                           samples_file=samples_path, reward_model=reward_dir,
                           layers=reward.layers, pooling=reward.pooling)
     return result

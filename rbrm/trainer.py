@@ -48,6 +48,7 @@ from torch import nn
 from trl import DPOConfig, DPOTrainer
 
 from .features import POOLINGS, context_length, decoder_layers, pool
+from .flops import ModelShape, forward_flops, probe_flops, training_flops
 from .render import end_of_turn, render, tokenize
 from .reward_model import HybridRewardModel, pairwise_loss
 
@@ -284,6 +285,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.reward_optimizer = None
         self.probe_steps = 0
         self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
+        self.flops = 0  # and their FLOPs: policy forward + backward, reference forward, probe (rbrm.flops)
+        self._shape: ModelShape | None = None
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
         self.confidence_history: list[float] = []  # every training pair's gamma, in order (rank 0's gather)
         self.confidence_scale = (reward_model.calibration["scale"] if reward_model is not None
@@ -403,12 +406,32 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------------- loss
 
+    def _count_compute(self, attention_mask: torch.Tensor) -> None:
+        """Tokens and FLOPs of one training micro-batch: the policy's forward and backward (LoRA: no weight
+        gradients for the frozen weights; a recomputed forward under gradient checkpointing), the reference's
+        forward unless TRL precomputed it, and the probe with its update."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self._shape is None:
+            self._shape = ModelShape.of(model)
+        lengths = attention_mask.sum(1).tolist()
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) if hasattr(model, "peft_config") \
+            else None  # None: full fine-tuning
+        forwards = 1 if self.precompute_ref_logps else 2  # policy, and the reference unless precomputed
+        self.forward_tokens += forwards * int(sum(lengths))
+        self.flops += training_flops(self._shape, lengths, adapters)
+        if self.args.gradient_checkpointing:
+            self.flops += forward_flops(self._shape, lengths)
+        if not self.precompute_ref_logps:
+            self.flops += forward_flops(self._shape, lengths)
+        if self.reward_model is not None:
+            probe = self.reward_model
+            self.flops += probe_flops(probe.num_layers, probe.weight.shape[1], len(lengths), self.args.reward_update)
+
     def _compute_loss(self, model, inputs, return_outputs):
         inputs = dict(inputs)
         extra = {key: inputs.pop(key, None) for key in _EXTRA_KEYS}
         if self.model.training:
-            forwards = 1 if self.precompute_ref_logps else 2  # policy, and the reference unless precomputed
-            self.forward_tokens += forwards * int(inputs["attention_mask"].sum())
+            self._count_compute(inputs["attention_mask"])
         mode_confidence = self.args.confidence
         probe = self.reward_model
         if probe is None and mode_confidence == "none":
@@ -567,7 +590,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
         if self.args.should_save:
             from .data import write_json
 
-            write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens})
+            write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens,
+                                                                "flops": self.flops})
         if self.args.should_save and self.args.confidence != "none":
             self._write_confidence(output_dir)
         if self.reward_optimizer is not None and self.args.should_save:
@@ -581,7 +605,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, COMPUTE_FILE)):
             with open(os.path.join(checkpoint, COMPUTE_FILE)) as f:
-                self.forward_tokens = int(json.load(f)["forward_tokens"])
+                saved = json.load(f)
+            self.forward_tokens, self.flops = int(saved["forward_tokens"]), int(saved.get("flops", 0))
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, CONFIDENCE_FILE)):
             with open(os.path.join(checkpoint, CONFIDENCE_FILE)) as f:
                 self.confidence_history = [float(g) for g in json.load(f)["gamma"]]

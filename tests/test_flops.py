@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rbrm.flops import ModelShape, forward_flops, generation_flops, probe_flops, training_flops
+from rbrm.flops import (
+    ModelShape,
+    forward_flops,
+    generation_flops,
+    prefix_forward_flops,
+    probe_flops,
+    training_flops,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,28 @@ def test_forward_without_the_lm_head(model):
     ids = torch.randint(0, 300, (1, 12))
     expected = forward_flops(ModelShape.of(model), [12], lm_head=False)
     assert counted(lambda: model.model(input_ids=ids)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_answers_over_a_cached_prompt(model):
+    from transformers import DynamicCache
+
+    prompt, answers = torch.randint(0, 300, (1, 9)), [torch.randint(0, 300, (1, t)) for t in (5, 7)]
+
+    def run():
+        cache = DynamicCache(config=model.config)
+        model.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for ids in answers:
+            model.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache.crop(-ids.shape[1])
+    assert counted(run) == pytest.approx(prefix_forward_flops(ModelShape.of(model), 9, [5, 7]), rel=1e-6)
+
+
+def test_a_forward_that_stops_after_some_layers(model):
+    from transformers import LlamaForCausalLM
+
+    config = model.config.to_dict() | {"num_hidden_layers": 2}
+    two = LlamaForCausalLM(type(model.config).from_dict(config))
+    assert ModelShape.of(model).first_layers(2) == ModelShape.of(two)
 
 
 def test_generation(model):

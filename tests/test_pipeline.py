@@ -199,6 +199,26 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     ratio = report["compute_ratio_online_over_rbrm"]
     assert ratio["generated_tokens"] == pytest.approx(
         methods["online"]["generated_tokens"] / methods["rbrm"]["generated_tokens"])
+    # The FLOP ledger: each method's total is its stages' sum, sampling is the generation formula over the
+    # samples it wrote, and DPO's count grows with the pairs it trained on.
+    from rbrm.flops import ModelShape, generation_flops
+    from rbrm.models import load_tokenizer
+    from rbrm.render import render_prompt
+
+    for name in ("dpo_rerank", "rbrm", "online", "dpo_static"):
+        row = methods[name]
+        assert row["flops"] == sum(c.get("flops", 0) for c in row["compute_by_stage"].values()) > 0, name
+        # judging: the keyword judge costs nothing, the second judge and the helpfulness measure encode text
+        assert row["eval_flops"]["generation"] > 0 and row["eval_flops"]["judges"] > 0
+    tokenizer = load_tokenizer(tiny_model_dir)
+    shape = ModelShape.of(load_model(tiny_model_dir, dtype="float32")[0])
+    prompt_length = {r["prompt_id"]: len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False)
+                                          .input_ids) for r in samples}
+    assert methods["rbrm"]["compute_by_stage"]["sample"]["flops"] == sum(
+        generation_flops(shape, prompt_length[r["prompt_id"]], r["num_tokens"]) for r in samples)
+    # rbrm and dpo_rerank train on the same pairs; rbrm adds the probe's forward and update
+    assert methods["rbrm"]["compute_by_stage"]["rbrm"]["flops"] > methods["dpo_rerank"]["compute_by_stage"][
+        "dpo_rerank"]["flops"]
     # Evaluation prompts never reach training: the 2 shared ones were dropped before `limit`.
     eval_prompts = {p["instruction"] for p in json.load(open(SAMPLING_PROMPTS))[:2]}
     assert not eval_prompts & {r["prompt"] for r in samples}
@@ -214,6 +234,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
         assert (run_dir / "figures" / figure).stat().st_size > 1000
     text = (run_dir / "report.md").read_text()
     assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
+    assert "## Compute ledger" in text and "| FLOPs |" in text
     assert "unsafe, 2nd judge (minilm)" in text
 
     # Unchanged config: every stage is reused.
