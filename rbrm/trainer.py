@@ -11,8 +11,8 @@ docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrai
   class adds one exact per-pair correction term. It needs the per-pair reference log-probs, so the reference
   forward runs through TRL's `compute_ref_log_probs` first and is handed to `_compute_loss` like precomputed
   ones: still one reference forward and one policy forward per batch.
-* The probe keeps learning on the same detached states: its own Adam, gradients accumulated over micro-steps,
-  one step per optimiser step, all-reduced (mean) across ranks so every rank holds the same probe. It is saved
+* The probe keeps learning on the same detached states: its own optimiser (Adam, or SGD: `reward_optimizer`),
+  gradients accumulated over micro-steps, one step per optimiser step, all-reduced (mean) across ranks so every rank holds the same probe. It is saved
   in every checkpoint (`reward_model/` + its optimiser state), restored on resume and saved beside the final
   model as `<output_dir>/reward_model/`.
 
@@ -83,10 +83,14 @@ class ConfidenceDPOConfig(DPOConfig):
     confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
-    reward_lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the online probe update"})
+    reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
+    reward_optimizer: str = field(default="adam", metadata={
+        "help": "adam (the paper's) or sgd. Adam's steps have the same size however small the gradient, so on pairs "
+                "the probe already separates it keeps inflating the reward scale (and gamma saturates); SGD's "
+                "steps shrink with the loss", "choices": ["adam", "sgd"]})
     reward_margin: float = field(default=1.0, metadata={"help": "margin m of the probe's pairwise loss"})
     reward_update: bool = field(default=True, metadata={
-        "help": "keep training the hybrid reward during DPO (one Adam step per optimiser step)"})
+        "help": "keep training the hybrid reward during DPO (one probe step per optimiser step)"})
     reward_layer_loss_weight: float = field(default=0.0, metadata={
         "help": "also train each layer's probe on its own score with this weight, as `rbrm probe train` does "
                 "(the paper updates the hybrid reward only: 0)"})
@@ -97,6 +101,8 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence={self.confidence!r}: choose one of {CONFIDENCE_MODES}")
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
+        if self.reward_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"reward_optimizer={self.reward_optimizer!r}: choose adam or sgd")
         if self.confidence_scale not in ("calibrated", "alpha"):
             raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
         if self.confidence_alpha <= 0:
@@ -304,7 +310,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
                 for tensor in self.reward_model.state_dict().values():
                     tensor.copy_(broadcast(tensor.clone(), from_process=0))
-            self.reward_optimizer = torch.optim.Adam(self._probe_parameters(), lr=args.reward_lr)
+            optimizer = torch.optim.Adam if args.reward_optimizer == "adam" else torch.optim.SGD
+            self.reward_optimizer = optimizer(self._probe_parameters(), lr=args.reward_lr)
         if args.confidence == "static" and "confidence" not in (getattr(self.train_dataset, "column_names", None)
                                                                 or ["confidence"]):
             raise ValueError("confidence='static' needs a `confidence` column in the training pairs "
@@ -543,7 +550,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         return loss
 
     def _probe_step(self) -> None:
-        """One Adam step on the gradient accumulated since the last one, averaged over ranks first."""
+        """One optimiser step (Adam or SGD) on the gradient accumulated since the last one, averaged over ranks first."""
         params = self._probe_parameters()
         for p in params:
             if p.grad is None:
@@ -601,7 +608,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
                        os.path.join(directory, REWARD_OPTIMIZER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Called on resume on every rank (DeepSpeed included): restore the probe and its Adam state too."""
+        """Called on resume on every rank (DeepSpeed included): restore the probe and its optimiser state too."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, COMPUTE_FILE)):
             with open(os.path.join(checkpoint, COMPUTE_FILE)) as f:

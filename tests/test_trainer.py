@@ -395,6 +395,27 @@ def test_the_confidence_scale_is_the_probes_calibration_or_the_papers_alpha(toke
                              processing_class=tokenizer, reward_model=probe)
 
 
+def test_the_probe_update_takes_sgd_steps_that_shrink_with_its_loss(tokenizer, tmp_path):
+    from rbrm.trainer import ConfidenceDPOTrainer
+
+    policy = make_tiny_model(tokenizer)
+    moved = {}
+    for optimizer in ("adam", "sgd"):
+        probe = make_probe(policy, tokenizer)
+        before = probe_state(probe)["weight"]
+        trainer = ConfidenceDPOTrainer(policy, args=config(tmp_path, max_steps=1, reward_optimizer=optimizer,
+                                                           reward_lr=1e-3, reward_margin=-12.0),  # little loss
+                                       train_dataset=dataset(tokenizer, 2), processing_class=tokenizer,
+                                       reward_model=probe)
+        assert type(trainer.reward_optimizer).__name__ == {"adam": "Adam", "sgd": "SGD"}[optimizer]
+        trainer.train()
+        moved[optimizer] = (trainer.reward_model.weight.detach() - before).abs().max().item()
+    # a margin of -12 leaves little loss: Adam still steps by ~lr, SGD by lr x (a small gradient)
+    assert moved["adam"] > 5e-4 and moved["sgd"] < 1e-5, moved
+    with pytest.raises(ValueError, match="reward_optimizer"):
+        config(tmp_path, reward_optimizer="lion")
+
+
 def test_probe_steps_once_per_optimizer_step(tokenizer, tmp_path):
     """Gradient accumulation 3: the probe changes only on the last micro-step of each cycle."""
     from transformers import TrainerCallback
