@@ -464,10 +464,17 @@ class Pipeline:
 
         return LoraConfig(task_type="CAUSAL_LM", **self.config.lora)
 
+    def dpo_settings_of(self, method: str) -> dict:
+        """The `dpo` settings that can change this method's training, for its stage key: plain DPO ignores the
+        confidence and probe-update ones, so an RBRM ablation does not retrain the methods beside it."""
+        if CONFIDENCE[method] != "none":
+            return self.config.dpo
+        return {k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))}
+
     def train_model(self, method: str, pairs_path: str, after: list[str]) -> dict:
         """DPO (or RBRM) from the base policy on `pairs_path`; the merged policy goes to `<method>/model`."""
-        inputs = {**self._base_inputs(), "method": method, "dpo": self.config.dpo, "lora": self.config.lora,
-                  "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed}
+        inputs = {**self._base_inputs(), "method": method, "dpo": self.dpo_settings_of(method),
+                  "lora": self.config.lora, "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed}
 
         def body(directory: str) -> dict:
             from .data import write_json

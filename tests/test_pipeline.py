@@ -109,6 +109,19 @@ def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tm
     assert pipeline.excluded_training_prompts == 4
 
 
+def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_model_dir):
+    from rbrm.pipeline import Pipeline, load_config
+
+    path = tiny_config(tmp_path, tiny_model_dir)
+    plain = Pipeline(load_config(path))
+    ablated = Pipeline(load_config(path, {"set": ["dpo.reward_update=false", "dpo.confidence_floor=0.2"]}))
+    for method in ("dpo_rerank", "dpo_static", "online"):
+        assert plain.dpo_settings_of(method) == ablated.dpo_settings_of(method)
+    assert plain.dpo_settings_of("rbrm") != ablated.dpo_settings_of("rbrm")
+    faster = Pipeline(load_config(path, {"set": ["dpo.learning_rate=0.5"]}))
+    assert plain.dpo_settings_of("dpo_rerank") != faster.dpo_settings_of("dpo_rerank")
+
+
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
