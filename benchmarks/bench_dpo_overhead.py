@@ -5,7 +5,9 @@ fit in max_length, so that the probe reads and learns from every pair), same set
 inside `trainer.train()`, from `on_step_begin` to `on_step_end` (forward, backward, the probe step, the optimiser
 step): wall seconds and CPU seconds of this process (less sensitive to other processes on a shared machine).
 The trainers alternate one step at a time in an A/B/B/A pattern, both on the same batch in each round (the round
-number seeds the data order), after one warm-up step each. The last line is `ratio=<ours/TRL>` (median wall s/step).
+number seeds the data order), after one warm-up step each. Equal work is checked, not assumed: each side counts
+the tokens (attention-mask ones) its loss saw in every step, and the benchmark prints both, with the policy and
+reference FLOPs they imply (`rbrm.flops`). The last line is `ratio=<ours/TRL>` (median wall s/step).
 
     python benchmarks/bench_dpo_overhead.py                # LoRA r=8, batch 4, max_length 128
     python benchmarks/bench_dpo_overhead.py --full         # full fine-tune, fp32
@@ -25,11 +27,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from rbrm.pipeline import machine_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"
+
+
+class CountingDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, counting the tokens its loss sees in training as ours does (nothing else changes)."""
+
+    loss_tokens = 0
+
+    def _compute_loss(self, model, inputs, return_outputs=False):
+        if self.model.training:
+            self.loss_tokens += int(inputs["attention_mask"].sum())
+        return super()._compute_loss(model, inputs, return_outputs)
 
 
 class StepTimer(TrainerCallback):
@@ -75,7 +89,6 @@ def main() -> None:
 
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import DPOConfig, DPOTrainer
 
     from rbrm.data import load_pairs
     from rbrm.models import load_model, resolve_model
@@ -116,22 +129,36 @@ def main() -> None:
         else:
             ref = None if peft_config else load_model(path, dtype="float32", device="cpu")[0]
             args = DPOConfig(output_dir=out, **common)
-            trainer = DPOTrainer(policy, ref_model=ref, args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+            trainer = CountingDPOTrainer(policy, ref_model=ref, args=args, train_dataset=dataset,
+                                         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
         return trainer, timer
 
     del model
     trainers = {kind: make(kind) for kind in ("trl", "ours")}
 
+    tokens: dict[str, list[int]] = {"trl": [], "ours": []}
+    flops: list[int] = []
+
+    def counted(kind: str) -> int:
+        trainer = trainers[kind][0]
+        return trainer.loss_tokens if kind == "trl" else trainer.forward_tokens // (1 if trainer.precompute_ref_logps
+                                                                                     else 2)
+
     def step(kind: str, seed: int) -> None:
         trainer, _ = trainers[kind]
         trainer.args.seed = seed  # the same batch for both trainers in a round
+        before, before_flops = counted(kind), getattr(trainer, "flops", 0)
         trainer.train()
+        tokens[kind].append(counted(kind) - before)
+        if kind == "ours":
+            flops.append(trainer.flops - before_flops)
 
     for kind in ("trl", "ours"):  # warm-up
         step(kind, 0)
         trainers[kind][1].wall.clear()
         trainers[kind][1].cpu.clear()
+        tokens[kind].clear()
+    flops.clear()
     for round_index in range(options.rounds):
         order = ("trl", "ours") if round_index % 2 == 0 else ("ours", "trl")
         for kind in order:
@@ -145,6 +172,11 @@ def main() -> None:
         wall[kind], cpu[kind] = statistics.median(timer.wall), statistics.median(timer.cpu)
         print(f"{kind:>4}: median {wall[kind]:.3f} s/step wall (mean {statistics.mean(timer.wall):.3f}), "
               f"{cpu[kind]:.3f} s/step CPU, over {len(timer.wall)} steps")
+    if tokens["trl"] != tokens["ours"]:
+        raise SystemExit(f"unequal work: tokens per step trl {tokens['trl']}, ours {tokens['ours']}")
+    print(f"equal work: both sides' losses saw the same {sum(tokens['ours'])} tokens over {len(tokens['ours'])} steps "
+          f"({statistics.mean(tokens['ours']):.0f}/step); ours: {statistics.mean(flops):.3g} FLOPs/step by rbrm.flops "
+          "(policy forward + backward, reference forward, and the probe, which TRL's side does not run)")
     ours = trainers["ours"][0]
     metrics = [entry for entry in ours.state.log_history if "probe/accuracy" in entry]
     if metrics:
