@@ -63,7 +63,7 @@ SAMPLE_KEYS = {"prompts", "prompt_field", "where", "skip", "limit", "n", "temper
                "benign_prompts", "benign_prompt_field", "benign_where", "benign_skip", "benign_limit"}
 RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
 STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
-ONLINE_KEYS = {"rounds"}
+ONLINE_KEYS = {"rounds", "scorer"}
 EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
              "batch_prompts", "bootstrap", "dtype", "helpfulness", "second_judge", "second_judge_model"}
 
@@ -392,8 +392,9 @@ class Pipeline:
 
         return self._stage("sample", inputs, body)
 
-    def _score_and_pair(self, samples_path: str, out_dir: str) -> dict:
-        """Score with the stage-1 hybrid reward on the base policy's states; write ranking and pairs."""
+    def _score_and_pair(self, samples_path: str, out_dir: str, scorer: str = "probe") -> dict:
+        """Score with the stage-1 hybrid reward on the base policy's states (or with `scorer`, see
+        `external_scorer`); write ranking and pairs."""
         from .rerank import rerank_file, write_outputs
 
         r = self.config.rerank
@@ -402,10 +403,37 @@ class Pipeline:
             alpha = self.config.dpo.get("confidence_alpha", 7.5)
         result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.get("top_k", 1),
                              alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
-                             loaded=self.inference_model(r.get("dtype", "auto")))
+                             loaded=self.inference_model(r.get("dtype", "auto")),
+                             scorer=None if scorer == "probe" else self.external_scorer(scorer))
         write_outputs(result, out_dir, result.summary["alpha"])
         return {"forward_tokens": result.summary.get("forward_tokens") or 0, "flops": result.summary.get("flops") or 0,
                 "pairs": len(result.pairs)}
+
+    def external_scorer(self, name: str):
+        """What online pipelines usually score samples with instead of the policy's own probe: a judge
+        (`minilm`, `refusal`; reward = 1 - its unsafe score) or a local sequence-classification reward model
+        folder (its one logit). Returns samples -> (scores, FLOPs), loaded once."""
+        from .judges import JUDGE_NAMES, get_judge
+        from .render import to_messages
+        from .rerank import ClassifierReward
+
+        if name not in self._inference:
+            if name in JUDGE_NAMES:
+                judge = get_judge(name)
+
+                def score(samples):
+                    prompts = [to_messages(s.prompt)[-1]["content"] for s in samples]
+                    responses = [s.response for s in samples]
+                    flops = judge.flops(prompts, responses)
+                    return [1.0 - r.score for r in judge.judge(prompts, responses)], flops or 0
+                score.name = f"judge {name}"
+                self._inference[name] = score
+            elif os.path.isfile(os.path.join(name, "config.json")):
+                self._inference[name] = ClassifierReward(name, self.device)
+            else:
+                raise PipelineConfigError(f"online.scorer {name!r}: expected probe, a judge ({', '.join(JUDGE_NAMES)})"
+                                          " or a sequence-classification model folder")
+        return self._inference[name]
 
     def rerank(self) -> dict:
         inputs = {"rerank": self.config.rerank, "after": [self.records["probe"]["key"],
@@ -526,7 +554,10 @@ class Pipeline:
         policy_dir, records = None, []
         for r in range(rounds):
             chosen = [prompts[(r * need + i) % len(prompts)] for i in range(need)]
+            scorer = self.config.online.get("scorer", "probe")
             inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
+                      **({"scorer": scorer, "scorer_files": _model_digest(scorer) if os.path.isdir(scorer) else None}
+                         if scorer != "probe" else {}),
                       "rerank": self.config.rerank, "dpo": self.config.dpo, "lora": self.config.lora,
                       "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed}
             records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
@@ -563,7 +594,11 @@ class Pipeline:
         policy.eval()
         compute = self._sample_into(policy, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
                                     self.config.seed + 1000 * (r + 1))
-        scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"))
+        scorer = self.config.online.get("scorer", "probe")
+        scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"), scorer)
+        if not scored["pairs"]:
+            raise PipelineConfigError(f"online round {r}: no pairs, every prompt's samples tie under online.scorer "
+                                      f"{scorer!r}; choose a scorer that grades answers")
         reference = self.reference_model()
         train_dir = os.path.join(directory, "train")
         trainer = ConfidenceDPOTrainer(policy, ref_model=reference,

@@ -16,11 +16,12 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .flops import probe_flops
+from .flops import ModelShape, forward_flops, probe_flops
 from .render import Prompt, prompt_key, to_messages
 
 log = logging.getLogger(__name__)
@@ -307,10 +308,11 @@ def write_outputs(result: RerankResult, out_dir: str, alpha: float = 7.5) -> Non
 def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
-                loaded: tuple | None = None) -> RerankResult:
+                loaded: tuple | None = None, scorer: Callable | None = None) -> RerankResult:
     """Load, check, score, rank and select; `loaded` = (model, tokenizer) skips loading the model.
 
-    alpha None: the confidence column uses the probe's calibrated scale.
+    alpha None: the confidence column uses the probe's calibrated scale. `scorer` (samples -> (scores, FLOPs))
+    replaces the hybrid reward, as online pipelines score with an external reward model.
     """
     from .models import load_model
     from .reward_model import HybridRewardModel
@@ -332,17 +334,57 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     usable = [s for s in samples if id(s) not in skip]
     stats: dict = {}
     start = time.perf_counter()
-    scores = score_samples(model, tokenizer, reward, usable, batch_tokens, progress=progress, stats=stats)
+    if scorer is None:
+        scores = score_samples(model, tokenizer, reward, usable, batch_tokens, progress=progress, stats=stats)
+    else:
+        scores, stats["flops"] = scorer(usable)
     seconds = time.perf_counter() - start
     for s, score in zip(usable, scores):
         s.score = score
     result = rerank(usable, top_k, min_gap)
     result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
-    result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k, alpha=alpha, min_gap=min_gap,
-                          samples_file=samples_path, reward_model=reward_dir,
-                          layers=reward.layers, pooling=reward.pooling)
+    result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k,
+                          alpha=alpha, min_gap=min_gap, samples_file=samples_path, reward_model=reward_dir,
+                          layers=reward.layers, pooling=reward.pooling,
+                          scorer=getattr(scorer, "name", "external") if scorer else "hybrid reward")
     return result
+
+
+class ClassifierReward:
+    """A local sequence-classification reward model (one logit: higher = better) as a scorer for `rerank_file`.
+    The (prompt, response) pair is rendered with the classifier's own chat template, or as plain text."""
+
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = f"classifier {os.path.basename(os.path.normpath(path))}"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{path}: a reward model has one output (num_labels 1), this one has "
+                             f"{self.model.config.num_labels}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.device = batch_size, device
+
+    def text(self, sample: Sample) -> str:
+        messages = [*to_messages(sample.prompt), {"role": "assistant", "content": sample.response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    @torch.inference_mode()
+    def __call__(self, samples: list[Sample]) -> tuple[list[float], int]:
+        scores, lengths = [], []
+        for start in range(0, len(samples), self.batch_size):
+            batch = self.tokenizer([self.text(s) for s in samples[start:start + self.batch_size]], padding=True,
+                                   truncation=True, return_tensors="pt").to(self.device)
+            scores += self.model(**batch).logits[:, 0].float().tolist()
+            lengths += batch["attention_mask"].sum(1).tolist()
+        return scores, forward_flops(ModelShape.of(self.model), lengths, lm_head=False)
 
 
 @dataclass

@@ -269,6 +269,44 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     assert changed == {f"{m}/eval" for m in methods}
 
 
+def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_dir):
+    """online.scorer: a local sequence-classification model (its logit ranks the samples, its FLOPs enter the
+    ledger) or a judge."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rbrm.data import read_jsonl
+
+    torch.manual_seed(0)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_labels, config.pad_token_id = 1, 0
+    classifier = tmp_path / "reward-model"
+    LlamaForSequenceClassification(config).save_pretrained(classifier)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(classifier)
+    for k, scorer in enumerate((str(classifier), "minilm")):
+        out = tmp_path / f"runs-{k}"
+        path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(out),
+                           online={"rounds": 2, "scorer": scorer})
+        report = run(path)
+        rank = read_jsonl(str(out / "tiny" / "online_rounds" / "round_0" / "pairs" / "rank.jsonl"))
+        assert report["methods"]["online"]["flops"] > 0
+        if scorer == str(classifier):  # the classifier's logit is the score
+            from rbrm.rerank import ClassifierReward, Sample
+
+            reward = ClassifierReward(str(classifier))
+            again, _ = reward([Sample(r["prompt_id"], r["prompt"], r["response"], 0, 0) for r in rank])
+            assert [r["score"] for r in rank] == pytest.approx(again, abs=1e-5)
+            round_flops = json.loads((out / "tiny" / "online_rounds" / "round_0" / "stage.json").read_text())[
+                "compute"]["flops"]
+            assert round_flops > reward([Sample(r["prompt_id"], r["prompt"], r["response"], 0, 0) for r in rank])[1] > 0
+        if scorer == "minilm":  # 1 - the judge's unsafe probability
+            assert all(0.0 <= r["score"] <= 1.0 for r in rank) and len({r["score"] for r in rank}) > 1
+    for scorer, message in (("no-such-scorer", "expected probe, a judge"), ("refusal", "no pairs")):
+        with pytest.raises(Exception, match=message):  # the keyword judge ties every sample of these prompts
+            run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
+                            online={"rounds": 2, "scorer": scorer}))
+
+
 def test_pipeline_sampling_resumes_after_a_kill(tmp_path, tiny_model_dir):
     """A killed sampling stage keeps its rows; the rerun completes them exactly as an uninterrupted run would."""
     from rbrm.data import read_jsonl
