@@ -718,19 +718,24 @@ class Pipeline:
         self.records[name] = record
         return record
 
+    def load_records(self, methods: list[str] | None = None) -> None:
+        """The finished stages' records of these methods (default: the config's), running nothing."""
+        methods = methods or self.config.methods
+        needed = {s for m in methods for s in SHARED_STAGES[m]}
+        needed |= {m for m in methods if m != "base"} | {f"{m}/eval" for m in methods}
+        for name in sorted(needed):
+            record = _read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
+            if record is None:
+                raise PipelineConfigError(f"stage {name} has not finished in {self.path()}")
+            self.records[name] = record
+        if "sample" in needed:
+            self.training_prompts()  # counts the evaluation prompts dropped from training
+
     def report_only(self) -> dict:
         """Redraw report.md/json and the figures from finished stages, running nothing."""
         from .report import write_report
 
-        needed = {s for m in self.config.methods for s in SHARED_STAGES[m]}
-        needed |= {m for m in self.config.methods if m != "base"} | {f"{m}/eval" for m in self.config.methods}
-        for name in sorted(needed):
-            record = _read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
-            if record is None:
-                raise SystemExit(f"rbrm pipeline --report-only: stage {name} has not finished in {self.path()}")
-            self.records[name] = record
-        if "sample" in needed:
-            self.training_prompts()  # counts the evaluation prompts dropped from training
+        self.load_records()
         return write_report(self)
 
     def run(self) -> dict:
@@ -839,11 +844,14 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineConfigError as err:
         raise SystemExit(f"rbrm pipeline: {err}") from None
     start = time.perf_counter()
-    if config.seeds:
-        report = run_seeds(config, args.config, args.report_only)
-    else:
-        pipeline = Pipeline(config, args.config)
-        report = pipeline.report_only() if args.report_only else pipeline.run()
+    try:
+        if config.seeds:
+            report = run_seeds(config, args.config, args.report_only)
+        else:
+            pipeline = Pipeline(config, args.config)
+            report = pipeline.report_only() if args.report_only else pipeline.run()
+    except PipelineConfigError as err:  # a bad setting found late (online.scorer, an unfinished stage)
+        raise SystemExit(f"rbrm pipeline: {err}") from None
     print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
     print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
           f"(report.md, report.json; {len(report['methods'])} methods)")

@@ -455,6 +455,19 @@ def _seed_diffs(flags_a: list[dict], flags_b: list[dict]) -> list[list[float]]:
     return [[float(fa[k]) - float(fb[k]) for k in sorted(set(fa) & set(fb))] for fa, fb in zip(flags_a, flags_b)]
 
 
+def compare_across_runs(a: list, method_a: str, b: list, method_b: str, resamples: int = 2000) -> dict:
+    """method_a of the runs `a` against method_b of the runs `b` (one finished pipeline per seed, seeds in the same
+    order, the same evaluation sets), as the seeds report compares two methods of one run: unsafe rate under
+    both judges and helpfulness, each a two-level bootstrap over seeds and prompts. For ablations that ran as
+    separate runs on the same stages."""
+    flags = {side: [method_results(p, m)[2] for p in runs] for side, runs, m in (("a", a, method_a), ("b", b, method_b))}
+    out = {}
+    for k, key in enumerate(("unsafe", "second_judge_unsafe", "helpful")):
+        out[key] = seed_prompt_difference(_seed_diffs([f[k] for f in flags["a"]], [f[k] for f in flags["b"]]),
+                                          resamples)
+    return out
+
+
 def write_seeds_report(config, pipelines: list) -> dict:
     """report.json/report.md over seeds: per-seed rates under methods.<m>.seeds, their means (and sd) at the
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative

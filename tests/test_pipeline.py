@@ -302,7 +302,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
         if scorer == "minilm":  # 1 - the judge's unsafe probability
             assert all(0.0 <= r["score"] <= 1.0 for r in rank) and len({r["score"] for r in rank}) > 1
     for scorer, message in (("no-such-scorer", "expected probe, a judge"), ("refusal", "no pairs")):
-        with pytest.raises(Exception, match=message):  # the keyword judge ties every sample of these prompts
+        with pytest.raises(SystemExit, match=message):  # the keyword judge ties every sample of these prompts
             run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
                             online={"rounds": 2, "scorer": scorer}))
 
