@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRL_TELEMETRY := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast run compare seeds lint bench gpu-check clean
+.PHONY: venv test test-fast run compare seeds compute lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ compare: $(STAMP)
 # The multi-seed verdict: base, re-ranked DPO and RBRM with seeds 0, 1, 2, in runs/seeds/ (resumable).
 seeds: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/seeds.yaml
+
+# Safety against compute: online at 1-32 rounds against re-ranking and static pairs, in runs/compute/ (not yet
+# timed end to end; estimated about 2 hours on 2 CPU cores).
+compute: $(STAMP)
+	$(BIN)/rbrm pipeline --config configs/compute.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

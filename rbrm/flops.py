@@ -40,6 +40,11 @@ class ModelShape:
                           self.attention_width)
 
 
+# Llama-2-7B (32 layers of 4 x 4096^2 attention and 3 x 4096 x 11008 MLP weights, a 32000-token head): the
+# report's "what scoring with a 7B reward model would cost", by formula.
+LLAMA_7B = ModelShape(32 * (4 * 4096 * 4096 + 3 * 4096 * 11008), 32000 * 4096, 32, 4096)
+
+
 def forward_flops(shape: ModelShape, lengths: Iterable[int], lm_head: bool = True) -> int:
     """Full forwards of sequences of these lengths (no padding). The attention matrix counts whole (T x T), as
     the dense kernels compute it; features and scoring run without the LM head."""

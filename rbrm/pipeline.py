@@ -85,6 +85,8 @@ class PipelineConfig:
     methods: list[str] = field(default_factory=lambda: ["base", "rbrm"])
     seed: int = 0
     seeds: list[int] | None = None  # several seeds: one full run per seed under <run>/seeds/, one report over them
+    # the safety-versus-compute curve: online once per number of rounds, each in <run>/curve/online_r<R>/
+    online_rounds: list[int] | None = None
     device: str | None = None
     probe: dict = field(default_factory=dict)
     sample: dict = field(default_factory=dict)
@@ -183,11 +185,16 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
         raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
     if not config.eval.get("prompts"):
         raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
-    if "online" in trains:
-        rounds, steps = int(config.online.get("rounds", 1)), int(config.dpo.get("max_steps", 0))
+    if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds
+                                             or not all(type(x) is int for x in config.online_rounds)):
+        raise PipelineConfigError(f"{path}: `online_rounds` must be a list of integers; got {config.online_rounds}")
+    for rounds in ([int(config.online.get("rounds", 1))] if "online" in trains else []) + (config.online_rounds or []):
+        steps = int(config.dpo.get("max_steps", 0))
         if rounds < 1 or steps < 1 or steps % rounds:
             raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
                                       f"of `online.rounds` ({rounds})")
+    if config.online_rounds and not config.probe.get("data"):
+        raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")
     return config
 
 
@@ -269,10 +276,15 @@ def _sum_compute(records: list[dict]) -> dict:
 class Pipeline:
     """Holds the config, the loaded base model (inference) and the finished stage records."""
 
-    def __init__(self, config: PipelineConfig, config_path: str | None = None):
+    def __init__(self, config: PipelineConfig, config_path: str | None = None,
+                 shared: dict[str, str] | None = None):
+        """`shared`: stages read from (and written to) another run's folder, e.g. {"probe": <run>/probe} for the
+        online curve's runs, which train from the main run's hybrid reward."""
         from .models import default_device, resolve_model
 
         self.config = config
+        self.shared = dict(shared or {})
+        self.curve: list[tuple[int, Pipeline]] = []  # (rounds, the finished online run), when online_rounds
         self.config_path = config_path
         self.device = config.device or default_device()
         self.model_path = resolve_model(config.model)
@@ -282,7 +294,20 @@ class Pipeline:
         self.excluded_training_prompts: int | None = None
 
     def path(self, *parts: str) -> str:
+        if parts and parts[0] in self.shared:
+            return os.path.join(self.shared[parts[0]], *parts[1:])
         return os.path.join(self.config.run_dir, *parts)
+
+    def curve_runs(self) -> list[tuple[int, Pipeline]]:
+        """One online-only pipeline per `online_rounds` entry, in <run>/curve/online_r<R>/, sharing this run's
+        probe and evaluation sets."""
+        runs = []
+        for rounds in self.config.online_rounds or []:
+            config = dataclasses.replace(self.config, methods=["online"], online={**self.config.online, "rounds": rounds},
+                                         online_rounds=None, seeds=None, name=f"online_r{rounds}",
+                                         out_dir=os.path.join(self.config.run_dir, "curve"))
+            runs.append((rounds, Pipeline(config, self.config_path, {"probe": self.path("probe")})))
+        return runs
 
     def inference_model(self, dtype: str = "auto"):
         """(model, tokenizer) of the base policy for sampling, scoring and evaluation, loaded once."""
@@ -553,7 +578,8 @@ class Pipeline:
         after = [self.records["probe"]["key"], stage_key({"prompt_ids": [str(p.id) for p in prompts]})]
         policy_dir, records = None, []
         for r in range(rounds):
-            chosen = [prompts[(r * need + i) % len(prompts)] for i in range(need)]
+            # each round's prompts, cycling through the pool; distinct within a round (DPO takes epochs over fewer)
+            chosen = [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))]
             scorer = self.config.online.get("scorer", "probe")
             inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
                       **({"scorer": scorer, "scorer_files": _model_digest(scorer) if os.path.isdir(scorer) else None}
@@ -575,6 +601,7 @@ class Pipeline:
             write_json(os.path.join(directory, "dpo_log.json"), logs)
             total = _sum_compute(records)
             return {k: total[k] for k in ("generated_tokens", "forward_tokens", "flops")} | {
+                "construction_flops": sum(r["compute"].get("construction_flops", 0) for r in records),
                 "round_wall_seconds": total["wall_seconds"], "rounds": rounds}
 
         # The rounds live in online_rounds/; the merged final policy and the summed compute in online/.
@@ -615,6 +642,7 @@ class Pipeline:
         return {"generated_tokens": compute["generated_tokens"],
                 "forward_tokens": compute["forward_tokens"] + scored["forward_tokens"] + trainer.forward_tokens,
                 "flops": compute["flops"] + scored["flops"] + trainer.flops,
+                "construction_flops": compute["flops"] + scored["flops"],  # sampling and scoring, without DPO
                 "pairs": scored["pairs"], "steps": trainer.state.global_step}
 
     def reference_model(self):
@@ -736,6 +764,9 @@ class Pipeline:
         from .report import write_report
 
         self.load_records()
+        self.curve = self.curve_runs()
+        for _, run in self.curve:
+            run.load_records()
         return write_report(self)
 
     def run(self) -> dict:
@@ -756,6 +787,13 @@ class Pipeline:
                 self.online()
         for method in methods:
             self.evaluate(method)
+        if self.config.online_rounds:
+            self.probe()
+            self.curve = self.curve_runs()
+            for rounds, run in self.curve:
+                print(f"== online curve: {rounds} round(s) ({run.path()})", flush=True)
+                run._inference = self._inference  # the same base model, loaded once
+                run.run()
         from .report import write_report
 
         return write_report(self)

@@ -244,6 +244,31 @@ def plot_seeds_safety_vs_helpfulness(points: dict[str, list[tuple[float, float]]
     return _finish(fig, out, title or "safety against helpfulness per seed (best: top left)")
 
 
+def plot_compute_curve(rows: list[dict], out: str, title: str = "") -> str:
+    """Unsafe rate and helpfulness (y) against alignment FLOPs (x, log): online's curve over its numbers of
+    rounds, every other method as a point (the paper's Fig. 1, at this scale)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "unsafe_rate", "unsafe rate (harmful prompts)"),
+                           (axes[1], "helpfulness_rate", "helpfulness (benign prompts)")):
+        curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") and r.get(key) is not None),
+                       key=lambda r: r["flops"])
+        if curve:
+            ax.plot([r["flops"] for r in curve], [r[key] for r in curve], "o-", color="C4", label="online")
+            for r in curve:
+                ax.annotate(f"{r['rounds']}", (r["flops"], r[key]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        for k, r in enumerate(r for r in rows if r["method"] != "online" and r.get(key) is not None):
+            ax.scatter([r["flops"]], [r[key]], s=50, color=f"C{k % 4}", label=r["method"], zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("alignment compute (FLOPs)")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _finish(fig, out, title or "safety and helpfulness against compute (online: number of rounds marked)")
+
+
 def plot_categories(summary: dict, out: str, title: str = "") -> str:
     """Unsafe and refusal rate per category of one prompt set (horizontal bars, 95% intervals)."""
     plt = _pyplot()

@@ -180,6 +180,29 @@ def _flops(n) -> str:
     return "-" if n is None else f"{n:.3g}"
 
 
+def curve_section(report: dict) -> list[str]:
+    """report.md's safety-versus-compute curve: online at each number of rounds, the matched-safety ratio."""
+    rows = report.get("compute_curve")
+    if not rows:
+        return []
+    lines = ["", "## Safety against compute", "", "| method | rounds | alignment FLOPs | of which preference "
+             "construction | unsafe rate | helpfulness | scoring online's samples with a 7B reward model |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"] != "online", r["flops"])):
+        lines.append(f"| {r['method']} | {r['rounds'] or '-'} | {_flops(r['flops'])} | "
+                     f"{_flops(r.get('construction_flops'))} | {100 * r['unsafe_rate']:.1f}% | "
+                     f"{_pct(r.get('helpfulness_rate'), None)} | {_flops(r.get('seven_b_scoring_flops'))} |")
+    m = report["matched_safety_compute_ratio"]
+    if m["ratio"] is None:
+        lines += ["", f"**Matched-safety compute ratio online / RBRM: none.** {m['reason']}."]
+    else:
+        construction = (f"; preference construction alone (sampling and scoring) {m['construction_ratio']:.3g}x"
+                        if m.get("construction_ratio") is not None else "")
+        lines += ["", f"**Matched-safety compute ratio online / RBRM: {m['ratio']:.3g}x** for the whole alignment, "
+                  f"at RBRM's unsafe rate {100 * m['target_unsafe_rate']:.1f}% ({m['reason']}){construction}."]
+    return lines
+
+
 def compute_ledger(methods: dict) -> list[str]:
     """report.md's ledger: each alignment stage once (re-ranked methods share stages 1-2), then each method's
     evaluation apart (generating its answers, and judging them)."""
@@ -241,6 +264,13 @@ def write_report(pipeline) -> dict:
         with open(metrics_path) as f:
             probe_metrics = json.load(f)
     figures = draw_figures(pipeline, figure_sets, probe_metrics, methods)
+    curve = curve_rows(pipeline, methods) if pipeline.curve else None
+    matched = matched_compute_ratio(curve) if curve else None
+    if curve:
+        from .plots import plot_compute_curve
+
+        figures["Unsafe rate and helpfulness against alignment compute"] = plot_compute_curve(
+            curve, pipeline.path("figures", "compute_curve.png"))
     ranking = None
     rank_path, pairs_path = pipeline.path("rerank", "rank.jsonl"), pipeline.path("rerank", "pairs.jsonl")
     if os.path.exists(rank_path) and os.path.exists(pairs_path):  # the re-ranked samples, judged like answers
@@ -256,11 +286,92 @@ def write_report(pipeline) -> dict:
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
         "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(pipeline),
+        **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {}),
     }
     write_json(pipeline.path("report.json"), report)
     text = render_markdown(report, pipeline)
     _atomic_write(pipeline.path("report.md"), lambda f: f.write(text))
     return report
+
+
+def _construction_flops(row: dict, method: str) -> int | None:
+    """Preference construction (sampling and scoring, no DPO) of a method's alignment FLOPs."""
+    stages = row.get("compute_by_stage", {})
+    if method == "online":
+        return stages.get("online", {}).get("construction_flops")
+    if method in ("dpo_rerank", "rbrm"):
+        return sum(stages.get(s, {}).get("flops", 0) for s in ("sample", "rerank"))
+    return 0 if method == "dpo_static" else None
+
+
+def _seven_b_scoring_flops(run) -> int:
+    """What scoring every online sample with a 7B reward model (LLAMA_7B) would cost: one forward per sample over
+    its prompt and response, by formula."""
+    from .flops import LLAMA_7B, forward_flops
+    from .models import load_tokenizer
+    from .render import render_prompt
+
+    tokenizer, lengths = load_tokenizer(run.model_path), []
+    rounds = int(run.config.online.get("rounds", 1))
+    for k in range(rounds):
+        for r in read_jsonl(run.path("online_rounds", f"round_{k}", "samples.jsonl")):
+            prompt = len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False).input_ids)
+            lengths.append(prompt + int(r["num_tokens"]))
+    return forward_flops(LLAMA_7B, lengths, lm_head=False)
+
+
+def curve_rows(pipeline, methods: dict) -> list[dict]:
+    """report.json's `compute_curve`: online at each number of rounds, and every other trained method as a point."""
+    seed = pipeline.config.seed
+    rows = []
+    for rounds, run in pipeline.curve:
+        row = method_results(run, "online")[0]
+        rows.append({"method": "online", "rounds": rounds, "seed": seed, "flops": row["flops"],
+                     "construction_flops": _construction_flops(row, "online"), "unsafe_rate": row["unsafe_rate"],
+                     "helpfulness_rate": row.get("helpfulness_rate"),
+                     "seven_b_scoring_flops": _seven_b_scoring_flops(run)})
+    for name, row in methods.items():
+        if name != "base":
+            rows.append({"method": name, "rounds": int(pipeline.config.online.get("rounds", 1)) if name == "online"
+                         else None, "seed": seed, "flops": row["flops"],
+                         "construction_flops": _construction_flops(row, name), "unsafe_rate": row["unsafe_rate"],
+                         "helpfulness_rate": row.get("helpfulness_rate")})
+    return rows
+
+
+def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict:
+    """The compute online needs to reach `target_method`'s unsafe rate, interpolated on its curve (unsafe rate
+    linear in log FLOPs between neighbouring points), over the target's compute; for the whole alignment and
+    for preference construction alone. Null, with the reason, when online never gets that safe."""
+    import math
+
+    target = next((r for r in rows if r["method"] == target_method), None)
+    curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") is not None and r["flops"]),
+                   key=lambda r: r["flops"])
+    if target is None or not curve:
+        return {"ratio": None, "construction_ratio": None, "reason": f"no {target_method} row or no online curve"}
+    goal = target["unsafe_rate"]
+    if curve[0]["unsafe_rate"] <= goal:
+        hit, note = curve[0], (f"online is already as safe at its cheapest point ({curve[0]['rounds']} round(s)): the "
+                               "ratio is an upper bound")
+        flops, construction = hit["flops"], hit["construction_flops"]
+    else:
+        for a, b in zip(curve, curve[1:]):
+            if a["unsafe_rate"] > goal >= b["unsafe_rate"]:
+                t = (a["unsafe_rate"] - goal) / (a["unsafe_rate"] - b["unsafe_rate"])
+                flops = math.exp(math.log(a["flops"]) + t * (math.log(b["flops"]) - math.log(a["flops"])))
+                construction = math.exp(math.log(a["construction_flops"]) + t * (
+                    math.log(b["construction_flops"]) - math.log(a["construction_flops"])))
+                note = f"interpolated between {a['rounds']} and {b['rounds']} rounds"
+                break
+        else:
+            best = min(curve, key=lambda r: r["unsafe_rate"])
+            return {"ratio": None, "construction_ratio": None, "target_unsafe_rate": goal,
+                    "reason": f"online never reaches {target_method}'s unsafe rate {100 * goal:.1f}%: its lowest is "
+                              f"{100 * best['unsafe_rate']:.1f}% ({best['rounds']} rounds)"}
+    return {"ratio": flops / target["flops"], "construction_ratio": (construction / target["construction_flops"]
+                                                                        if target.get("construction_flops") else None),
+            "target_unsafe_rate": goal, "online_flops": flops, "reason": note}
 
 
 def _software(info: dict) -> str:
@@ -359,7 +470,7 @@ def render_markdown(report: dict, pipeline) -> str:
         elif probe.get("val_ece") is not None:
             text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
         lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
-    lines += compute_ledger(m)
+    lines += compute_ledger(m) + curve_section(report)
     times = report.get("stage_seconds") or {}
     if times:
         lines += ["", "## Where the time goes", "", "Wall seconds per stage (its own clock, summed over resumed "
@@ -524,6 +635,20 @@ def write_seeds_report(config, pipelines: list) -> dict:
                               "helpfulness_kept": (row["helpfulness_rate"] / base["helpfulness_rate"]
                                                    if base.get("helpfulness_rate") and "helpfulness_rate" in row
                                                    else None)}
+    curve = []
+    for p in pipelines:  # each seed's own report carries its curve rows
+        if os.path.exists(p.path("report.json")):
+            with open(p.path("report.json")) as f:
+                curve += json.load(f).get("compute_curve") or []
+    matched = None
+    if curve:  # the ratio on the means over seeds, per method and number of rounds
+        groups: dict = {}
+        for r in curve:
+            groups.setdefault((r["method"], r["rounds"]), []).append(r)
+        means = [{"method": m, "rounds": k, **{key: sum(r[key] for r in rs) / len(rs) for key in
+                                                ("flops", "construction_flops", "unsafe_rate")}}
+                 for (m, k), rs in groups.items()]
+        matched = matched_compute_ratio(means)
     times = [stage_seconds(p) for p in pipelines]
     stages = list(dict.fromkeys(name for t in times for name in t))
     figure = plot_seeds_safety_vs_helpfulness(
@@ -534,7 +659,8 @@ def write_seeds_report(config, pipelines: list) -> dict:
               "seeds": [p.config.seed for p in pipelines], "methods": methods, "against_base": against_base,
               "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(pipelines, times)},
               "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines],
-              "figures": {"safety_helpfulness_seeds": figure}}
+              "figures": {"safety_helpfulness_seeds": figure},
+              **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {})}
     write_json(os.path.join(config.run_dir, "report.json"), report)
     lines = [f"# rbrm pipeline: {config.name}, {len(pipelines)} seeds", "",
              f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
@@ -558,6 +684,10 @@ def write_seeds_report(config, pipelines: list) -> dict:
         if gammas:
             lines.append(f"- {name} confidence gamma per seed (median; share at the floor; share at 1): " + ", ".join(
                 f"{c['quantiles']['q50']:.3f}; {c['at_floor']:.0%}; {c['at_one']:.0%}" for c in gammas))
+    if matched:
+        lines += ["", "- Matched-safety compute ratio online / RBRM on the means over seeds: " + (
+            f"{matched['ratio']:.3g}x ({matched['reason']})" if matched["ratio"] is not None else
+            f"none ({matched['reason']})") + "; every seed's curve is in its own report and in report.json."]
     lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock; other jobs "
               "on the same cores slow it).", "", "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"])
               + " |", "|---|" + "---|" * len(times)]

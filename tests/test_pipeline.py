@@ -125,12 +125,13 @@ def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_mod
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
-    for name in ("quick", "compare", "paper", "seeds", "tune"):
+    for name in ("quick", "compare", "paper", "seeds", "tune", "compute"):
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name and "rbrm" in config.methods
     compare = load_config("configs/compare.yaml")
     assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
     assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
+    assert load_config("configs/compute.yaml").online_rounds == [1, 2, 4, 8, 16, 32]
     paper = load_config("configs/paper.yaml")
     assert (paper.sample["n"], paper.sample["max_new_tokens"], paper.sample["limit"], paper.dpo["beta"]) == (
         8, 256, 4000, 0.15)
@@ -305,6 +306,42 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
         with pytest.raises(SystemExit, match=message):  # the keyword judge ties every sample of these prompts
             run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
                             online={"rounds": 2, "scorer": scorer}))
+
+
+def test_the_matched_safety_compute_ratio_interpolates_onlines_curve():
+    from rbrm.report import matched_compute_ratio
+
+    def online(rounds, flops, unsafe):
+        return {"method": "online", "rounds": rounds, "flops": flops, "construction_flops": flops / 2,
+                "unsafe_rate": unsafe}
+    curve = [online(1, 100.0, 0.5), online(2, 400.0, 0.3), online(4, 1600.0, 0.1)]
+    rbrm = {"method": "rbrm", "rounds": None, "flops": 10.0, "construction_flops": 2.0, "unsafe_rate": 0.2}
+    m = matched_compute_ratio(curve + [rbrm])
+    # halfway from 0.3 to 0.1 in unsafe rate is halfway from 400 to 1600 in log FLOPs: 800
+    assert m["online_flops"] == pytest.approx(800.0) and m["ratio"] == pytest.approx(80.0)
+    assert m["construction_ratio"] == pytest.approx(400.0 / 2.0)
+    never = matched_compute_ratio(curve + [{**rbrm, "unsafe_rate": 0.05}])
+    assert never["ratio"] is None and "never reaches" in never["reason"] and "10.0% (4 rounds)" in never["reason"]
+    cheap = matched_compute_ratio(curve + [{**rbrm, "unsafe_rate": 0.6}])
+    assert cheap["ratio"] == pytest.approx(10.0) and "upper bound" in cheap["reason"]
+
+
+def test_the_online_curve_runs_each_number_of_rounds_on_the_main_runs_probe(tmp_path, tiny_model_dir):
+    path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], online_rounds=[1, 2])
+    report = run(path)
+    run_dir = tmp_path / "runs" / "tiny"
+    rows = report["compute_curve"]
+    assert [(r["method"], r["rounds"]) for r in rows] == [("online", 1), ("online", 2), ("rbrm", None)]
+    assert rows[1]["flops"] > rows[0]["flops"] > 0  # every round samples and scores afresh
+    assert all(0 < r["construction_flops"] < r["flops"] for r in rows)
+    assert rows[0]["seven_b_scoring_flops"] > rows[0]["flops"]  # a 7B scorer costs more than this whole alignment
+    assert "matched_safety_compute_ratio" in report and (run_dir / "figures" / "compute_curve.png").exists()
+    for rounds in (1, 2):
+        assert (run_dir / "curve" / f"online_r{rounds}" / "online" / "model").is_dir()
+        assert not (run_dir / "curve" / f"online_r{rounds}" / "probe").exists()  # the main run's probe
+    text = (run_dir / "report.md").read_text()
+    assert "## Safety against compute" in text and "Matched-safety compute ratio online / RBRM" in text
+    assert run(path, "--report-only")["compute_curve"] == rows
 
 
 def test_pipeline_sampling_resumes_after_a_kill(tmp_path, tiny_model_dir):
