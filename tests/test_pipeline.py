@@ -411,6 +411,16 @@ def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_
     assert gain == pytest.approx(1 - rbrm / base) if base else True
     assert set(report["stage_seconds"]) == {"0", "1"} and report["stage_seconds"]["0"]["rbrm"] > 0
     assert (tmp_path / "runs" / "tiny" / "figures" / "safety_helpfulness_seeds.png").stat().st_size > 1000
+    # the same comparison across two runs (here: one run twice) gives the seeds report's verdict
+    from rbrm.pipeline import Pipeline, load_config, seed_configs
+    from rbrm.report import compare_across_runs
+
+    pipelines = []
+    for seed_config in seed_configs(load_config(path)):
+        pipelines.append(Pipeline(seed_config))
+        pipelines[-1].load_records(["base", "rbrm"])
+    across = compare_across_runs(pipelines, "rbrm", pipelines, "base", resamples=50)
+    assert across["unsafe"] == verdict and across["helpful"] == helped
     # the same seed in a separate run folder reproduces that seed's samples and training exactly
     again = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], out_dir=str(tmp_path / "again"))
     run(again)
