@@ -595,7 +595,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
         for pipeline in pipelines:
             row, _, method_flags = method_results(pipeline, method)
             rows.append({"seed": pipeline.config.seed, **{k: row.get(k) for k in SEED_RATES},
-                         "wall_seconds": row.get("wall_seconds"),
+                         "wall_seconds": row.get("wall_seconds"), "flops": row.get("flops"),
                          **({"confidence": row["confidence"]} if row.get("confidence") else {})})
             flags[method].append(method_flags)
         methods[method] = {"seeds": rows}
