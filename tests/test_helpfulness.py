@@ -21,8 +21,8 @@ def test_labelled_files_are_complete_and_blind_to_evaluation():
     evaluation_sets = {"advbench", "harmbench", "xstest_safe"}
     assert not {r["prompt_set"] for r in rows} & evaluation_sets  # dev labels never touch an evaluation prompt
     check = [json.loads(line) for line in open(REPO_DATA / "rbrm_labels" / "smollm2_check.jsonl")]
-    assert {r["prompt_set"] for r in check} == evaluation_sets and len(check) == 435
-    assert len({r["id"] for r in check}) == 435 and all((r["helpful"] is None) != r["benign"] for r in check)
+    assert {r["prompt_set"] for r in check} == evaluation_sets and len(check) == 635
+    assert len({r["id"] for r in check}) == 635 and all((r["helpful"] is None) != r["benign"] for r in check)
 
 
 def test_training_data_holds_the_three_sources():
