@@ -84,10 +84,10 @@ class ConfidenceDPOConfig(DPOConfig):
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
     reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
-    reward_optimizer: str = field(default="adam", metadata={
-        "help": "adam (the paper's) or sgd. Adam's steps have the same size however small the gradient, so on pairs "
+    reward_optimizer: str = field(default="sgd", metadata={
+        "help": "sgd or adam (the paper's). Adam's steps have the same size however small the gradient, so on pairs "
                 "the probe already separates it keeps inflating the reward scale (and gamma saturates); SGD's "
-                "steps shrink with the loss", "choices": ["adam", "sgd"]})
+                "steps shrink with the loss", "choices": ["sgd", "adam"]})
     reward_margin: float = field(default=1.0, metadata={"help": "margin m of the probe's pairwise loss"})
     reward_update: bool = field(default=True, metadata={
         "help": "keep training the hybrid reward during DPO (one probe step per optimiser step)"})
