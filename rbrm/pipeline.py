@@ -290,6 +290,7 @@ class Pipeline:
         self.model_path = resolve_model(config.model)
         self.records: dict[str, dict] = {}
         self._inference: dict = {}
+        self._scorers: dict = {}  # online.scorer, loaded once
         self.eval_prompt_keys: set[str] | None = None
         self.excluded_training_prompts: int | None = None
 
@@ -442,7 +443,7 @@ class Pipeline:
         from .render import to_messages
         from .rerank import ClassifierReward
 
-        if name not in self._inference:
+        if name not in self._scorers:
             if name in JUDGE_NAMES:
                 judge = get_judge(name)
 
@@ -452,13 +453,13 @@ class Pipeline:
                     flops = judge.flops(prompts, responses)
                     return [1.0 - r.score for r in judge.judge(prompts, responses)], flops or 0
                 score.name = f"judge {name}"
-                self._inference[name] = score
+                self._scorers[name] = score
             elif os.path.isfile(os.path.join(name, "config.json")):
-                self._inference[name] = ClassifierReward(name, self.device)
+                self._scorers[name] = ClassifierReward(name, self.device)
             else:
                 raise PipelineConfigError(f"online.scorer {name!r}: expected probe, a judge ({', '.join(JUDGE_NAMES)})"
                                           " or a sequence-classification model folder")
-        return self._inference[name]
+        return self._scorers[name]
 
     def rerank(self) -> dict:
         inputs = {"rerank": self.config.rerank, "after": [self.records["probe"]["key"],
@@ -697,8 +698,8 @@ class Pipeline:
 
     def _eval_flops(self, model, tokenizer, sets: list, directory: str, judge) -> dict:
         """The evaluation's own compute, apart from alignment: generating the answers, and judging them (the
-        main and the second judge, the helpfulness measure on benign sets); None where a judge does not count its FLOPs (a
-        guard model, passed here as None so that it is not loaded again)."""
+        main and the second judge, the helpfulness measure on benign sets). Judging is None where a judge does
+        not count its FLOPs (a guard model, passed here as None so that it is not loaded again)."""
         from .data import read_jsonl
         from .evaluation import set_dir
         from .helpfulness import HelpfulnessJudge

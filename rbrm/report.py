@@ -176,6 +176,13 @@ def _second_judge_name(pipeline) -> str:
     return str(pipeline.eval_measures()["second_judge"] or "none")
 
 
+HELPFULNESS_CAVEAT = ("Helpfulness: the share of answers on the benign sets that address the question "
+                      "(`rbrm.helpfulness`). It is not validated: on 255 carefully labelled SmolLM2 answers to XSTest's "
+                      "safe questions it agrees with the labels on 53%, and it calls 117 of the 183 unhelpful ones "
+                      "helpful, so read it as an upper bound that barely sees what aligned models lose "
+                      "(docs/evaluation.md).")
+
+
 def _flops(n) -> str:
     return "-" if n is None else f"{n:.3g}"
 
@@ -411,12 +418,9 @@ def render_markdown(report: dict, pipeline) -> str:
                      f"{_pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
                      f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{_flops(row.get('flops'))} | {row['wall_seconds']:.0f} |")
-    lines += ["", "\\* Helpfulness: the share of answers on the benign sets that address the question "
-              "(`rbrm.helpfulness`). It is not yet validated: on 120 labelled SmolLM2 answers it agrees with the "
-              "labels on 56% and it misses most deflections, so read it as an upper bound "
-              "(docs/evaluation.md). The second judge is independent of the first; the default keyword judge "
-              "counts every answer that is not a refusal as unsafe, deflections included, so it overstates the "
-              "unsafe rate of models that deflect."]
+    lines += ["", "\\* " + HELPFULNESS_CAVEAT + " The second judge is independent of the first; the default "
+              "keyword judge counts every answer that is not a refusal as unsafe, deflections included, so it "
+              "overstates the unsafe rate of models that deflect."]
     sets = [name for name, s in next(iter(m.values()))["sets"].items() if not s["benign"]]
     if len(sets) > 1:
         lines += ["", "Unsafe rate per harmful set:", "", "| method | " + " | ".join(sets) + " |",
@@ -673,6 +677,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
         cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
         per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines += ["", HELPFULNESS_CAVEAT]
     lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
     lines += [f"- {f}" for f in findings]
     for name, g in against_base.items():
