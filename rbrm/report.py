@@ -68,6 +68,8 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
     stages = [pipeline.records[s] for s in SHARED_STAGES[method]] + (
         [pipeline.records[method]] if method != "base" else [])
     compute = _sum_compute(stages)
+    if any("flops" not in s["compute"] for s in stages):
+        compute["flops"] = None  # a stage run before the ledger counted FLOPs: unknown, not zero
     row.update(compute)
     row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in SHARED_STAGES[method]
                                + ([method] if method != "base" else [])}
@@ -355,8 +357,9 @@ def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict
     target = next((r for r in rows if r["method"] == target_method), None)
     curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") is not None and r["flops"]),
                    key=lambda r: r["flops"])
-    if target is None or not curve:
-        return {"ratio": None, "construction_ratio": None, "reason": f"no {target_method} row or no online curve"}
+    if target is None or not curve or not target.get("flops"):
+        return {"ratio": None, "construction_ratio": None,
+                "reason": f"no {target_method} row with counted FLOPs, or no online curve"}
     goal = target["unsafe_rate"]
     if curve[0]["unsafe_rate"] <= goal:
         hit, note = curve[0], (f"online is already as safe at its cheapest point ({curve[0]['rounds']} round(s)): the "

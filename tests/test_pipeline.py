@@ -342,6 +342,12 @@ def test_the_online_curve_runs_each_number_of_rounds_on_the_main_runs_probe(tmp_
     text = (run_dir / "report.md").read_text()
     assert "## Safety against compute" in text and "Matched-safety compute ratio online / RBRM" in text
     assert run(path, "--report-only")["compute_curve"] == rows
+    # a stage written before the ledger counted FLOPs makes its method's FLOPs unknown, not zero
+    record = json.loads((run_dir / "rbrm" / "stage.json").read_text())
+    del record["compute"]["flops"]
+    (run_dir / "rbrm" / "stage.json").write_text(json.dumps(record))
+    report = run(path, "--report-only")
+    assert report["methods"]["rbrm"]["flops"] is None and report["matched_safety_compute_ratio"]["ratio"] is None
 
 
 def test_pipeline_sampling_resumes_after_a_kill(tmp_path, tiny_model_dir):
