@@ -11,10 +11,10 @@ docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrai
   class adds one exact per-pair correction term. It needs the per-pair reference log-probs, so the reference
   forward runs through TRL's `compute_ref_log_probs` first and is handed to `_compute_loss` like precomputed
   ones: still one reference forward and one policy forward per batch.
-* The probe keeps learning on the same detached states: its own optimiser (Adam, or SGD: `reward_optimizer`),
-  gradients accumulated over micro-steps, one step per optimiser step, all-reduced (mean) across ranks so every rank holds the same probe. It is saved
-  in every checkpoint (`reward_model/` + its optimiser state), restored on resume and saved beside the final
-  model as `<output_dir>/reward_model/`.
+* The probe keeps learning on the same detached states: its own optimiser (SGD, or the paper's Adam:
+  `reward_optimizer`), gradients accumulated over micro-steps, one step per optimiser step, all-reduced (mean)
+  across ranks so every rank holds the same probe. It is saved in every checkpoint (`reward_model/` + its
+  optimiser state), restored on resume and saved beside the final model as `<output_dir>/reward_model/`.
 
 Data: conversational TRL rows (`prompt` as messages) are rendered with `rbrm.render.render`; text rows are taken as
 rendered already (`render`'s prompt text and completion text). Both are tokenised like `rbrm.render.tokenize`: no
