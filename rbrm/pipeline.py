@@ -387,7 +387,7 @@ class Pipeline:
 
     def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
         """Sample `n` responses per prompt into `out_path` (resumable); exact token counts over the file."""
-        from .render import render_prompt
+        from .render import prompt_length
         from .sampling import generate_responses
 
         s = self.config.sample
@@ -395,8 +395,7 @@ class Pipeline:
         rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
                                   s.get("batch_prompts", 8), seed, max_sequences=s.get("max_sequences", 64))
         sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
-        length = {str(p.id): len(tokenizer(render_prompt(tokenizer, p.prompt), add_special_tokens=False).input_ids)
-                  for p in prompts if str(p.id) in sampled}
+        length = {str(p.id): prompt_length(tokenizer, p.prompt) for p in prompts if str(p.id) in sampled}
         shape = ModelShape.of(model)
         return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * n,
                 "flops": sum(generation_flops(shape, length[str(r["prompt_id"])], int(r["num_tokens"])) for r in rows),
@@ -703,7 +702,7 @@ class Pipeline:
         from .data import read_jsonl
         from .evaluation import set_dir
         from .helpfulness import HelpfulnessJudge
-        from .render import render_prompt
+        from .render import prompt_length
 
         shape, generation, judging = ModelShape.of(model), 0, 0
         helpfulness = HelpfulnessJudge() if self.eval_measures()["helpfulness"] and any(s.benign for s in sets) \
@@ -714,9 +713,8 @@ class Pipeline:
             judge = None
         for pset in sets:
             rows = read_jsonl(os.path.join(set_dir(directory, pset, len(sets) > 1), "responses.jsonl"))
-            for r in rows:
-                prompt = len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False).input_ids)
-                generation += generation_flops(shape, prompt, int(r.get("num_tokens") or 0))
+            generation += sum(generation_flops(shape, prompt_length(tokenizer, r["prompt"]), int(r.get("num_tokens") or 0))
+                              for r in rows)
             texts = ([r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in rows],
                      [r["response"] for r in rows])
             for counter in [judge] + ([second] if second else []) + ([helpfulness] if pset.benign and helpfulness

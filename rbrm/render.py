@@ -39,6 +39,11 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
+def prompt_length(tokenizer, prompt: Prompt) -> int:
+    """Tokens of the rendered prompt (what a forward or a generation prefills), for the compute ledger."""
+    return len(tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
 def end_of_turn(tokenizer) -> str:
     """The text the chat template puts right after an assistant message (e.g. `<|im_end|>`), whitespace cut.
 

@@ -318,14 +318,13 @@ def _seven_b_scoring_flops(run) -> int:
     its prompt and response, by formula."""
     from .flops import LLAMA_7B, forward_flops
     from .models import load_tokenizer
-    from .render import render_prompt
+    from .render import prompt_length
 
     tokenizer, lengths = load_tokenizer(run.model_path), []
     rounds = int(run.config.online.get("rounds", 1))
     for k in range(rounds):
         for r in read_jsonl(run.path("online_rounds", f"round_{k}", "samples.jsonl")):
-            prompt = len(tokenizer(render_prompt(tokenizer, r["prompt"]), add_special_tokens=False).input_ids)
-            lengths.append(prompt + int(r["num_tokens"]))
+            lengths.append(prompt_length(tokenizer, r["prompt"]) + int(r["num_tokens"]))
     return forward_flops(LLAMA_7B, lengths, lm_head=False)
 
 
