@@ -521,7 +521,10 @@ class Pipeline:
         """The `dpo` settings that can change this method's training, for its stage key: plain DPO ignores the
         confidence and probe-update ones, so an RBRM ablation does not retrain the methods beside it."""
         if CONFIDENCE[method] != "none":  # the optimiser named even when defaulted: its default was adam before
-            return {**self.config.dpo, "reward_optimizer": self.config.dpo.get("reward_optimizer", "sgd")}
+            from .trainer import ConfidenceDPOConfig
+
+            return {**self.config.dpo,
+                    "reward_optimizer": self.config.dpo.get("reward_optimizer", ConfidenceDPOConfig.reward_optimizer)}
         return {k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))}
 
     def train_model(self, method: str, pairs_path: str, after: list[str]) -> dict:

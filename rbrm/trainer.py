@@ -293,6 +293,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
         self.flops = 0  # and their FLOPs: policy forward + backward, reference forward, probe (rbrm.flops)
         self._shape: ModelShape | None = None
+        self._adapters: int | None = None
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
         self.confidence_history: list[float] = []  # every training pair's gamma, in order (rank 0's gather)
         self.confidence_scale = (reward_model.calibration["scale"] if reward_model is not None
@@ -417,12 +418,12 @@ class ConfidenceDPOTrainer(DPOTrainer):
         """Tokens and FLOPs of one training micro-batch: the policy's forward and backward (LoRA: no weight
         gradients for the frozen weights; a recomputed forward under gradient checkpointing), the reference's
         forward unless TRL precomputed it, and the probe with its update."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self._shape is None:
+        if self._shape is None:  # the policy's shape and its trained adapters do not change during training
+            model = self.accelerator.unwrap_model(self.model)
             self._shape = ModelShape.of(model)
-        lengths = attention_mask.sum(1).tolist()
-        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) if hasattr(model, "peft_config") \
-            else None  # None: full fine-tuning
+            self._adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) \
+                if hasattr(model, "peft_config") else None  # None: full fine-tuning
+        lengths, adapters = attention_mask.sum(1).tolist(), self._adapters
         forwards = 1 if self.precompute_ref_logps else 2  # policy, and the reference unless precomputed
         self.forward_tokens += forwards * int(sum(lengths))
         self.flops += training_flops(self._shape, lengths, adapters)
