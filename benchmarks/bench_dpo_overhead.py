@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from rbrm.pipeline import machine_summary  # noqa: E402
+from rbrm.machine import machine_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"

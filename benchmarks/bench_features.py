@@ -19,8 +19,8 @@ import torch
 
 from rbrm.data import load_pairs
 from rbrm.features import FeaturesConfig, examples_to_rows, extract_features
+from rbrm.machine import machine_summary
 from rbrm.models import load_model
-from rbrm.pipeline import machine_summary
 from rbrm.render import render, tokenize
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "hh_rlhf_harmless_test", "derived_pku_format.jsonl")

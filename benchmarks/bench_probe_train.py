@@ -24,7 +24,7 @@ import time
 import torch
 
 from rbrm.features import save_features
-from rbrm.pipeline import machine_summary
+from rbrm.machine import machine_summary
 from rbrm.reward_model import ProbeTrainConfig, run_probe_train
 
 

@@ -20,8 +20,8 @@ import time
 import torch
 
 from rbrm.data import load_prompts
+from rbrm.machine import machine_summary
 from rbrm.models import load_model, model_fingerprint
-from rbrm.pipeline import machine_summary
 from rbrm.render import render_prompt
 from rbrm.rerank import Sample, score_samples
 from rbrm.reward_model import HybridRewardModel

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 from .errors import RbrmError
 from .flops import ModelShape, generation_flops
+from .machine import cpu_counters, other_cpu_seconds
 from .models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -242,18 +242,28 @@ def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], 
             os.replace(directory, old)
             print(f"[{label}] settings or inputs changed: previous outputs moved to {old}", flush=True)
         os.makedirs(directory)
-        started = {"key": key, "inputs": inputs, "wall_seconds": 0.0}
+        started = {"key": key, "inputs": inputs, "wall_seconds": 0.0, "cpu_seconds": 0.0, "other_cpu_seconds": 0.0}
         write_json(ledger, started)
         print(f"[{label}] running ({directory})", flush=True)
     else:
         print(f"[{label}] resuming ({directory})", flush=True)
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), cpu_counters()
     try:
         compute = dict(body(directory) or {})
     finally:  # an interrupted run's time still counts
         started["wall_seconds"] = round(started.get("wall_seconds", 0.0) + time.perf_counter() - start, 3)
+        shared = other_cpu_seconds(cpu_before, cpu_counters())
+        if shared is None or started.get("cpu_seconds") is None:  # not measurable, or a run from before the counter
+            started["cpu_seconds"] = None
+        else:
+            started["other_cpu_seconds"] += shared[0]
+            started["cpu_seconds"] += shared[1]
         write_json(ledger, started)
     compute["wall_seconds"] = started["wall_seconds"]
+    # The share of the machine's CPU that other processes took meanwhile: above SHARED_CPU_THRESHOLD the wall
+    # seconds are not a speed figure (the report says so). None when it could not be measured.
+    compute["other_cpu_share"] = (round(started["other_cpu_seconds"] / started["cpu_seconds"], 3)
+                                  if started.get("cpu_seconds") else None)
     record = {"key": key, "inputs": inputs, "compute": compute,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     write_json(os.path.join(directory, "stage.json"), record)
@@ -896,56 +906,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
           f"(report.md, report.json; {len(report['methods'])} methods)")
     return 0
-
-
-# Libraries whose versions change the numbers (kernels, sampling, training, judging); the report records them.
-VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scikit-learn", "sentence-transformers",
-             "tokenizers", "safetensors")
-
-
-def matrix_flags(info: dict) -> list[str]:
-    """The CPU's bf16 and AMX instructions among `machine()`'s flags: what the matmul kernels can use."""
-    return [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
-
-
-def machine_summary(info: dict | None = None) -> str:
-    """One line for benchmarks: the CPU, threads, kernels and the bf16/AMX instructions it has."""
-    info = info or machine()
-    flags = matrix_flags(info)
-    return (f"{info.get('cpu') or info['platform']}; {info['torch_threads']} threads; {info['cpu_capability']} "
-            "kernels" + (f" ({', '.join(flags)})" if flags else ", no bf16/AMX instructions")
-            + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
-
-
-def machine() -> dict:
-    """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions.
-
-    Float results differ across CPUs and thread counts in the last digits (docs/results/README.md measures it).
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                            if line.startswith("model name")), None)
-        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    except OSError:
-        pass
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE"):
-        if os.environ.get(name):
-            info[name] = os.environ[name]
-    info["versions"] = {}
-    for package in VERSIONED:
-        try:
-            info["versions"][package] = version(package)
-        except PackageNotFoundError:
-            pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info

@@ -13,6 +13,7 @@ import os
 
 from .data import read_jsonl
 from .evaluation import _pct, aggregate, bootstrap_ci, make_judge, ranking_quality, set_dir
+from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags
 
 LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "dpo_rerank": "(c) DPO, re-ranked pairs",
           "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
@@ -242,7 +243,6 @@ def _count(n) -> str:
 def write_report(pipeline) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
     from .data import _atomic_write, write_json
-    from .pipeline import machine
 
     config = pipeline.config
     resamples = config.eval.get("bootstrap", 1000)
@@ -295,6 +295,7 @@ def write_report(pipeline) -> dict:
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
         "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(pipeline),
+        "stage_cpu_shares": stage_cpu_shares(pipeline),
         **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {}),
     }
     write_json(pipeline.path("report.json"), report)
@@ -385,7 +386,6 @@ def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict
 
 def _software(info: dict) -> str:
     """`, N threads, AVX512 kernels (avx512_bf16), torch X, transformers Y, ...` for the report's header."""
-    from .pipeline import matrix_flags
 
     parts = [f"{info['torch_threads']} threads"] if "torch_threads" in info else []
     if info.get("cpu_capability"):
@@ -479,10 +479,12 @@ def render_markdown(report: dict, pipeline) -> str:
     lines += compute_ledger(m) + curve_section(report)
     times = report.get("stage_seconds") or {}
     if times:
+        shares = report.get("stage_cpu_shares") or {}
         lines += ["", "## Where the time goes", "", "Wall seconds per stage (its own clock, summed over resumed "
-                  "runs; other jobs on the same cores slow it).", "", "| stage | wall s | share |", "|---|---|---|"]
+                  "runs). " + time_note([{n: shares.get(n) for n in times}]), "", "| stage | wall s | share |",
+                  "|---|---|---|"]
         total = sum(times.values()) or 1.0
-        lines += [f"| {name} | {t:.0f} | {t / total:.0%} |" for name, t in times.items()]
+        lines += [f"| {name} | {t:.0f}{time_mark(shares.get(name))} | {t / total:.0%} |" for name, t in times.items()]
         lines.append(f"| **all** | {sum(times.values()):.0f} | 100% |")
     lines += ["", "## Figures", ""]
     for title, path in report["figures"].items():
@@ -568,6 +570,33 @@ def stage_seconds(pipeline) -> dict[str, float]:
     return {name: round(record["compute"].get("wall_seconds", 0.0), 1) for name, record in records}
 
 
+def stage_cpu_shares(pipeline) -> dict[str, float | None]:
+    """Per stage, the share of the machine's CPU that other processes took while it ran (None: not measured)."""
+    return {name: record["compute"].get("other_cpu_share") for name, record in pipeline.records.items()}
+
+
+def time_mark(share: float | None) -> str:
+    """'' for a stage that had the CPU to itself, '*' when others shared it, '?' when that was not measured."""
+    return "?" if share is None else "*" if share >= SHARED_CPU_THRESHOLD else ""
+
+
+def time_note(shares: list[dict]) -> str:
+    """What the marks of a time table mean, and whether its wall seconds are speed figures."""
+    values = [v for d in shares for v in d.values()]
+    shared = [v for v in values if v is not None and v >= SHARED_CPU_THRESHOLD]
+    unmeasured = sum(v is None for v in values)
+    if not shared and not unmeasured:
+        return (f"Nothing else ran: other processes took under {SHARED_CPU_THRESHOLD:.0%} of the CPU during every "
+                "stage, so these are speed figures for this machine.")
+    parts = []
+    if shared:
+        parts.append(f"`*`: other processes took {min(shared):.0%}–{max(shared):.0%} of the machine's CPU while the "
+                     "stage ran, so its wall seconds are not a speed figure")
+    if unmeasured:
+        parts.append("`?`: not measured (a stage from before the counter, or no /proc/stat)")
+    return "; ".join(parts) + "."
+
+
 def _seed_diffs(flags_a: list[dict], flags_b: list[dict]) -> list[list[float]]:
     return [[float(fa[k]) - float(fb[k]) for k in sorted(set(fa) & set(fb))] for fa, fb in zip(flags_a, flags_b)]
 
@@ -591,7 +620,6 @@ def write_seeds_report(config, pipelines: list) -> dict:
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
     from .data import _atomic_write, write_json
-    from .pipeline import machine
     from .plots import plot_seeds_safety_vs_helpfulness
 
     resamples = config.eval.get("bootstrap", 2000)
@@ -656,6 +684,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
                  for (m, k), rs in groups.items()]
         matched = matched_compute_ratio(means)
     times = [stage_seconds(p) for p in pipelines]
+    shares = [stage_cpu_shares(p) for p in pipelines]
     stages = list(dict.fromkeys(name for t in times for name in t))
     figure = plot_seeds_safety_vs_helpfulness(
         {name: [(r["unsafe_rate"], r["helpfulness_rate"]) for r in row["seeds"] if r["helpfulness_rate"] is not None]
@@ -664,6 +693,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
               "machine": machine(), "model": config.model, "judge": config.eval.get("judge", "minilm"),
               "seeds": [p.config.seed for p in pipelines], "methods": methods, "against_base": against_base,
               "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(pipelines, times)},
+              "stage_cpu_shares": {str(p.config.seed): c for p, c in zip(pipelines, shares)},
               "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines],
               "figures": {"safety_helpfulness_seeds": figure},
               **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {})}
@@ -695,11 +725,12 @@ def write_seeds_report(config, pipelines: list) -> dict:
         lines += ["", "- Matched-safety compute ratio online / RBRM on the means over seeds: " + (
             f"{matched['ratio']:.3g}x ({matched['reason']})" if matched["ratio"] is not None else
             f"none ({matched['reason']})") + "; every seed's curve is in its own report and in report.json."]
-    lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock; other jobs "
-              "on the same cores slow it).", "", "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"])
-              + " |", "|---|" + "---|" * len(times)]
+    lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock). "
+              + time_note([{n: c.get(n) for n in t} for t, c in zip(times, shares)]), "",
+              "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |", "|---|" + "---|" * len(times)]
     for name in stages:
-        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.0f}" if name in t else "-" for t in times) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.0f}{time_mark(c.get(name))}" if name in t else "-"
+                                                 for t, c in zip(times, shares)) + " |")
     lines.append("| **all** | " + " | ".join(f"{sum(t.values()):.0f}" for t in times) + " |")
     lines += ["", "## Figures", "", "### Unsafe rate against helpfulness, one point per seed", "",
               f"![safety against helpfulness]({os.path.relpath(figure, config.run_dir)})", ""]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -164,6 +167,58 @@ def test_run_stage_caches_reruns_on_change_and_keeps_time_of_killed_runs(tmp_pat
     run_stage(directory, {"a": 2}, body, "s")  # changed: the old outputs are kept aside, the stage reruns
     assert len(calls) == 3 and open(os.path.join(directory, "out.txt")).read() == "x"
     assert open(os.path.join(directory + ".old", "out.txt")).read() == "xx"
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="the CPU counter reads /proc/stat")
+def test_cpu_counter_counts_other_processes_and_not_this_one():
+    from rbrm.machine import cpu_counters, other_cpu_seconds
+
+    before = cpu_counters()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 1.0\n"
+                              "while time.process_time() < end: pass\nprint('done', flush=True)\ntime.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:  # read while the child lives: a child not yet waited for is another process, not this one
+        assert child.stdout.readline().strip() == "done"
+        others, machine_seconds = other_cpu_seconds(before, cpu_counters())
+    finally:
+        child.kill()
+        child.wait()
+    assert 0.7 <= others <= machine_seconds
+
+    before = cpu_counters()
+    _burn(1.0)  # this process's own work is not "other"
+    after = cpu_counters()
+    others, _ = other_cpu_seconds(before, after)
+    assert others < (after[0] - before[0]) - 0.5
+    assert other_cpu_seconds(None, after) is None
+
+
+def test_run_stage_records_the_cpu_others_took_and_the_report_marks_it(tmp_path):
+    from rbrm.pipeline import run_stage
+    from rbrm.report import time_mark, time_note
+
+    directory = str(tmp_path / "stage")
+    record = run_stage(directory, {"a": 1}, lambda d: _burn(0.2), "s")
+    share = record["compute"]["other_cpu_share"]
+    assert share is None if not os.path.exists("/proc/stat") else 0.0 <= share <= 1.0
+    # A ledger from before the counter (no cpu_seconds) resumes with the share unknown, not a made-up one.
+    legacy = str(tmp_path / "legacy")
+    os.makedirs(legacy)
+    from rbrm.pipeline import stage_key
+    with open(os.path.join(legacy, "key.json"), "w") as f:
+        json.dump({"key": stage_key({"a": 1}), "inputs": {"a": 1}, "wall_seconds": 3.0}, f)
+    assert run_stage(legacy, {"a": 1}, lambda d: None, "s")["compute"]["other_cpu_share"] is None
+
+    assert [time_mark(v) for v in (0.01, 0.3, None)] == ["", "*", "?"]
+    assert time_note([{"a": 0.0, "b": 0.02}]).startswith("Nothing else ran")
+    note = time_note([{"a": 0.2, "b": 0.6}, {"c": None}])
+    assert "20%–60%" in note and "not a speed figure" in note and "`?`" in note
 
 
 def test_paired_difference_and_verdict():

@@ -1,0 +1,91 @@
+"""The machine a run's figures came from, and how much of its CPU other work took while a stage ran.
+
+Float results differ across CPUs and thread counts in the last digits, and wall seconds mean little when other
+processes share the cores: the report records both so a reader knows which figures are speed figures.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+# Libraries whose versions change the numbers (kernels, sampling, training, judging); the report records them.
+VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scikit-learn", "sentence-transformers",
+             "tokenizers", "safetensors")
+
+
+def matrix_flags(info: dict) -> list[str]:
+    """The CPU's bf16 and AMX instructions among `machine()`'s flags: what the matmul kernels can use."""
+    return [f for f in info.get("cpu_flags", []) if "bf16" in f or "amx" in f]
+
+
+def machine_summary(info: dict | None = None) -> str:
+    """One line for benchmarks: the CPU, threads, kernels and the bf16/AMX instructions it has."""
+    info = info or machine()
+    flags = matrix_flags(info)
+    return (f"{info.get('cpu') or info['platform']}; {info['torch_threads']} threads; {info['cpu_capability']} "
+            "kernels" + (f" ({', '.join(flags)})" if flags else ", no bf16/AMX instructions")
+            + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
+
+
+def machine() -> dict:
+    """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions.
+
+    Float results differ across CPUs and thread counts in the last digits (docs/results/README.md measures it).
+    """
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                            if line.startswith("model name")), None)
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    except OSError:
+        pass
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE"):
+        if os.environ.get(name):
+            info[name] = os.environ[name]
+    info["versions"] = {}
+    for package in VERSIONED:
+        try:
+            info["versions"][package] = version(package)
+        except PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# Above this share of the machine's CPU time going to other processes, a stage's wall seconds are not a speed figure.
+SHARED_CPU_THRESHOLD = 0.05
+
+
+def cpu_counters() -> tuple[float, float, float] | None:
+    """(busy CPU seconds of the whole machine, all its CPU seconds, this process's own CPU seconds) now.
+
+    From /proc/stat and os.times (threads and waited-for children included); None where /proc/stat is missing.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    t = os.times()
+    return (sum(fields) - idle) / tick, sum(fields) / tick, t.user + t.system + t.children_user + t.children_system
+
+
+def other_cpu_seconds(before: tuple | None, after: tuple | None) -> tuple[float, float] | None:
+    """(CPU seconds other processes used, all CPU seconds the machine had) between two `cpu_counters()` readings."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    others = (after[0] - before[0]) - (after[2] - before[2])
+    return max(0.0, others), after[1] - before[1]
