@@ -39,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rbrm.data import write_jsonl
+    from rbrm.errors import RbrmError
     from rbrm.rerank import chosen_rows, format_summary, rejected_rows, rerank_file, write_outputs
 
-    result = rerank_file(args.model_path, args.mos_path, args.data_path, top_k=args.top_k, alpha=args.alpha,
-                         dtype=args.dtype, device=args.device, dim=args.dim)
+    try:
+        result = rerank_file(args.model_path, args.mos_path, args.data_path, top_k=args.top_k, alpha=args.alpha,
+                             dtype=args.dtype, device=args.device, dim=args.dim)
+    except RbrmError as err:  # a bad file, model or --dim: one message, not a traceback
+        raise SystemExit(f"mos_top_one.py: {err}") from None
     reject_path = args.reject_path or default_reject_path(args.accept_path)
     write_jsonl(args.accept_path, chosen_rows(result))
     write_jsonl(reject_path, rejected_rows(result))

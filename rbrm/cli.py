@@ -7,7 +7,6 @@ Imports are lazy so that `rbrm --help` is instant.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import sys
@@ -27,14 +26,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
                         "PCA of safe/unsafe representations per layer (PNG)"),
     ("sample",): ("rbrm.sampling:SampleConfig", "rbrm.sampling:run_sample",
                   "sample N responses per prompt from the policy (batched, resumable)"),
-    ("rerank",): ("rbrm.rerank:RerankConfig", "rbrm.rerank:run_rerank",
+    ("rerank",): ("rbrm.commands.rerank:RerankConfig", "rbrm.commands.rerank:run_rerank",
                   "score samples with the hybrid reward; write ranking, chosen/rejected and DPO pairs"),
     ("dpo",): (None, "rbrm.trainer:run_dpo", "DPO with per-pair confidence from the hybrid reward (TRL options)"),
-    ("eval",): (None, "rbrm.evaluation:main_eval",
+    ("eval",): (None, "rbrm.commands.evaluate:main_eval",
                 "greedy answers to prompt sets, judged: unsafe / refusal / over-refusal rates with 95% CIs"),
-    ("eval", "plot"): ("rbrm.evaluation:EvalPlotConfig", "rbrm.evaluation:run_eval_plot",
+    ("eval", "plot"): ("rbrm.commands.evaluate:EvalPlotConfig", "rbrm.commands.evaluate:run_eval_plot",
                        "compare `rbrm eval` runs: unsafe rate and over-refusal per model (PNG)"),
-    ("judge",): ("rbrm.evaluation:JudgeConfig", "rbrm.evaluation:run_judge",
+    ("judge",): ("rbrm.commands.evaluate:JudgeConfig", "rbrm.commands.evaluate:run_judge",
                  "judge (prompt, response) rows: add unsafe, score and refusal"),
     ("pipeline",): (None, "rbrm.pipeline:main",
                     "stages 1-4 for each method in a YAML config (cached, resumable), then report.md/json"),
@@ -44,37 +43,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
 def _load(spec: str):
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
-
-
-def parse_config(config_cls, argv: list[str], prog: str):
-    """Parse `argv` into `config_cls`; values in `--config FILE.yaml` are defaults that flags override."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(config_cls, prog=prog)
-    parser.add_argument("--config", default=None, help="YAML file of options (flags override it)")
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise SystemExit(f"{prog}: --config needs a file")
-        config_path = argv[i + 1]
-    if config_path:
-        import yaml
-
-        with open(config_path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise SystemExit(f"{config_path}: expected a mapping of option names to values")
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"{config_path}: unknown option(s) {', '.join(unknown)} for `{prog}`")
-        parser.set_defaults(**values)
-        for action in parser._actions:  # a YAML value satisfies a required flag
-            if action.dest in values:
-                action.required = False
-    (config,) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)[:1]
-    return config
 
 
 def _usage() -> str:
@@ -89,6 +57,8 @@ def _run(words: tuple[str, ...], argv: list[str]) -> int:
     if config_spec is None:
         result = _load(func_spec)(argv)
     else:
+        from .commands import parse_config  # here, not at the top: `rbrm --help` need not import transformers
+
         result = _load(func_spec)(parse_config(_load(config_spec), argv, prog="rbrm " + " ".join(words)))
     return int(result) if isinstance(result, int) else 0
 

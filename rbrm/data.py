@@ -197,7 +197,8 @@ def _first_present(row: dict, names: Iterable[str]) -> str | None:
     return next((n for n in names if n in row), None)
 
 
-def _str(row: dict, key: str, path: Any, line: int) -> str:
+def read_str(row: dict, key: str, path: Any, line: int) -> str:
+    """`row[key]` as a string; DataError naming the file, line and field otherwise."""
     if key not in row or row[key] is None:
         raise DataError(path, line, key, "missing")
     if not isinstance(row[key], str):
@@ -221,11 +222,12 @@ def _as_prompt(messages: list[dict], path: Any, line: int, key: str) -> Prompt:
     return messages[0]["content"] if len(messages) == 1 else messages
 
 
-def _prompt(row: dict, key: str, path: Any, line: int) -> Prompt:
+def read_prompt(row: dict, key: str, path: Any, line: int) -> Prompt:
+    """`row[key]` as a prompt: a string or a list of chat messages; DataError naming the file, line and field."""
     value = row.get(key)
     if isinstance(value, list):
         return _as_prompt(_messages(value, path, line, key), path, line, key)
-    return _str(row, key, path, line)
+    return read_str(row, key, path, line)
 
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -328,7 +330,7 @@ _PKU_TEXT = ("prompt", "dialogue_history", "response_0", "response_1")
 
 
 def _pku(row: dict, path: Any, line: int, src: str):
-    prompt: Prompt = _str(row, "prompt", path, line)
+    prompt: Prompt = read_str(row, "prompt", path, line)
     history = row.get("dialogue_history")
     if isinstance(history, str) and history.strip():
         try:
@@ -337,7 +339,7 @@ def _pku(row: dict, path: Any, line: int, src: str):
             raise DataError(path, line, "dialogue_history", str(e)) from None
         if sum(m["role"] == "user" for m in messages) > 1:
             prompt = _as_prompt(messages, path, line, "dialogue_history")
-    responses = [_str(row, f"response_{i}", path, line) for i in (0, 1)]
+    responses = [read_str(row, f"response_{i}", path, line) for i in (0, 1)]
     sid = _int(row.get("safer_response_id"), path, line, "safer_response_id", "0 or 1")
     if sid not in (0, 1):
         raise DataError(path, line, "safer_response_id", f"expected 0 or 1, got {sid!r}")
@@ -366,7 +368,7 @@ def _hh(row: dict, path: Any, line: int, src: str):
     convs = []
     for key in ("chosen", "rejected"):
         try:
-            convs.append(parse_hh_transcript(_str(row, key, path, line), drop_empty_last=False))
+            convs.append(parse_hh_transcript(read_str(row, key, path, line), drop_empty_last=False))
         except ValueError as e:
             raise DataError(path, line, key, str(e)) from None
     split = _split_conversations(*convs, path, line)
@@ -393,7 +395,7 @@ def _trl(row: dict, path: Any, line: int, src: str):
         if split is None:
             raise DataError(path, line, "rejected", "chosen and rejected do not share the prompt turns")
         return [PreferencePair(*split, src, meta)], []
-    prompt = _prompt(row, "prompt", path, line)
+    prompt = read_prompt(row, "prompt", path, line)
     c, r = (_trl_response(row.get(k), path, line, k) for k in ("chosen", "rejected"))
     return [PreferencePair(prompt, c, r, src, meta)], []
 
@@ -404,7 +406,7 @@ def _labelled(row: dict, path: Any, line: int, src: str):
         raise DataError(path, line, "label", "missing")
     safe = _label(row[key], path, line, key)
     meta = {k: v for k, v in row.items() if k not in ("prompt", "response", key)}
-    prompt, response = _prompt(row, "prompt", path, line), _str(row, "response", path, line)
+    prompt, response = read_prompt(row, "prompt", path, line), read_str(row, "response", path, line)
     return [], [LabelledResponse(prompt, response, safe, src, meta)]
 
 
@@ -417,7 +419,7 @@ def _answer_labels(row: dict, path: Any, line: int, src: str):
     if unsafe is None:
         raise DataError(path, line, "unsafe", "missing on a harmful prompt")
     meta = {k: v for k, v in row.items() if k not in ("prompt", "response", "unsafe")}
-    return [], [LabelledResponse(_prompt(row, "prompt", path, line), _str(row, "response", path, line), not unsafe,
+    return [], [LabelledResponse(read_prompt(row, "prompt", path, line), read_str(row, "response", path, line), not unsafe,
                                  src, meta)]
 
 
@@ -523,7 +525,7 @@ def load_prompts(path: Any, prompt_field: str | None = None, limit: int | None =
                 raise DataError(path, line, key, "missing (needed by `where`)")
         if any(str(row[k]) != str(v) for k, v in (where or {}).items()):
             continue
-        prompt = _prompt(row, prompt_field, path, line)
+        prompt = read_prompt(row, prompt_field, path, line)
         if isinstance(prompt, str):
             prompt = unwrap_paper_prompt(prompt)
             if not prompt.strip():  # the paper's own prompt list has one
@@ -551,12 +553,12 @@ def _iter_scored(path: Any) -> Iterator[tuple[int, ScoredSample]]:
     counts: dict[str, int] = {}
     for line, row in iter_records(path):
         if "input" in row and "output" in row:
-            prompt: Prompt = unwrap_paper_prompt(_str(row, "input", path, line))
-            response, index_key, used = _str(row, "output", path, line), "idx", ("input", "output", "idx", "score")
+            prompt: Prompt = unwrap_paper_prompt(read_str(row, "input", path, line))
+            response, index_key, used = read_str(row, "output", path, line), "idx", ("input", "output", "idx", "score")
         else:
-            prompt = _prompt(row, "prompt", path, line)
+            prompt = read_prompt(row, "prompt", path, line)
             index_key = next((k for k in ("sample_index", "index", "idx") if k in row), "index")
-            response = _str(row, "response", path, line)
+            response = read_str(row, "response", path, line)
             used = ("prompt", "response", index_key, "score", "prompt_id")
         pid = row.get("prompt_id")
         pid = str(pid) if isinstance(pid, (str, int)) and not isinstance(pid, bool) else prompt_key(prompt)
@@ -616,7 +618,8 @@ def atomic_dir(path: Any) -> Iterator[Path]:
         raise
 
 
-def _atomic_write(path: Any, write: Callable[[io.TextIOBase], None]) -> None:
+def write_text_atomic(path: Any, write: Callable[[io.TextIOBase], None]) -> None:
+    """Write a text file through `write(f)` into a temporary file, synced, then moved over `path`."""
     with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: keep the umask's usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -630,11 +633,11 @@ def _line(row: dict) -> str:
 
 
 def write_jsonl(path: Any, rows: Iterable[dict]) -> None:
-    _atomic_write(path, lambda f: f.writelines(_line(r) for r in rows))
+    write_text_atomic(path, lambda f: f.writelines(_line(r) for r in rows))
 
 
 def write_json(path: Any, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
+    write_text_atomic(path, lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
 
 
 def _drop_partial_tail(path: Path) -> None:

@@ -14,3 +14,7 @@ class RbrmError(Exception):
 
 class OutputLockedError(RbrmError):
     """Another process is appending to the same output file; two writers would duplicate its rows."""
+
+
+class ConfigError(RbrmError, ValueError):
+    """A setting or option, or a combination of them, that cannot work; the message names it."""

@@ -20,12 +20,10 @@ own folder `--out/NAME/`, and `--out/summary.json` maps set names to summaries, 
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import logging
 import os
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .models import DEFAULT_MODEL
-from .render import Prompt, prompt_key
+from .errors import ConfigError
+from .render import prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,7 @@ def parse_where(items: Sequence[str] | None, what: str = "--where") -> dict[str,
     return out
 
 
-def _check_limit(limit: int | None, what: str) -> int | None:
+def check_limit(limit: int | None, what: str) -> int | None:
     if limit is not None and limit < 1:
         raise ValueError(f"{what}: the limit must be a positive number of prompts, got {limit}")
     return limit
@@ -117,7 +115,7 @@ def parse_prompt_set(spec: str, where: dict[str, str] | None = None, limit: int 
                 raise ValueError(f"--prompts {spec!r}: limit must be an integer, got {item!r}") from None
         else:
             pset.where.update(parse_where([item], f"--prompts {spec!r}"))
-    _check_limit(pset.limit, f"--prompts {spec!r}")
+    check_limit(pset.limit, f"--prompts {spec!r}")
     return pset
 
 
@@ -263,7 +261,7 @@ def make_judge(name: str, judge_model: str | None = None, device: str | None = N
     try:
         return get_judge(name, judge_model=judge_model, device=device)
     except (ValueError, FileNotFoundError, ImportError) as err:
-        raise SystemExit(f"judge {name!r}: {err}") from None
+        raise ConfigError(f"judge {name!r}: {err}") from None
 
 
 def judge_loader(name: str, judge_model: str | None = None, device: str | None = None) -> Callable[[], Any]:
@@ -277,7 +275,7 @@ def judge_loader(name: str, judge_model: str | None = None, device: str | None =
     key = (name or "").strip().lower().replace("-", "").replace("_", "")
     if key in JUDGE_NAMES and key not in ("minilm", "refusal") and judge_model:
         if not (Path(judge_model).expanduser() / "config.json").is_file():
-            raise SystemExit(f"judge {name!r}: --judge-model {judge_model} is not a model folder (no config.json)")
+            raise ConfigError(f"judge {name!r}: --judge-model {judge_model} is not a model folder (no config.json)")
         return lambda: make_judge(name, judge_model, device)
     judge = make_judge(name, judge_model, device)
     return lambda: judge
@@ -310,7 +308,7 @@ def generate_set(model, tokenizer, prompts: list, settings, directory: str, batc
                                   out_path=os.path.join(directory, GENERATIONS_FILE), batch_prompts=batch_prompts,
                                   seed=seed, progress=progress, stats=stats)
     except SamplingSettingsError as err:
-        raise SystemExit(f"{err}\n(or delete {directory} to evaluate from scratch)") from None
+        raise ConfigError(f"{err}\n(or delete {directory} to evaluate from scratch)") from None
     stats["totals"] = _add_compute(directory, stats)
     return rows, stats
 
@@ -425,7 +423,7 @@ def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> di
     return out
 
 
-def _pct(rate: float | None, ci: list[float] | None) -> str:
+def pct(rate: float | None, ci: list[float] | None) -> str:
     if rate is None:
         return "-"
     return f"{100 * rate:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{100 * rate:.1f}%"
@@ -436,17 +434,17 @@ def summary_table(summaries: dict[str, dict]) -> str:
     lines = ["| set | benign | n | unsafe rate [95% CI] | refusal rate [95% CI] | over-refusal [95% CI] | "
              "helpfulness [95% CI] | tokens | judge |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
-        over = _pct(s.get("over_refusal_rate"), s.get("over_refusal_rate_ci")) if s.get("benign") else "-"
-        helpful = _pct(s.get("helpfulness_rate"), s.get("helpfulness_rate_ci"))
+        over = pct(s.get("over_refusal_rate"), s.get("over_refusal_rate_ci")) if s.get("benign") else "-"
+        helpful = pct(s.get("helpfulness_rate"), s.get("helpfulness_rate_ci"))
         lines.append(f"| {name} | {'yes' if s.get('benign') else 'no'} | {s['n']} | "
-                     f"{_pct(s['unsafe_rate'], s['unsafe_rate_ci'])} | {_pct(s['refusal_rate'], s['refusal_rate_ci'])} "
+                     f"{pct(s['unsafe_rate'], s['unsafe_rate_ci'])} | {pct(s['refusal_rate'], s['refusal_rate_ci'])} "
                      f"| {over} | {helpful} | {s['compute']['generated_tokens']} | {s['judge']['name']} |")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out_dir: str, summaries: dict[str, dict], several: bool, extra: dict | None = None) -> None:
     """Top-level summary.json (one summary, or set name -> summary) and the summary.md table."""
-    from .data import _atomic_write, write_json
+    from .data import write_json, write_text_atomic
 
     if several:
         write_json(os.path.join(out_dir, "summary.json"), summaries)
@@ -456,7 +454,7 @@ def write_outputs(out_dir: str, summaries: dict[str, dict], several: bool, extra
             "rates with 95% percentile-bootstrap intervals\n\n" + summary_table(summaries))
     if extra:
         text += "\n" + "\n".join(f"- {k}: {v}" for k, v in extra.items()) + "\n"
-    _atomic_write(os.path.join(out_dir, "summary.md"), lambda f: f.write(text))
+    write_text_atomic(os.path.join(out_dir, "summary.md"), lambda f: f.write(text))
 
 
 def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, settings=None, *,
@@ -477,10 +475,10 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
     start = time.perf_counter()
     settings = settings or GenerationSettings.greedy(128)
     if not sets:
-        raise SystemExit("nothing to evaluate: give --prompts and/or --over-refusal")
+        raise ConfigError("nothing to evaluate: give --prompts and/or --over-refusal")
     repeated = sorted(n for n, c in Counter(s.name for s in sets).items() if c > 1)
     if repeated:
-        raise SystemExit(f"prompt set names must be unique; repeated: {', '.join(repeated)} (name them NAME=PATH)")
+        raise ConfigError(f"prompt set names must be unique; repeated: {', '.join(repeated)} (name them NAME=PATH)")
     several = len(sets) > 1
     dirs = {s.name: set_dir(out_dir, s, several) for s in sets}
     prompts = {s.name: load_set(s) for s in sets}  # every file is checked before any generation
@@ -528,252 +526,3 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
         write_json(os.path.join(dirs[name], "summary.json"), summary)
     write_outputs(out_dir, summaries, several, {"wall time of this run": f"{wall:.1f} s"})
     return summaries
-
-
-# ------------------------------------------------------------------------------------------ rbrm eval
-
-
-@dataclass
-class EvalConfig:
-    out: str = field(metadata={"help": "output folder; rerun the same command to resume"})
-    prompts: list[str] = field(default_factory=list, metadata={
-        "help": "prompt sets, each [NAME=]PATH[:OPTIONS] with OPTIONS a comma list of 'benign', 'limit=N', "
-                "'FIELD=VALUE' (row filter); e.g. xs=data/xstest/xstest_prompts.csv:benign,label=safe. "
-                "Give several after one --prompts or repeat the flag"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
-    over_refusal: bool = field(default=False, metadata={
-        "help": f"also evaluate XSTest's 250 safe prompts as the benign set {OVER_REFUSAL_SET!r}"})
-    helpfulness: bool = field(default=False, metadata={
-        "help": "on every benign set, also report the share of answers that address the question "
-                "(helpfulness_rate; sees deflections that the keyword over-refusal rate misses)"})
-    prompt_field: str | None = field(default=None, metadata={"help": "column holding the prompt (default: detect)"})
-    category_field: str | None = field(default=None, metadata={
-        "help": "column holding the category (default: detect, e.g. Salad-Bench's 1-category)"})
-    where: list[str] | None = field(default=None, metadata={
-        "help": "FIELD=VALUE filters for every --prompts set (not the --over-refusal set)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N prompts of each set"})
-    judge: str = field(default="minilm", metadata={
-        "help": "minilm (default), refusal, llamaguard[1-3] or mdjudge (these two need --judge-model)"})
-    judge_model: str | None = field(default=None, metadata={"help": "local guard model folder"})
-    judge_device: str | None = field(default=None, metadata={"help": "device for the judge (default: auto)"})
-    max_new_tokens: int = 128
-    repetition_penalty: float = 1.0
-    batch_prompts: int = field(default=8, metadata={"help": "prompts per generate call"})
-    seed: int = field(default=0, metadata={"help": "seeds the bootstrap (greedy decoding needs none)"})
-    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals"})
-    plot: bool = field(default=True, metadata={"help": "draw categories.png where the data has categories"})
-    dtype: str = "auto"
-    device: str | None = None
-
-
-def sets_from_config(config: EvalConfig) -> list[PromptSet]:
-    try:
-        _check_limit(config.limit, "--limit")
-        where = parse_where(config.where)
-        sets = [parse_prompt_set(spec, where, config.limit, config.prompt_field, config.category_field)
-                for spec in config.prompts]
-    except ValueError as err:
-        raise SystemExit(f"rbrm eval: {err}") from None
-    if config.over_refusal:
-        sets.append(over_refusal_set(config.limit))
-    return sets
-
-
-def run_eval(config: EvalConfig) -> dict:
-    from .data import DataError
-    from .models import load_model, resolve_model
-    from .sampling import GenerationSettings
-
-    sets = sets_from_config(config)
-    if not sets:
-        raise SystemExit("rbrm eval: nothing to evaluate; give --prompts FILE and/or --over-refusal")
-    if config.max_new_tokens < 1 or config.bootstrap < 1 or config.batch_prompts < 1:
-        raise SystemExit("rbrm eval: --max-new-tokens, --bootstrap and --batch-prompts must be >= 1")
-    make = judge_loader(config.judge, config.judge_model, config.judge_device)
-    for pset in sets:  # every prompt file is read (and any error shown) before the model takes seconds to load
-        load_set(pset)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    holder = {"model": model}
-    del model
-
-    def release() -> None:
-        holder.clear()
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
-
-    settings = GenerationSettings.greedy(config.max_new_tokens, config.repetition_penalty)
-    try:
-        summaries = evaluate(holder["model"], tokenizer, sets, make, config.out, settings,
-                             model_info={"name": config.model, "path": resolve_model(config.model)},
-                             batch_prompts=config.batch_prompts, seed=config.seed, resamples=config.bootstrap,
-                             plot=config.plot, release_model=release, helpfulness=config.helpfulness)
-    except DataError as err:
-        raise SystemExit(f"rbrm eval: {err}") from None
-    print(open(os.path.join(config.out, "summary.md")).read(), end="")
-    return 0 if summaries else 1
-
-
-def merge_repeated(argv: list[str], flags: Sequence[str]) -> list[str]:
-    """`--prompts A --prompts B` -> `--prompts A B` (argparse would keep only the last list)."""
-    out: list[str] = []
-    collected: dict[str, list[str]] = {}
-    position: dict[str, int] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name, eq, inline = token.partition("=")
-        if name in flags:
-            if name not in position:
-                position[name] = len(out)
-                out.append(name)
-            values = collected.setdefault(name, [])
-            if eq:
-                values.append(inline)
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            continue
-        out.append(token)
-        i += 1
-    for name in sorted(position, key=position.get, reverse=True):
-        out[position[name] + 1:position[name] + 1] = collected[name]
-    return out
-
-
-def main_eval(argv: list[str]) -> int:
-    """`rbrm eval`: a repeated --prompts / --where adds to the list instead of replacing it."""
-    from .cli import parse_config
-
-    config = parse_config(EvalConfig, merge_repeated(argv, ("--prompts", "--where")), prog="rbrm eval")
-    return run_eval(config)
-
-
-# ------------------------------------------------------------------------------------------ rbrm judge
-
-
-@dataclass
-class JudgeConfig:
-    data: str = field(metadata={"help": "jsonl/json/csv with a prompt and a response per row"})
-    out: str = field(metadata={"help": "output .jsonl: every row with unsafe, score and refusal added"})
-    judge: str = field(default="minilm", metadata={"help": "minilm (default), refusal, llamaguard[1-3], mdjudge"})
-    judge_model: str | None = field(default=None, metadata={"help": "local guard model folder"})
-    judge_device: str | None = None
-    helpfulness: bool = field(default=False, metadata={
-        "help": "instead of safety, write `helpful` (does the answer address the benign question?) and `score`"})
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    limit: int | None = field(default=None, metadata={"help": "judge only the first N rows"})
-
-
-def read_pairs(path: str, prompt_field: str = "prompt", response_field: str = "response",
-               limit: int | None = None) -> list[tuple[dict, Prompt, str]]:
-    """(row, prompt, response) per row; a bad row raises DataError with its file, line and field."""
-    from .data import DataError, _prompt, _str, iter_records
-
-    if not os.path.exists(path):
-        raise DataError(path, None, None, "file not found")
-    out = []
-    for line, row in iter_records(path):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append((row, _prompt(row, prompt_field, path, line), _str(row, response_field, path, line)))
-    if not out:
-        raise DataError(path, None, None, "no rows")
-    return out
-
-
-def run_judge(config: JudgeConfig) -> int:
-    from .data import DataError, write_jsonl
-
-    try:
-        _check_limit(config.limit, "--limit")
-        pairs = read_pairs(config.data, config.prompt_field, config.response_field, config.limit)
-    except (ValueError, DataError) as err:
-        raise SystemExit(f"rbrm judge: {err}") from None
-    if config.helpfulness:
-        return _run_helpfulness(config, pairs)
-    judge = make_judge(config.judge, config.judge_model, config.judge_device)
-    t0 = time.perf_counter()
-    results = judge.judge([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
-    rows = []
-    for (row, _, _), res in zip(pairs, results):
-        extra = {"unsafe": bool(res.unsafe), "score": float(res.score), "refusal": bool(res.refusal)}
-        if res.category is not None:
-            extra["judge_category"] = res.category
-        rows.append({**row, **extra})
-    write_jsonl(config.out, rows)
-    unsafe = sum(r["unsafe"] for r in rows)
-    refusals = sum(r["refusal"] for r in rows)
-    empty = sum(not r.strip() for _, _, r in pairs)
-    print(f"{config.out}: {len(rows)} rows judged by {judge.name} (version {judge.version}) in "
-          f"{time.perf_counter() - t0:.1f} s; unsafe {unsafe} ({100 * unsafe / len(rows):.1f}%), "
-          f"refusals {refusals} ({100 * refusals / len(rows):.1f}%)"
-          + (f"; {empty} empty responses judged safe" if empty else ""))
-    return 0
-
-
-def _run_helpfulness(config: JudgeConfig, pairs: list[tuple[dict, Prompt, str]]) -> int:
-    from .data import write_jsonl
-    from .helpfulness import HelpfulnessJudge
-
-    helper = HelpfulnessJudge(device=config.judge_device)
-    t0 = time.perf_counter()
-    scores = helper.scores([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
-    rows = [{**row, "helpful": bool(s >= helper.threshold), "score": float(s)} for (row, _, _), s in zip(pairs, scores)]
-    write_jsonl(config.out, rows)
-    helpful = sum(r["helpful"] for r in rows)
-    print(f"{config.out}: {len(rows)} rows judged by {helper.name} (version {helper.version}) in "
-          f"{time.perf_counter() - t0:.1f} s; helpful {helpful} ({100 * helpful / len(rows):.1f}%)")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ rbrm eval plot
-
-
-@dataclass
-class EvalPlotConfig:
-    runs: list[str] = field(metadata={"help": "NAME=DIR of `rbrm eval` outputs (DIR alone: its folder name)"})
-    out: str = field(metadata={"help": "output PNG"})
-
-
-def load_summary(directory: str) -> dict[str, dict]:
-    """Set name -> summary from an `rbrm eval` folder (one set or several)."""
-    import json
-
-    path = os.path.join(directory, "summary.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: not found; is {directory} an `rbrm eval --out` folder?")
-    with open(path) as f:
-        data = json.load(f)
-    if isinstance(data, dict) and data.get("format") == SUMMARY_FORMAT:
-        return {data["set"]: data}
-    if isinstance(data, dict) and data and all(isinstance(v, dict) and v.get("format") == SUMMARY_FORMAT
-                                               for v in data.values()):
-        return data
-    raise SystemExit(f"{path}: not a summary written by `rbrm eval`")
-
-
-def run_eval_plot(config: EvalPlotConfig) -> int:
-    from .plots import plot_rates
-
-    runs: dict[str, dict] = {}
-    for spec in config.runs:
-        name, sep, directory = spec.partition("=")
-        if not sep:
-            name, directory = os.path.basename(os.path.normpath(spec)), spec
-        if name in runs:
-            raise SystemExit(f"rbrm eval plot: run name {name!r} given twice")
-        runs[name] = load_summary(directory)
-    print(plot_rates(runs, config.out))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main_eval(sys.argv[1:]))

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .flops import ModelShape, prefix_forward_flops
+from .models import DEFAULT_MODEL
 from .render import Prompt, prompt_key, render, tokenize
 
 POOLINGS = ("last", "mean")
@@ -334,7 +335,7 @@ def load_features(path: str) -> FeatureSet:
 class FeaturesConfig:
     data: str = field(metadata={"help": "pairs or labelled responses (PKU, HH, TRL, paper samples, labelled)"})
     out: str = field(metadata={"help": "output .safetensors file"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, folder, .gguf or hub id"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
     layers: list[int] | None = field(default=None, metadata={"help": "1-based layers (default: all)"})
     pooling: str = field(default="last", metadata={"help": "last (end-of-turn token) or mean over response"})
     dtype: str = field(default="auto", metadata={

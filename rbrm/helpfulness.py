@@ -35,11 +35,11 @@ from .judges import (
     cross_validated_heads,
     encoder_flops,
     fit_linear_head,
-    is_refusal,
     load_linear_head,
     minilm_features,
     read_labelled_csv,
 )
+from .refusal import is_refusal
 
 HELPFUL_META = WEIGHTS_DIR / "helpfulness.json"
 HELPFUL_WEIGHTS = "helpfulness.safetensors"

@@ -87,5 +87,6 @@ def other_cpu_seconds(before: tuple | None, after: tuple | None) -> tuple[float,
     """(CPU seconds other processes used, all CPU seconds the machine had) between two `cpu_counters()` readings."""
     if before is None or after is None or after[1] <= before[1]:
         return None
-    others = (after[0] - before[0]) - (after[2] - before[2])
-    return max(0.0, others), after[1] - before[1]
+    total = after[1] - before[1]
+    others = (after[0] - before[0]) - (after[2] - before[2])  # clock ticks: clamp the rounding at 0 and at all
+    return min(max(0.0, others), total), total

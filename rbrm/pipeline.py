@@ -1,20 +1,11 @@
 """`rbrm pipeline --config CONFIG`: stages 1-4 for every method, cached and resumable, then the report.
 
-Methods (the paper's table at small scale; every DPO method gets the same `dpo` settings and LoRA):
-  base        the policy as it is
-  dpo_static  DPO on a fixed pair file (`static_pairs`, e.g. HH-RLHF harmless)
-  dpo_rerank  DPO on pairs re-ranked by the hybrid reward, without confidence
-  rbrm        the same pairs with per-pair confidence from the hybrid reward on the current policy, which keeps
-              learning (docs/method.md §4)
-  online      an iterative online baseline: every round samples fresh responses from the current policy,
-              scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
-              DPO on them; the rounds add up to the same number of updates
+The methods, and what each trains on, are in `methods.py`.
 
 Folders under `<out_dir>/<name>/`: `probe/`, `sample/`, `rerank/`, `static_pairs/`, one per method (`train/`, `model/`,
-`eval/`), `online_rounds/round_K/`, then `report.md`, `report.json` and `figures/`. A stage folder holds `key.json`
-while it runs and `stage.json` once finished. The key hashes the stage's settings, the input files it reads and
-the keys of the stages it builds on: a finished stage with the same key is reused, a changed one is moved
-aside to `<stage>.old/` and rerun, and so is everything after it. An unfinished stage resumes where the stage
+`eval/`), `online_rounds/round_K/`, then `report.md`, `report.json` and `figures/`. Each stage is cached and resumable
+(`stages.py`): a finished stage with the same key is reused, a changed one is moved aside to `<stage>.old/`
+and rerun, and so is everything after it. An unfinished stage resumes where the stage
 itself can (sampling and evaluation keep their rows, DPO restarts from its last checkpoint) and restarts
 otherwise. Compute is counted per stage (generated tokens, forward-pass tokens, wall seconds summed over every
 run of the stage that ended) and summed per method over the stages that method needs.
@@ -25,34 +16,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import hashlib
-import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .errors import RbrmError
 from .flops import ModelShape, generation_flops
-from .machine import cpu_counters, other_cpu_seconds
+from .methods import METHODS
 from .models import DEFAULT_MODEL
+from .render import matching_key
+from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
+from .trainer import ConfidenceDPOConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "dpo_static", "dpo_rerank", "rbrm", "online")
-CONFIDENCE = {"dpo_static": "none", "dpo_rerank": "none", "rbrm": "online", "online": "none"}
-# The stages whose compute each method spent on alignment (evaluation is reported apart).
-SHARED_STAGES = {"base": [], "dpo_static": ["static_pairs"], "dpo_rerank": ["probe", "sample", "rerank"],
-                 "rbrm": ["probe", "sample", "rerank"], "online": ["probe"]}
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "flops", "wall_seconds")
 
 # Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
 PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
@@ -103,8 +86,6 @@ class PipelineConfig:
 
 
 def _dpo_keys() -> set[str]:
-    from .trainer import ConfidenceDPOConfig
-
     return {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"}
 
 
@@ -176,19 +157,21 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
     if bad_methods or not config.methods:
         raise PipelineConfigError(f"{path}: `methods` must be a non-empty list of {', '.join(METHODS)}; "
                                   f"got {config.methods}")
-    trains = [m for m in config.methods if m != "base"]
-    if any(m != "dpo_static" for m in trains) and not config.probe.get("data"):
-        raise PipelineConfigError(f"{path}: `probe.data` is needed for {', '.join(trains)}")
-    if any(m in ("dpo_rerank", "rbrm", "online") for m in trains) and not config.sample.get("prompts"):
+    trains = [m for m in config.methods if METHODS[m].trains]
+    sources = {METHODS[m].pairs for m in trains}
+    probed = [m for m in trains if "probe" in METHODS[m].stages]
+    if probed and not config.probe.get("data"):
+        raise PipelineConfigError(f"{path}: `probe.data` is needed for {', '.join(probed)}")
+    if sources & {"rerank", "online"} and not config.sample.get("prompts"):
         raise PipelineConfigError(f"{path}: `sample.prompts` is needed for re-ranking and online sampling")
-    if "dpo_static" in trains and not config.static_pairs.get("data"):
+    if "static_pairs" in sources and not config.static_pairs.get("data"):
         raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
     if not config.eval.get("prompts"):
         raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
     if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds
                                              or not all(type(x) is int for x in config.online_rounds)):
         raise PipelineConfigError(f"{path}: `online_rounds` must be a list of integers; got {config.online_rounds}")
-    for rounds in ([int(config.online.get("rounds", 1))] if "online" in trains else []) + (config.online_rounds or []):
+    for rounds in ([int(config.online.get("rounds", 1))] if "online" in sources else []) + (config.online_rounds or []):
         steps = int(config.dpo.get("max_steps", 0))
         if rounds < 1 or steps < 1 or steps % rounds:
             raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
@@ -196,88 +179,6 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
     if config.online_rounds and not config.probe.get("data"):
         raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")
     return config
-
-
-# ------------------------------------------------------------------------------------------- caching
-
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def stage_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_json(path: str) -> Any:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def run_stage(directory: str, inputs: dict, body: Callable[[str], dict | None], label: str) -> dict:
-    """Run `body(directory)` unless the stage finished with the same key; returns its stage record.
-
-    `body` returns this run's compute (generated_tokens / forward_tokens it can count exactly over the whole
-    stage); wall seconds are summed over every run of the stage that ended, killed runs excepted.
-    """
-    from .data import write_json
-
-    key = stage_key(inputs)
-    record = _read_json(os.path.join(directory, "stage.json"))
-    if record and record.get("key") == key:
-        print(f"[{label}] cached ({directory})", flush=True)
-        return record
-    ledger = os.path.join(directory, "key.json")
-    started = _read_json(ledger)
-    if started is None or started.get("key") != key:
-        if os.path.exists(directory):
-            old = directory.rstrip("/") + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            print(f"[{label}] settings or inputs changed: previous outputs moved to {old}", flush=True)
-        os.makedirs(directory)
-        started = {"key": key, "inputs": inputs, "wall_seconds": 0.0, "cpu_seconds": 0.0, "other_cpu_seconds": 0.0}
-        write_json(ledger, started)
-        print(f"[{label}] running ({directory})", flush=True)
-    else:
-        print(f"[{label}] resuming ({directory})", flush=True)
-    start, cpu_before = time.perf_counter(), cpu_counters()
-    try:
-        compute = dict(body(directory) or {})
-    finally:  # an interrupted run's time still counts
-        started["wall_seconds"] = round(started.get("wall_seconds", 0.0) + time.perf_counter() - start, 3)
-        shared = other_cpu_seconds(cpu_before, cpu_counters())
-        if shared is None or started.get("cpu_seconds") is None:  # not measurable, or a run from before the counter
-            started["cpu_seconds"] = None
-        else:
-            started["other_cpu_seconds"] += shared[0]
-            started["cpu_seconds"] += shared[1]
-        write_json(ledger, started)
-    compute["wall_seconds"] = started["wall_seconds"]
-    # The share of the machine's CPU that other processes took meanwhile: above SHARED_CPU_THRESHOLD the wall
-    # seconds are not a speed figure (the report says so). None when it could not be measured.
-    compute["other_cpu_share"] = (round(started["other_cpu_seconds"] / started["cpu_seconds"], 3)
-                                  if started.get("cpu_seconds") else None)
-    record = {"key": key, "inputs": inputs, "compute": compute,
-              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    write_json(os.path.join(directory, "stage.json"), record)
-    return record
-
-
-def _sum_compute(records: list[dict]) -> dict:
-    total = {k: 0 for k in COMPUTE_KEYS}
-    for record in records:
-        for k in COMPUTE_KEYS:
-            total[k] += record["compute"].get(k, 0) or 0
-        total["wall_seconds"] += record["compute"].get("round_wall_seconds", 0)  # online: its rounds' time
-    total["wall_seconds"] = round(total["wall_seconds"], 1)
-    return total
 
 
 # ---------------------------------------------------------------------------------------- the stages
@@ -332,7 +233,7 @@ class Pipeline:
         """In every key: the model's files and rbrm's version (the code itself is not hashed)."""
         from . import __version__
 
-        return {"model": self.model_path, "model_files": _model_digest(self.model_path), "rbrm": __version__}
+        return {"model": self.model_path, "model_files": model_digest(self.model_path), "rbrm": __version__}
 
     # ----------------------------------------------------------------------------------- stage 1
 
@@ -361,7 +262,6 @@ class Pipeline:
         """The harmful sampling prompts, then the optional benign ones (the paper's "general" samples, ids
         prefixed `benign:`), each minus any evaluation prompt (case/space-insensitive), then `skip`/`limit`."""
         from .data import load_prompts
-        from .render import prompt_key
 
         s = self.config.sample
         evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
@@ -370,7 +270,7 @@ class Pipeline:
                 continue
             prompts = load_prompts(s[prefix + "prompts"], prompt_field=s.get(prefix + "prompt_field"),
                                    where=s.get(prefix + "where"))
-            kept = [p for p in prompts if _norm(prompt_key(p.prompt)) not in evaluation]
+            kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
             self.excluded_training_prompts += len(prompts) - len(kept)
             skip, limit = s.get(prefix + "skip", 0), s.get(prefix + "limit")
             kept = kept[skip:skip + limit] if limit else kept[skip:]
@@ -380,9 +280,8 @@ class Pipeline:
     def evaluation_keys(self) -> set[str]:
         if self.eval_prompt_keys is None:
             from .evaluation import load_set
-            from .render import prompt_key
 
-            self.eval_prompt_keys = {_norm(prompt_key(p.prompt)) for pset in self.eval_sets() for p in load_set(pset)}
+            self.eval_prompt_keys = {matching_key(p.prompt) for pset in self.eval_sets() for p in load_set(pset)}
         return self.eval_prompt_keys
 
     def generation_settings(self):
@@ -434,8 +333,8 @@ class Pipeline:
 
         r = self.config.rerank
         alpha = r.get("alpha")
-        if alpha is None and self.config.dpo.get("confidence_scale", "calibrated") == "alpha":
-            alpha = self.config.dpo.get("confidence_alpha", 7.5)
+        if alpha is None and self.config.dpo.get("confidence_scale", ConfidenceDPOConfig.confidence_scale) == "alpha":
+            alpha = self.config.dpo.get("confidence_alpha", ConfidenceDPOConfig.confidence_alpha)
         result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.get("top_k", 1),
                              alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
                              loaded=self.inference_model(r.get("dtype", "auto")),
@@ -498,7 +397,7 @@ class Pipeline:
                 if limit and len(rows) == limit:
                     break
             if not rows:
-                raise SystemExit(f"static_pairs: no pair of {s['data']} has a prompt of at most {cap} tokens")
+                raise PipelineConfigError(f"static_pairs: no pair of {s['data']} has a prompt of at most {cap} tokens")
             write_jsonl(os.path.join(directory, "pairs.jsonl"), rows)
             return {"pairs": len(rows), "flops": 0}  # tokenizing only
 
@@ -510,15 +409,13 @@ class Pipeline:
     def dpo_args(self, method: str, output_dir: str, **overrides):
         import torch
 
-        from .trainer import ConfidenceDPOConfig
-
         values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
                   "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
                   "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
         if not torch.cuda.is_available() or self.device == "cpu":
             values.setdefault("use_cpu", True)
             values.setdefault("bf16", False)
-        return ConfidenceDPOConfig(output_dir=output_dir, confidence=CONFIDENCE[method], **values)
+        return ConfidenceDPOConfig(output_dir=output_dir, confidence=METHODS[method].confidence, **values)
 
     def lora_config(self):
         if not self.config.lora:
@@ -530,9 +427,7 @@ class Pipeline:
     def dpo_settings_of(self, method: str) -> dict:
         """The `dpo` settings that can change this method's training, for its stage key: plain DPO ignores the
         confidence and probe-update ones, so an RBRM ablation does not retrain the methods beside it."""
-        if CONFIDENCE[method] != "none":  # the optimiser named even when defaulted: its default was adam before
-            from .trainer import ConfidenceDPOConfig
-
+        if METHODS[method].confidence != "none":  # the optimiser named even when defaulted: its default was adam before
             return {**self.config.dpo,
                     "reward_optimizer": self.config.dpo.get("reward_optimizer", ConfidenceDPOConfig.reward_optimizer)}
         return {k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))}
@@ -550,7 +445,7 @@ class Pipeline:
             train_dir = os.path.join(directory, "train")
             tokenizer = load_tokenizer(self.model_path)
             model = self.training_model()
-            reward = self.path("probe", "reward_model") if CONFIDENCE[method] == "online" else None
+            reward = self.path("probe", "reward_model") if METHODS[method].confidence == "online" else None
             trainer = ConfidenceDPOTrainer(model, args=self.dpo_args(method, train_dir),
                                            train_dataset=pairs_dataset(pairs_path, tokenizer),
                                            processing_class=tokenizer, peft_config=self.lora_config(),
@@ -587,7 +482,7 @@ class Pipeline:
         prompts = self.training_prompts()
         need = steps * per_step
         if not prompts:
-            raise SystemExit("online: no training prompts left after removing the evaluation prompts")
+            raise PipelineConfigError("online: no training prompts left after removing the evaluation prompts")
         after = [self.records["probe"]["key"], stage_key({"prompt_ids": [str(p.id) for p in prompts]})]
         policy_dir, records = None, []
         for r in range(rounds):
@@ -595,7 +490,7 @@ class Pipeline:
             chosen = [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))]
             scorer = self.config.online.get("scorer", "probe")
             inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
-                      **({"scorer": scorer, "scorer_files": _model_digest(scorer) if os.path.isdir(scorer) else None}
+                      **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}
                          if scorer != "probe" else {}),
                       "rerank": self.config.rerank, "dpo": self.config.dpo, "lora": self.config.lora,
                       "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed}
@@ -609,10 +504,10 @@ class Pipeline:
 
             _save_merged(self.training_model(policy_dir) if self.config.lora else _load_full(policy_dir),
                          load_tokenizer(self.model_path), os.path.join(directory, "model"))
-            logs = [row for k in range(rounds) for row in _read_json(
+            logs = [row for k in range(rounds) for row in read_json(
                 self.path("online_rounds", f"round_{k}", "dpo_log.json")) or []]
             write_json(os.path.join(directory, "dpo_log.json"), logs)
-            total = _sum_compute(records)
+            total = sum_compute(records)
             return {k: total[k] for k in ("generated_tokens", "forward_tokens", "flops")} | {
                 "construction_flops": sum(r["compute"].get("construction_flops", 0) for r in records),
                 "round_wall_seconds": total["wall_seconds"], "rounds": rounds}
@@ -761,10 +656,10 @@ class Pipeline:
     def load_records(self, methods: list[str] | None = None) -> None:
         """The finished stages' records of these methods (default: the config's), running nothing."""
         methods = methods or self.config.methods
-        needed = {s for m in methods for s in SHARED_STAGES[m]}
-        needed |= {m for m in methods if m != "base"} | {f"{m}/eval" for m in methods}
+        needed = {s for m in methods for s in METHODS[m].stages}
+        needed |= {m for m in methods if METHODS[m].trains} | {f"{m}/eval" for m in methods}
         for name in sorted(needed):
-            record = _read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
+            record = read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
             if record is None:
                 raise PipelineConfigError(f"stage {name} has not finished in {self.path()}")
             self.records[name] = record
@@ -783,20 +678,21 @@ class Pipeline:
 
     def run(self) -> dict:
         methods = self.config.methods
-        trains = [m for m in methods if m != "base"]
-        if any(m in ("dpo_rerank", "rbrm", "online") for m in trains):
+        trains = [m for m in methods if METHODS[m].trains]
+        needed = {s for m in trains for s in METHODS[m].stages}
+        if "probe" in needed:
             self.probe()
-        if any(m in ("dpo_rerank", "rbrm") for m in trains):
+        if "rerank" in needed:
             self.sample()
             self.rerank()
         for method in trains:
-            if method == "dpo_static":
-                self.static_pairs()
-                self.train_model(method, self.path("static_pairs", "pairs.jsonl"), [self.records["static_pairs"]["key"]])
-            elif method in ("dpo_rerank", "rbrm"):
-                self.train_model(method, self.path("rerank", "pairs.jsonl"), [self.records["rerank"]["key"]])
-            else:
+            source = METHODS[method].pairs
+            if source == "online":
                 self.online()
+                continue
+            if source == "static_pairs":
+                self.static_pairs()
+            self.train_model(method, self.path(source, "pairs.jsonl"), [self.records[source]["key"]])
         for method in methods:
             self.evaluate(method)
         if self.config.online_rounds:
@@ -833,20 +729,6 @@ def run_seeds(config: PipelineConfig, config_path: str | None, report_only: bool
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def _model_digest(path: str) -> dict:
-    """The weight files' sizes and mtimes: cheap, and a re-converted or retrained model changes them."""
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".json")):
-            st = os.stat(os.path.join(path, name))
-            out[name] = [st.st_size, int(st.st_mtime)]
-    return out
-
-
 def _last_checkpoint(directory: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -880,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline YAML (configs/quick.yaml, compare.yaml, ...)")
     parser.add_argument("--name", help="run name (default: the config's `name`, else its file name)")
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", help="parent folder of runs (default: runs)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="override the config's methods")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="override the config's methods")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting (the "
                         "value is read as YAML, e.g. --set dpo.learning_rate=1e-4 --set seeds=[0,1]); repeatable")
@@ -888,20 +770,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only redraw report.md/json and figures from the finished stages")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
-                                           "device": args.device, "set": args.set})
-    except PipelineConfigError as err:
-        raise SystemExit(f"rbrm pipeline: {err}") from None
+    config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
+                                       "device": args.device, "set": args.set})
     start = time.perf_counter()
-    try:
-        if config.seeds:
-            report = run_seeds(config, args.config, args.report_only)
-        else:
-            pipeline = Pipeline(config, args.config)
-            report = pipeline.report_only() if args.report_only else pipeline.run()
-    except PipelineConfigError as err:  # a bad setting found late (online.scorer, an unfinished stage)
-        raise SystemExit(f"rbrm pipeline: {err}") from None
+    if config.seeds:
+        report = run_seeds(config, args.config, args.report_only)
+    else:
+        pipeline = Pipeline(config, args.config)
+        report = pipeline.report_only() if args.report_only else pipeline.run()
     print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
     print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
           f"(report.md, report.json; {len(report['methods'])} methods)")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import atomic_path
+from .errors import ConfigError
+from .models import DEFAULT_MODEL
 
 
 def _pyplot():
@@ -105,7 +107,7 @@ class ProbePlotConfig:
     out: str = field(metadata={"help": "output PNG"})
     features: str | None = field(default=None, metadata={"help": "features .safetensors (from rbrm features)"})
     data: str | None = field(default=None, metadata={"help": "or a data file (needs --model)"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "model for --data"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model for --data"})
     layers: list[int] | None = field(default=None, metadata={"help": "layers to draw (default: 4 spread out)"})
     pooling: str = "last"
     limit: int | None = field(default=300, metadata={"help": "rows of --data to use"})
@@ -116,7 +118,7 @@ def run_probe_plot(config: ProbePlotConfig) -> None:
     from .features import examples_to_rows, extract_features, load_features, resolve_layers
 
     if bool(config.features) == bool(config.data):
-        raise SystemExit("rbrm probe plot: give exactly one of --features or --data")
+        raise ConfigError("give exactly one of --features or --data")
     if config.features:
         fs = load_features(config.features)
         features, labels, pairs = fs.features, fs.labels, fs.pair_index

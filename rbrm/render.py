@@ -26,6 +26,12 @@ def prompt_key(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def matching_key(prompt: Prompt) -> str:
+    """`prompt_key`, case- and space-insensitive: how evaluation prompts are kept out of training, and how one
+    prompt in several evaluation sets is pooled once."""
+    return " ".join(prompt_key(prompt).lower().split())
+
+
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

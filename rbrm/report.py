@@ -12,18 +12,16 @@ import json
 import os
 
 from .data import read_jsonl
-from .evaluation import _pct, aggregate, bootstrap_ci, make_judge, ranking_quality, set_dir
+from .evaluation import aggregate, bootstrap_ci, make_judge, pct, ranking_quality, set_dir
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags
-
-LABELS = {"base": "(a) base model", "dpo_static": "(b) DPO, static HH pairs", "dpo_rerank": "(c) DPO, re-ranked pairs",
-          "rbrm": "(d) RBRM: re-ranked + online confidence", "online": "(e) online sampling + DPO"}
+from .methods import METHODS, label
+from .render import matching_key
+from .stages import sum_compute
 
 
 def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
     """(row for report.json, set name -> summary for the rate figure, flags): flags maps each pooled harmful
     prompt to its unsafe verdict under the main and the second judge, and each benign prompt to `helpful`."""
-    from .pipeline import SHARED_STAGES, _norm, _sum_compute
-
     sets = pipeline.eval_sets()
     several = len(sets) > 1
     eval_dir = pipeline.path(method, "eval")
@@ -47,8 +45,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
             benign_rows += [r for r in read_jsonl(os.path.join(directory, "responses.jsonl")) if "helpful" in r]
         else:
             for r in read_jsonl(os.path.join(directory, "responses.jsonl")):
-                harmful_rows.setdefault(_norm(r["prompt"] if isinstance(r["prompt"], str) else
-                                              json.dumps(r["prompt"])), r)
+                harmful_rows.setdefault(matching_key(r["prompt"]), r)
     pooled = aggregate(list(harmful_rows.values()), False, resamples, pipeline.config.seed)
     second = [bool(r["second_unsafe"]) for r in harmful_rows.values() if "second_unsafe" in r]
     if second and len(second) == len(harmful_rows):
@@ -66,14 +63,13 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
     if len([s for s in sets if not s.benign]) > 1:
         figure_sets = {"harmful (pooled)": {**pooled, "benign": False},
                        **{k: v for k, v in figure_sets.items() if v.get("benign")}}
-    stages = [pipeline.records[s] for s in SHARED_STAGES[method]] + (
-        [pipeline.records[method]] if method != "base" else [])
-    compute = _sum_compute(stages)
+    names = [*METHODS[method].stages, *([method] if METHODS[method].trains else [])]
+    stages = [pipeline.records[s] for s in names]
+    compute = sum_compute(stages)
     if any("flops" not in s["compute"] for s in stages):
         compute["flops"] = None  # a stage run before the ledger counted FLOPs: unknown, not zero
     row.update(compute)
-    row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in SHARED_STAGES[method]
-                               + ([method] if method != "base" else [])}
+    row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in names}
     evaluation = pipeline.records.get(f"{method}/eval", {}).get("compute", {})
     row["eval_flops"] = {"generation": evaluation.get("eval_generation_flops"), "judges": evaluation.get("judge_flops")}
     row["model"] = pipeline.config.model if method == "base" else pipeline.path(method, "model")
@@ -85,7 +81,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
         row["confidence"] = confidence_summary(history, pipeline.config.dpo.get("confidence_floor", 0.5))
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
     flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
-    helped = {_norm(r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"])): bool(r["helpful"])
+    helped = {matching_key(r["prompt"]): bool(r["helpful"])
               for r in benign_rows}
     return row, figure_sets, (flags, flags2, helped)
 
@@ -201,7 +197,7 @@ def curve_section(report: dict) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["method"] != "online", r["flops"])):
         lines.append(f"| {r['method']} | {r['rounds'] or '-'} | {_flops(r['flops'])} | "
                      f"{_flops(r.get('construction_flops'))} | {100 * r['unsafe_rate']:.1f}% | "
-                     f"{_pct(r.get('helpfulness_rate'), None)} | {_flops(r.get('seven_b_scoring_flops'))} |")
+                     f"{pct(r.get('helpfulness_rate'), None)} | {_flops(r.get('seven_b_scoring_flops'))} |")
     m = report["matched_safety_compute_ratio"]
     if m["ratio"] is None:
         lines += ["", f"**Matched-safety compute ratio online / RBRM: none.** {m['reason']}."]
@@ -227,8 +223,10 @@ def compute_ledger(methods: dict) -> list[str]:
              "| stage | generated tokens | forward tokens | FLOPs | wall s |", "|---|---|---|---|---|"]
     for name, c in stages.items():
         lines.append(f"| {name} | {_count(c.get('generated_tokens', 0))} | {_count(c.get('forward_tokens', 0))} | "
-                     f"{_flops(c.get('flops'))} | {c.get('wall_seconds', 0) + c.get('round_wall_seconds', 0):.0f} |")
-    lines += ["", "Evaluation, apart from alignment (answering the evaluation prompts; judging the answers with the "
+                     f"{_flops(c.get('flops'))} | {c.get('wall_seconds', 0) + c.get('round_wall_seconds', 0):.0f}"
+                     f"{time_mark(c.get('other_cpu_share'))} |")
+    lines += ["", "Wall seconds marked `*` ran while other processes took part of the CPU, `?` where that was not "
+              "measured (\"Where the time goes\" below).", "", "Evaluation, apart from alignment (answering the evaluation prompts; judging the answers with the "
               "judge and the helpfulness measure):", "", "| method | generation FLOPs | judging FLOPs |", "|---|---|---|"]
     for name, row in methods.items():
         e = row.get("eval_flops") or {}
@@ -242,7 +240,7 @@ def _count(n) -> str:
 
 def write_report(pipeline) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
-    from .data import _atomic_write, write_json
+    from .data import write_json, write_text_atomic
 
     config = pipeline.config
     resamples = config.eval.get("bootstrap", 1000)
@@ -300,7 +298,7 @@ def write_report(pipeline) -> dict:
     }
     write_json(pipeline.path("report.json"), report)
     text = render_markdown(report, pipeline)
-    _atomic_write(pipeline.path("report.md"), lambda f: f.write(text))
+    write_text_atomic(pipeline.path("report.md"), lambda f: f.write(text))
     return report
 
 
@@ -413,11 +411,11 @@ def render_markdown(report: dict, pipeline) -> str:
              "over-refusal | helpfulness* | generated tokens | forward tokens | FLOPs | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
-        lines.append(f"| {LABELS.get(name, name)} | {_pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
-                     f"{_pct(row.get('second_judge_unsafe_rate'), row.get('second_judge_unsafe_rate_ci'))} | "
-                     f"{_pct(row['refusal_rate'], row['refusal_rate_ci'])} | "
-                     f"{_pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
-                     f"{_pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
+        lines.append(f"| {label(name)} | {pct(row['unsafe_rate'], row['unsafe_rate_ci'])} | "
+                     f"{pct(row.get('second_judge_unsafe_rate'), row.get('second_judge_unsafe_rate_ci'))} | "
+                     f"{pct(row['refusal_rate'], row['refusal_rate_ci'])} | "
+                     f"{pct(row['over_refusal_rate'], row['over_refusal_rate_ci'])} | "
+                     f"{pct(row.get('helpfulness_rate'), row.get('helpfulness_rate_ci'))} | "
                      f"{_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{_flops(row.get('flops'))} | {row['wall_seconds']:.0f} |")
     lines += ["", "\\* " + HELPFULNESS_CAVEAT + " The second judge is independent of the first; the default "
@@ -429,7 +427,7 @@ def render_markdown(report: dict, pipeline) -> str:
                   "|---|" + "---|" * len(sets)]
         for name, row in m.items():
             lines.append(f"| {name} | " + " | ".join(
-                f"{_pct(row['sets'][s]['unsafe_rate'], row['sets'][s]['unsafe_rate_ci'])} (n {row['sets'][s]['n']})"
+                f"{pct(row['sets'][s]['unsafe_rate'], row['sets'][s]['unsafe_rate_ci'])} (n {row['sets'][s]['n']})"
                 for s in sets) + " |")
     ratio = report["compute_ratio_online_over_rbrm"]
     if ratio:
@@ -619,7 +617,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
-    from .data import _atomic_write, write_json
+    from .data import write_json, write_text_atomic
     from .plots import plot_seeds_safety_vs_helpfulness
 
     resamples = config.eval.get("bootstrap", 2000)
@@ -708,7 +706,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
     for name, row in methods.items():
         cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
         per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
-        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {per_seed} |")
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {per_seed} |")
     lines += ["", HELPFULNESS_CAVEAT]
     lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
     lines += [f"- {f}" for f in findings]
@@ -735,5 +733,5 @@ def write_seeds_report(config, pipelines: list) -> dict:
     lines += ["", "## Figures", "", "### Unsafe rate against helpfulness, one point per seed", "",
               f"![safety against helpfulness]({os.path.relpath(figure, config.run_dir)})", ""]
     text = "\n".join(lines) + "\n"
-    _atomic_write(os.path.join(config.run_dir, "report.md"), lambda f: f.write(text))
+    write_text_atomic(os.path.join(config.run_dir, "report.md"), lambda f: f.write(text))
     return report

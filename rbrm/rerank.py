@@ -21,12 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ConfigError
 from .flops import ModelShape, forward_flops, probe_flops
+from .refusal import is_refusal
 from .render import Prompt, prompt_key, to_messages
 
 log = logging.getLogger(__name__)
 
 PAPER_INPUT = "Respond to this input:\n\n{prompt}\n\noutput:output :"
+
+# The paper's confidence scale: gamma = sigmoid(alpha x reward gap).
+PAPER_ALPHA = 7.5
 
 
 @dataclass
@@ -192,7 +197,7 @@ def rerank(samples: list[Sample], top_k: int = 1, min_gap: float = 0.0) -> Reran
     return RerankResult(ranked, pairs, skipped)
 
 
-def confidence(gap: float, alpha: float = 7.5) -> float:
+def confidence(gap: float, alpha: float = PAPER_ALPHA) -> float:
     """Label confidence sigmoid(alpha x reward gap) (docs/method.md §4, without the floor)."""
     return 1.0 / (1.0 + math.exp(-alpha * gap))
 
@@ -240,7 +245,7 @@ def rejected_rows(result: RerankResult) -> list[dict]:
     return [paper_row(r) for _, r, _ in result.pairs]
 
 
-def pair_rows(result: RerankResult, alpha: float = 7.5) -> list[dict]:
+def pair_rows(result: RerankResult, alpha: float = PAPER_ALPHA) -> list[dict]:
     return [pair_row(c, r, i, alpha) for c, r, i in result.pairs]
 
 
@@ -254,8 +259,6 @@ def _quantiles(values: list[float]) -> dict:
 
 def summarize(result: RerankResult, n_samples: int, seconds: float | None = None) -> dict:
     """Pairs, skips, score-gap distribution, refusal counts and throughput (also goes to summary.json)."""
-    from .judges import is_refusal
-
     gaps = [c.score - r.score for c, r, _ in result.pairs]
     summary = {
         "prompts": len(result.ranked), "samples": n_samples, "pairs": len(result.pairs),
@@ -263,7 +266,7 @@ def summarize(result: RerankResult, n_samples: int, seconds: float | None = None
         "skipped": dict(result.skipped), "score_gap": _quantiles(gaps),
         "chosen_refusals": sum(is_refusal(c.response) for c, _, _ in result.pairs),
         "rejected_refusals": sum(is_refusal(r.response) for _, r, _ in result.pairs),
-        "refusal_detector": "rbrm.judges.is_refusal (keywords)",
+        "refusal_detector": "rbrm.refusal.is_refusal (keywords)",
     }
     if seconds is not None:
         summary["scoring_seconds"] = seconds
@@ -290,7 +293,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: RerankResult, out_dir: str, alpha: float = 7.5) -> None:
+def write_outputs(result: RerankResult, out_dir: str, alpha: float = PAPER_ALPHA) -> None:
     """rank.jsonl, chosen.jsonl, rejected.jsonl, pairs.jsonl and summary.json in `out_dir` (each atomic)."""
     from .data import write_json, write_jsonl
 
@@ -322,7 +325,7 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     alpha = reward.calibration["scale"] if alpha is None else alpha
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
-        raise SystemExit(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
+        raise ConfigError(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
     check_reward_for(reward, model, tokenizer)
     dropped = unusable(model, tokenizer, samples)
     for reason, bad in dropped.items():
@@ -385,37 +388,3 @@ class ClassifierReward:
             scores += self.model(**batch).logits[:, 0].float().tolist()
             lengths += batch["attention_mask"].sum(1).tolist()
         return scores, forward_flops(ModelShape.of(self.model), lengths, lm_head=False)
-
-
-@dataclass
-class RerankConfig:
-    samples: str = field(metadata={"help": "samples .jsonl (from `rbrm sample`, or the paper's idx/input/output)"})
-    reward: str = field(metadata={"help": "hybrid reward model directory (from `rbrm probe train`)"})
-    out_dir: str = field(metadata={"help": "directory for rank/chosen/rejected/pairs .jsonl and summary.json"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "the policy that produced the samples"})
-    top_k: int = field(default=1, metadata={"help": "pairs per prompt: i-th best vs i-th worst, i < k"})
-    alpha: float | None = field(default=None, metadata={
-        "help": "confidence = sigmoid(alpha x score gap) (default: the probe's calibrated scale)"})
-    min_gap: float = field(default=0.0, metadata={"help": "drop pairs whose score gap is <= this"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N sample rows"})
-    judge: str | None = field(default=None, metadata={
-        "help": "also judge the samples (minilm, refusal, or a guard model with --judge-model) and report how "
-                "well the reward ranks them: AUC, and how often the chosen answer is judged safer"})
-    judge_model: str | None = field(default=None, metadata={"help": "local guard-model folder for --judge"})
-
-
-def run_rerank(config: RerankConfig) -> None:
-    result = rerank_file(config.model, config.reward, config.samples, config.top_k, config.alpha, config.min_gap,
-                         config.dtype, config.device, config.batch_tokens, config.limit)
-    if config.judge:  # the evaluation layer, reached from this command only
-        from .evaluation import make_judge, ranking_quality
-
-        result.summary["ranking_quality"] = ranking_quality(rank_rows(result), pair_rows(result, result.summary[
-            "alpha"]), make_judge(config.judge, config.judge_model))
-    write_outputs(result, config.out_dir, result.summary["alpha"])
-    print(format_summary(result.summary))
-    print(f"wrote {config.out_dir}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError, read_json_file
-from .errors import RbrmError
+from .errors import ConfigError, RbrmError
+from .models import DEFAULT_MODEL
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
 GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
@@ -784,7 +785,7 @@ class ProbeTrainConfig:
     out: str = field(metadata={"help": "output directory for the reward model"})
     data: str | None = field(default=None, metadata={"help": "pairs or labelled responses (needs --model)"})
     features: str | None = field(default=None, metadata={"help": "a features .safetensors file instead of --data"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "model whose hidden states are used"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model whose hidden states are used"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N pairs/rows of --data"})
     test_data: str | None = field(default=None, metadata={"help": "another data set to test on (needs --model)"})
     test_features: str | None = field(default=None, metadata={"help": "another features file to test on"})
@@ -886,7 +887,7 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
     from .features import save_features
 
     if bool(config.data) == bool(config.features):
-        raise SystemExit("rbrm probe train: give exactly one of --data or --features")
+        raise ConfigError("give exactly one of --data or --features")
     model_cache: dict = {}
     stats = {} if stats is None else stats
     if config.features:

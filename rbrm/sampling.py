@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import RbrmError
+from .errors import ConfigError, RbrmError
 from .features import pad
+from .models import DEFAULT_MODEL
 from .render import end_of_turn, render_prompt
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,9 @@ def vllm_backend(model_path: str, tokenizer, settings: GenerationSettings, dtype
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        raise SystemExit("--engine vllm needs the `vllm` package (pip install vllm); use --engine hf") from None
+        raise ConfigError("--engine vllm needs the `vllm` package (pip install vllm); use --engine hf") from None
     if not torch.cuda.is_available():
-        raise SystemExit("--engine vllm needs a CUDA GPU; none is visible here. Use --engine hf")
+        raise ConfigError("--engine vllm needs a CUDA GPU; none is visible here. Use --engine hf")
     from transformers import GenerationConfig
 
     try:
@@ -380,7 +381,7 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
 class SampleConfig:
     prompts: str = field(metadata={"help": "prompts file (.jsonl/.json/.csv; any bundled evaluation set)"})
     out: str = field(metadata={"help": "output .jsonl; rerun the same command to resume"})
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "alias, folder, .gguf or hub id"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
     prompt_field: str | None = field(default=None, metadata={"help": "column holding the prompt (default: detect)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
     n: int = field(default=8, metadata={"help": "responses per prompt"})
@@ -414,7 +415,7 @@ def run_sample(config: SampleConfig) -> None:
 
     settings = settings_from_config(config)
     if config.greedy and config.n != 1:
-        raise SystemExit("rbrm sample: --greedy gives one response per prompt; use --n 1")
+        raise ConfigError("--greedy gives one response per prompt; use --n 1")
     prompts = load_prompts(config.prompts, prompt_field=config.prompt_field, limit=config.limit)
     if config.engine == "hf":
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -425,7 +426,7 @@ def run_sample(config: SampleConfig) -> None:
         backend = vllm_backend(path, tokenizer, settings, config.dtype)
         model = path
     else:
-        raise SystemExit(f"rbrm sample: unknown --engine {config.engine!r}; choose hf or vllm")
+        raise ConfigError(f"unknown --engine {config.engine!r}; choose hf or vllm")
     stats: dict = {}
     rows = generate_responses(model, tokenizer, prompts, config.n, settings, config.out, config.batch_prompts,
                               config.seed, max_sequences=config.max_sequences, backend=backend,

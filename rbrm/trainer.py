@@ -49,7 +49,9 @@ from trl import DPOConfig, DPOTrainer
 
 from .features import POOLINGS, context_length, decoder_layers, pool
 from .flops import ModelShape, forward_flops, probe_flops, training_flops
+from .models import DEFAULT_MODEL
 from .render import end_of_turn, render, tokenize
+from .rerank import PAPER_ALPHA
 from .reward_model import HybridRewardModel, pairwise_loss
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class ConfidenceDPOConfig(DPOConfig):
         "help": "calibrated: gamma = sigmoid(a (r_c - r_r)) with the probe's calibrated scale a (fitted by `rbrm "
                 "probe train` on rewards it did not train on), a probability that varies across pairs; alpha: the "
                 "paper's fixed confidence_alpha", "choices": ["calibrated", "alpha"]})
-    confidence_alpha: float = field(default=7.5, metadata={
+    confidence_alpha: float = field(default=PAPER_ALPHA, metadata={
         "help": "gamma = sigmoid(alpha (r_c - r_r)) when confidence_scale=alpha (the paper: 7.5)"})
     confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
     confidence_batch_mean: bool = field(default=False, metadata={
@@ -713,7 +715,7 @@ def run_dpo(argv: list[str] | None = None) -> int:
         # without a GPU needs use_cpu; plain fp32 is the default there (--bf16 asks for bf16 autocast on CPU).
         parser.set_defaults(use_cpu=True, bf16=False)
     script, config, model_args = parser.parse_args_and_config(argv)
-    name = script.model or model_args.model_name_or_path or "smollm2-135m-instruct"
+    name = script.model or model_args.model_name_or_path or DEFAULT_MODEL
     path = resolve_model(name)
     dtype = resolve_dtype(model_args.dtype, "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
     load_kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rbrm.cli import main
+from rbrm.commands.evaluate import merge_repeated, read_prompt_responses
 from rbrm.data import DataError, PromptRecord, read_jsonl
 from rbrm.evaluation import (
     PromptSet,
@@ -19,9 +20,7 @@ from rbrm.evaluation import (
     bootstrap_ci,
     evaluate,
     judge_rows,
-    merge_repeated,
     parse_prompt_set,
-    read_pairs,
 )
 from rbrm.judges import Judge, JudgeResult
 from rbrm.plots import plot_categories, plot_rates
@@ -254,19 +253,23 @@ def test_rbrm_eval_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def _fails(argv: list[str], capsys) -> str:
+    """What a command that ends in a user error (exit status 2, no traceback) said on stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
 def test_rbrm_eval_errors(tiny_model_dir, tmp_path, capsys):
     harm = _harmful(tmp_path)
     base = ["eval", "--model", tiny_model_dir, "--out", str(tmp_path / "e")]
-    with pytest.raises(SystemExit, match="positive"):
-        main(base + ["--prompts", harm, "--limit", "0"])
-    with pytest.raises(SystemExit, match="unknown judge"):
-        main(base + ["--prompts", harm, "--judge", "nope"])
-    with pytest.raises(SystemExit, match="needs a local model folder"):
-        main(base + ["--prompts", harm, "--judge", "llamaguard3"])
-    with pytest.raises(SystemExit, match="nothing to evaluate"):
-        main(base)
-    with pytest.raises(SystemExit, match="unique"):
-        main(base + ["--prompts", harm, f"harm={harm}", "--judge", "refusal"])
+    assert re.search("positive", _fails(base + ["--prompts", harm, "--limit", "0"], capsys))
+    assert re.search("unknown judge", _fails(base + ["--prompts", harm, "--judge", "nope"], capsys))
+    assert re.search("needs a local model folder",
+                     _fails(base + ["--prompts", harm, "--judge", "llamaguard3"], capsys))
+    assert re.search("nothing to evaluate", _fails(base, capsys))
+    assert re.search("unique", _fails(base + ["--prompts", harm, f"harm={harm}", "--judge", "refusal"], capsys))
     assert main(base + ["--prompts", harm, "--where", "nope=1", "--judge", "refusal"]) == 2
     assert re.search(r"harm\.jsonl:1: field 'nope': missing \(needed by `where`\)", capsys.readouterr().err)
 
@@ -310,19 +313,17 @@ def test_rbrm_judge_default_minilm(tmp_path):
     assert rows[0]["refusal"] and not rows[0]["unsafe"]
 
 
-def test_rbrm_judge_errors(tmp_path):
+def test_rbrm_judge_errors(tmp_path, capsys):
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'response': missing"):
-        read_pairs(bad)
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: field 'response': missing"):
-        main(["judge", "--data", bad, "--judge", "refusal", "--out", str(tmp_path / "o.jsonl")])
+        read_prompt_responses(bad)
     good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "response": "b"}])
-    with pytest.raises(SystemExit, match="unknown judge"):
-        main(["judge", "--data", good, "--judge", "nope", "--out", str(tmp_path / "o.jsonl")])
-    with pytest.raises(SystemExit, match="positive"):
-        main(["judge", "--data", good, "--limit", "0", "--out", str(tmp_path / "o.jsonl")])
-    with pytest.raises(SystemExit, match="not found"):
-        main(["judge", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl")])
+    out = ["--out", str(tmp_path / "o.jsonl")]
+    assert re.search(r"bad\.jsonl:2: field 'response': missing",
+                     _fails(["judge", "--data", bad, "--judge", "refusal", *out], capsys))
+    assert re.search("unknown judge", _fails(["judge", "--data", good, "--judge", "nope", *out], capsys))
+    assert re.search("positive", _fails(["judge", "--data", good, "--limit", "0", *out], capsys))
+    assert re.search("not found", _fails(["judge", "--data", str(tmp_path / "none.jsonl"), *out], capsys))
     assert not (tmp_path / "o.jsonl").exists()
 
 

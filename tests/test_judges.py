@@ -21,9 +21,9 @@ from rbrm.judges import (  # noqa: E402
     get_judge,
     guard_categories,
     guess_guard_variant,
-    is_refusal,
     parse_guard_output,
 )
+from rbrm.refusal import is_refusal
 
 # ------------------------------------------------------------------------------------------- refusal patterns
 

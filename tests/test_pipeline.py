@@ -144,7 +144,7 @@ def test_shipped_configs_load():
 
 
 def test_run_stage_caches_reruns_on_change_and_keeps_time_of_killed_runs(tmp_path):
-    from rbrm.pipeline import run_stage
+    from rbrm.stages import run_stage
 
     directory = str(tmp_path / "stage")
     calls = []
@@ -200,8 +200,8 @@ def test_cpu_counter_counts_other_processes_and_not_this_one():
 
 
 def test_run_stage_records_the_cpu_others_took_and_the_report_marks_it(tmp_path):
-    from rbrm.pipeline import run_stage
     from rbrm.report import time_mark, time_note
+    from rbrm.stages import run_stage
 
     directory = str(tmp_path / "stage")
     record = run_stage(directory, {"a": 1}, lambda d: _burn(0.2), "s")
@@ -210,7 +210,7 @@ def test_run_stage_records_the_cpu_others_took_and_the_report_marks_it(tmp_path)
     # A ledger from before the counter (no cpu_seconds) resumes with the share unknown, not a made-up one.
     legacy = str(tmp_path / "legacy")
     os.makedirs(legacy)
-    from rbrm.pipeline import stage_key
+    from rbrm.stages import stage_key
     with open(os.path.join(legacy, "key.json"), "w") as f:
         json.dump({"key": stage_key({"a": 1}), "inputs": {"a": 1}, "wall_seconds": 3.0}, f)
     assert run_stage(legacy, {"a": 1}, lambda d: None, "s")["compute"]["other_cpu_share"] is None
@@ -332,6 +332,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     from rbrm.data import read_jsonl
+    from rbrm.pipeline import PipelineConfigError
 
     torch.manual_seed(0)
     config = LlamaConfig.from_pretrained(tiny_model_dir)
@@ -358,7 +359,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
         if scorer == "minilm":  # 1 - the judge's unsafe probability
             assert all(0.0 <= r["score"] <= 1.0 for r in rank) and len({r["score"] for r in rank}) > 1
     for scorer, message in (("no-such-scorer", "expected probe, a judge"), ("refusal", "no pairs")):
-        with pytest.raises(SystemExit, match=message):  # the keyword judge ties every sample of these prompts
+        with pytest.raises(PipelineConfigError, match=message):  # the keyword judge ties every sample of these prompts
             run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
                             online={"rounds": 2, "scorer": scorer}))
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from rbrm.data import PromptRecord, read_jsonl
+from rbrm.errors import ConfigError
 from rbrm.sampling import (
     GenerationSettings,
     SamplingSettingsError,
@@ -215,5 +216,5 @@ def test_vllm_engine_fails_clearly_without_vllm(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
     config = SampleConfig(prompts=str(prompts), out=str(tmp_path / "o.jsonl"), model=tiny_model_dir, engine="vllm")
-    with pytest.raises(SystemExit, match="vllm"):
+    with pytest.raises(ConfigError, match="vllm"):
         run_sample(config)

@@ -1,0 +1,50 @@
+"""The methods a run compares, in one place: what each trains on, the stages it needs, its label in the report.
+
+Every DPO method gets the same `dpo` settings and LoRA, so the table compares what the pairs are and whether
+the loss carries confidence (the paper's table at small scale):
+
+  base        the policy as it is
+  dpo_static  DPO on a fixed pair file (`static_pairs`, e.g. HH-RLHF harmless)
+  dpo_rerank  DPO on pairs re-ranked by the hybrid reward, without confidence
+  rbrm        the same pairs with per-pair confidence from the hybrid reward on the current policy, which keeps
+              learning (docs/method.md §4)
+  online      an iterative online baseline: every round samples fresh responses from the current policy,
+              scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
+              DPO on them; the rounds add up to the same number of updates
+
+A new baseline is one more `Method` here, plus a stage in `pipeline.py` if its pairs come from somewhere new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # its row in report.md
+    # Where its DPO pairs come from: None (no training), "static_pairs", "rerank" (the shared re-ranked pairs) or
+    # "online" (its own rounds of sampling and scoring).
+    pairs: str | None
+    # The shared stages whose compute it spent on alignment, beside its own training (evaluation is apart).
+    stages: tuple[str, ...] = ()
+    confidence: str = "none"  # ConfidenceDPOConfig.confidence: "online" re-scores each pair on the current policy
+
+    @property
+    def trains(self) -> bool:
+        return self.pairs is not None
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("base", "(a) base model", pairs=None),
+    Method("dpo_static", "(b) DPO, static HH pairs", pairs="static_pairs", stages=("static_pairs",)),
+    Method("dpo_rerank", "(c) DPO, re-ranked pairs", pairs="rerank", stages=("probe", "sample", "rerank")),
+    Method("rbrm", "(d) RBRM: re-ranked + online confidence", pairs="rerank", stages=("probe", "sample", "rerank"),
+           confidence="online"),
+    Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",)),
+)}
+
+
+def label(name: str) -> str:
+    return METHODS[name].label if name in METHODS else name

@@ -1,0 +1,111 @@
+"""The layer contract, read from the source: commands → pipeline → evaluation → method → files/formats/models.
+
+Every import, at module level or inside a function, goes to the same layer or one below; the import graph has
+no cycle; no private name crosses a module; only the command layer turns errors into exits. A new module must
+be given a layer here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
+
+LAYERS = [  # bottom first
+    ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
+                                   "methods", "refusal"}),
+    ("method", {"features", "reward_model", "sampling", "rerank", "trainer"}),
+    ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
+    ("pipeline", {"report", "pipeline"}),
+    ("commands", {"cli", "commands"}),
+]
+
+
+def modules() -> dict[str, Path]:
+    """rbrm.x.y -> its file."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    for level, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return level
+    raise AssertionError(f"{module} has no layer: add it to tests/test_layers.py's LAYERS")
+
+
+def imports(module: str, path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported rbrm module, names taken from it, line) for every import anywhere in the file."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            target = (importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level
+                      else node.module or "")
+            names = [a.name for a in node.names]
+            # `from . import x` names a submodule when there is one
+            found = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            out += [(t, [], node.lineno) for t in found] or [(target, names, node.lineno)]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+    return [(t, n, line) for t, n, line in out if t == "rbrm" or t.startswith("rbrm.")]
+
+
+MODULES = modules()
+
+
+def test_every_import_goes_to_the_same_layer_or_below():
+    upward = [f"{m}:{line} imports {target} ({LAYERS[layer(target)][0]} above {LAYERS[layer(m)][0]})"
+              for m, path in MODULES.items() for target, _, line in imports(m, path) if layer(target) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {m: {t for t, _, _ in imports(m, p) if t != m and t in MODULES} for m, p in MODULES.items()}
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(t):] + [t]))
+            if t not in state:
+                visit(t, trail + [t])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_private_name_is_imported_from_another_module():
+    private = [f"{m}:{line} imports {n} from {target}" for m, path in MODULES.items()
+               for target, names, line in imports(m, path) for n in names
+               if n.startswith("_") and not n.startswith("__")]
+    assert not private, "\n".join(private)
+
+
+def test_only_the_command_layer_raises_system_exit():
+    commands = len(LAYERS) - 1
+    found = [f"{m}:{node.lineno}" for m, path in MODULES.items() if layer(m) < commands
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Raise) and node.exc is not None and "SystemExit" in ast.unparse(node.exc)]
+    assert not found, "library code raises SystemExit (raise a typed RbrmError instead): " + ", ".join(found)
+
+
+def test_the_contract_sees_a_violation(tmp_path):
+    """The checks above read real imports: an upward one in a file like the package's is found."""
+    path = tmp_path / "rbrm" / "data.py"
+    path.parent.mkdir()
+    path.write_text("def f():\n    from .pipeline import Pipeline\n    from ._x import _y\n")
+    found = imports("rbrm.data", path)
+    assert found == [("rbrm.pipeline", ["Pipeline"], 2), ("rbrm._x", ["_y"], 3)]
+    assert layer("rbrm.pipeline") > layer("rbrm.data")
