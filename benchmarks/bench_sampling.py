@@ -8,7 +8,7 @@ like for like. Each path is warmed up first. Re-ranking: the 64 batched samples 
 reward over all layers (scoring cost does not depend on the weights). The last line is
 `ratio=<one-at-a-time seconds / batched seconds>`.
 
-    .venv/bin/python benchmarks/bench_sampling.py [--prompts 8] [--n 8] [--max-new-tokens 48] [--dtype float32]
+    .venv/bin/python benchmarks/bench_sampling.py [--prompts 8] [--n 8] [--max-new-tokens 48] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto: the precision the pipeline samples in")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -66,7 +66,7 @@ def main() -> None:
     model, tokenizer = load_model(None, dtype=args.dtype, device=args.device)
     prompts = load_prompts(DATA, limit=args.prompts)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    print(f"model {model.config.name_or_path} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads); "
+    print(f"model {model.config.name_or_path} ({str(model.dtype).removeprefix('torch.')}, {args.device}, {torch.get_num_threads()} threads); "
           f"{len(prompts)} prompts x N {args.n}, {args.max_new_tokens} new tokens, settings {settings}")
 
     warm = GenerationSettings(max_new_tokens=4)

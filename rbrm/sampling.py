@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import LogitsProcessor
 
 from .errors import ConfigError, RbrmError
 from .features import pad
@@ -94,18 +95,52 @@ def split_generated(tokens: list[int], stop_ids: set[int], tokenizer) -> Generat
     return tokenizer.decode(tokens, skip_special_tokens=True), "length", len(tokens)
 
 
+class TopKSampler(LogitsProcessor):
+    """Temperature, top-k, top-p and the draw over the k best tokens only; returns a one-hot score row.
+
+    Why: transformers' warpers sort the whole vocabulary and `multinomial` draws over all of it at every
+    step, which took about half of batched sampling time on CPU (49k tokens per row). Within the top k the
+    probabilities are the same (ties at the k-th score aside), so `generate` runs greedy and takes the
+    drawn token. Runs after the library's processors (repetition penalty, min_new_tokens).
+    """
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ConfigError(f"need temperature > 0, top_k >= 0 (0: all tokens) and 0 < top_p <= 1; "
+                              f"got {temperature}, {top_k}, {top_p}")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def probabilities(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities [B, k], token ids [B, k]) of the candidates, as transformers' warpers give them."""
+        k = min(self.top_k, scores.shape[-1]) if self.top_k else scores.shape[-1]
+        values, indices = torch.topk(scores.float() / self.temperature, k, dim=-1)
+        probs = values.softmax(-1)
+        ascending = probs.flip(-1)  # transformers' top-p: drop the smallest whose mass is <= 1 - top_p
+        drop = ascending.cumsum(-1) <= 1 - self.top_p
+        drop[..., -1] = False
+        probs = probs.masked_fill(drop.flip(-1), 0.0)
+        return probs / probs.sum(-1, keepdim=True), indices
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs, indices = self.probabilities(scores)
+        chosen = indices.gather(-1, torch.multinomial(probs, 1))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+
 def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
     """Batched `model.generate`: every prompt of a call repeated for its samples, left-padded, one call."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     stops = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    sampling = dict(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
     # A fresh config, so the model's own generation defaults (e.g. a hub temperature) never leak in.
+    # Sampling draws in TopKSampler; the library then decodes greedily over its one-hot scores.
     config = GenerationConfig(
-        do_sample=settings.do_sample, max_new_tokens=settings.max_new_tokens,
+        do_sample=False, max_new_tokens=settings.max_new_tokens,
         min_new_tokens=settings.min_new_tokens or None, repetition_penalty=settings.repetition_penalty,
-        eos_token_id=stops, pad_token_id=pad_id, **(sampling if settings.do_sample else {}))
+        eos_token_id=stops, pad_token_id=pad_id)
+    processors = LogitsProcessorList(
+        [TopKSampler(settings.temperature, settings.top_k, settings.top_p)] if settings.do_sample else [])
     device = next(model.parameters()).device
     stop_set = set(stops)
 
@@ -115,7 +150,8 @@ def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
         rng_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
             torch.manual_seed(seed)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=processors)
         rows = [split_generated(row, stop_set, tokenizer) for row in out[:, ids.shape[1]:].tolist()]
         grouped, start = [], 0
         for c in counts:

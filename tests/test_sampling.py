@@ -6,12 +6,14 @@ import json
 import os
 
 import pytest
+import torch
 
 from rbrm.data import PromptRecord, read_jsonl
 from rbrm.errors import ConfigError
 from rbrm.sampling import (
     GenerationSettings,
     SamplingSettingsError,
+    TopKSampler,
     generate_responses,
     plan_calls,
     split_generated,
@@ -218,3 +220,32 @@ def test_vllm_engine_fails_clearly_without_vllm(tiny_model_dir, tmp_path):
     config = SampleConfig(prompts=str(prompts), out=str(tmp_path / "o.jsonl"), model=tiny_model_dir, engine="vllm")
     with pytest.raises(ConfigError, match="vllm"):
         run_sample(config)
+
+
+def test_topk_sampler_gives_the_libraries_probabilities():
+    """The fused sampler's candidate probabilities equal transformers' temperature → top-k → top-p chain."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(16, 500) * 3
+    for temperature, top_k, top_p in ((1.4, 8, 0.95), (0.7, 50, 0.5), (1.0, 0, 0.9), (2.0, 3, 1.0)):
+        expected = scores.clone()
+        for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None,
+                       TopPLogitsWarper(top_p)):
+            expected = warper(None, expected) if warper is not None else expected
+        expected = expected.softmax(-1)
+        probs, indices = TopKSampler(temperature, top_k, top_p).probabilities(scores)
+        ours = torch.zeros_like(expected).scatter_(-1, indices, probs)
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+        assert int((ours > 0).sum(-1).min()) >= 1
+
+
+def test_topk_sampler_draws_one_allowed_token_with_the_right_frequencies():
+    sampler = TopKSampler(1.0, 3, 1.0)
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
+    out = sampler(None, scores)
+    assert torch.equal((out == 0).sum(-1), torch.ones(20000, dtype=torch.long))
+    counts = torch.bincount(out.argmax(-1), minlength=4).float() / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="top_p"):
+        TopKSampler(1.0, 3, 0.0)
