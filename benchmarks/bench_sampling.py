@@ -66,7 +66,8 @@ def main() -> None:
     model, tokenizer = load_model(None, dtype=args.dtype, device=args.device)
     prompts = load_prompts(DATA, limit=args.prompts)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    print(f"model {model.config.name_or_path} ({str(model.dtype).removeprefix('torch.')}, {args.device}, {torch.get_num_threads()} threads); "
+    dtype = str(model.dtype).removeprefix("torch.")
+    print(f"model {model.config.name_or_path} ({dtype}, {args.device}, {torch.get_num_threads()} threads); "
           f"{len(prompts)} prompts x N {args.n}, {args.max_new_tokens} new tokens, settings {settings}")
 
     warm = GenerationSettings(max_new_tokens=4)
