@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .errors import ConfigError, RbrmError
 from .features import pad
@@ -129,8 +129,6 @@ class TopKSampler(LogitsProcessor):
 
 def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
     """Batched `model.generate`: every prompt of a call repeated for its samples, left-padded, one call."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
     stops = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     # A fresh config, so the model's own generation defaults (e.g. a hub temperature) never leak in.
@@ -173,7 +171,6 @@ def vllm_backend(model_path: str, tokenizer, settings: GenerationSettings, dtype
         raise ConfigError("--engine vllm needs the `vllm` package (pip install vllm); use --engine hf") from None
     if not torch.cuda.is_available():
         raise ConfigError("--engine vllm needs a CUDA GPU; none is visible here. Use --engine hf")
-    from transformers import GenerationConfig
 
     try:
         generation_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
