@@ -120,7 +120,7 @@ def capture_pooled(model: nn.Module, layers: list[int], pooling: str, mask_ref: 
 
 
 @dataclass
-class _Group:
+class PromptGroup:
     rows: list[int]  # output row of each response
     prompt_ids: list[int]
     completion_ids: list[list[int]]
@@ -130,7 +130,7 @@ class _Group:
         return len(self.prompt_ids) + max(len(c) for c in self.completion_ids)
 
 
-def _make_groups(tokenizer, rows: list[tuple[Prompt, str]], share_prefix: bool) -> list[_Group]:
+def _make_groups(tokenizer, rows: list[tuple[Prompt, str]], share_prefix: bool) -> list[PromptGroup]:
     by_prompt: dict[str, list[int]] = {}
     for i, (prompt, _) in enumerate(rows):
         key = prompt_key(prompt) if share_prefix else str(i)
@@ -149,22 +149,38 @@ def _make_groups(tokenizer, rows: list[tuple[Prompt, str]], share_prefix: bool) 
             raise ValueError("a rendered prompt has no tokens")
         # Keep >= 1 completion token per row (the endpoint lives there).
         cut = min(cut, *(len(f) - 1 for f in full))
-        groups.append(_Group(indices, full[0][:cut], [f[cut:] for f in full]))
+        groups.append(PromptGroup(indices, full[0][:cut], [f[cut:] for f in full]))
     return groups
 
 
-def _batches(groups: list[_Group], batch_tokens: int, batch_size: int) -> list[list[_Group]]:
-    """Length-sorted batches of at most `batch_size` prompts whose padded size stays under `batch_tokens`."""
+# Padding is computed like real tokens; on CPU it cost more than batching saved (bench_features on 2 AVX2
+# cores: 69% padded tokens, 15.1 s, against 10.2 s with a quarter as many). A batch grows only while its
+# padded tokens stay within this fraction above its real ones.
+MAX_PADDING = 0.25
+
+
+def padded_tokens(batch: list[PromptGroup]) -> tuple[int, int]:
+    """(padded, real) tokens of a batch: the left-padded prompts, then each completion slot right-padded."""
+    padded = max(len(g.prompt_ids) for g in batch) * len(batch)
+    real = sum(len(g.prompt_ids) for g in batch)
+    for j in range(len(batch[0].completion_ids)):
+        padded += max(len(g.completion_ids[j]) for g in batch) * len(batch)
+        real += sum(len(g.completion_ids[j]) for g in batch)
+    return padded, real
+
+
+def plan_batches(groups: list[PromptGroup], batch_tokens: int, batch_size: int) -> list[list[PromptGroup]]:
+    """Length-sorted batches of at most `batch_size` prompts, `batch_tokens` padded tokens and MAX_PADDING waste."""
     order = sorted(groups, key=lambda g: (len(g.completion_ids), g.cost))
-    batches: list[list[_Group]] = []
-    current: list[_Group] = []
+    batches: list[list[PromptGroup]] = []
+    current: list[PromptGroup] = []
     for group in order:
-        width = max([g.cost for g in current] + [group.cost])
-        size = width * (len(current) + 1) * len(group.completion_ids)
-        if current and (size > batch_tokens or len(current) >= batch_size
-                        or len(current[0].completion_ids) != len(group.completion_ids)):
-            batches.append(current)
-            current = []
+        if current:
+            padded, real = padded_tokens(current + [group])
+            if (padded > batch_tokens or padded > (1 + MAX_PADDING) * real or len(current) >= batch_size
+                    or len(current[0].completion_ids) != len(group.completion_ids)):
+                batches.append(current)
+                current = []
         current.append(group)
     if current:
         batches.append(current)
@@ -214,7 +230,7 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     shape = shape.first_layers(max(layers)) if stop_early else shape
     bar = tqdm(total=len(rows), desc="features", unit="resp", disable=not progress)
     with capture_pooled(model, layers, pooling, mask_ref, stop_after_last=stop_early) as captured:
-        for batch in _batches(groups, batch_tokens, batch_size):
+        for batch in plan_batches(groups, batch_tokens, batch_size):
             prompt_ids, prompt_mask = pad([g.prompt_ids for g in batch], pad_id, device, side="left")
             positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
             mask_ref["mask"] = prompt_mask

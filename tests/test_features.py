@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from rbrm.features import (
+    MAX_PADDING,
+    PromptGroup,
     decoder_layers,
     extract_features,
     load_features,
+    padded_tokens,
+    plan_batches,
     pool,
     save_features,
 )
@@ -78,6 +82,22 @@ def test_prompt_sharing_and_batching_do_not_change_features(tiny_model, tokenize
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(shared, one_by_one, atol=1e-5, rtol=1e-4)
     assert stats_shared["forward_tokens"] < stats_plain["forward_tokens"]  # the shared prompt ran once
+
+
+def test_batches_cap_padding_and_keep_every_group_once():
+    """Padding runs through the model like real tokens: a batch grows only while its waste stays under MAX_PADDING,
+    within the token and size budgets, and every group lands in exactly one batch."""
+    groups = [PromptGroup([2 * i, 2 * i + 1], [1] * (5 + i % 7), [[2] * (3 + (7 * i) % 40), [3] * (2 + (3 * i) % 25)])
+              for i in range(40)]
+    batches = plan_batches(groups, batch_tokens=600, batch_size=6)
+    assert sorted(id(g) for b in batches for g in b) == sorted(id(g) for g in groups)
+    for batch in batches:
+        padded, real = padded_tokens(batch)
+        assert len(batch) <= 6
+        if len(batch) > 1:
+            assert padded <= 600 and padded <= (1 + MAX_PADDING) * real
+    assert any(len(b) > 1 for b in batches)  # the cap still lets similar lengths share a forward
+    assert sum(padded_tokens(b)[0] for b in batches) < padded_tokens(groups)[0]  # less than one padded batch
 
 
 def test_layer_subset_and_hooks_removed(tiny_model, tokenizer):
