@@ -19,16 +19,20 @@ Sources: XSTest v2 completions, Salad-Bench QA, PyRIT (helpfulness only) and the
 from __future__ import annotations
 
 import argparse
-import json
 import os
+from collections import Counter
 
 import numpy as np
+from sentence_transformers import SentenceTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from rbrm.data import read_jsonl
+from rbrm.features import extract_features
 from rbrm.helpfulness import load_helpfulness_data
-from rbrm.judges import REPO_DATA_DIR, binary_metrics, load_judge_data, minilm_path
+from rbrm.judges import REPO_DATA_DIR, binary_metrics, load_judge_data, minilm_features, minilm_path
+from rbrm.models import load_model
 from rbrm.refusal import is_refusal
 
 SPLITS = {
@@ -50,45 +54,31 @@ def labelled_rows(task: str) -> list[dict]:
         rows = [{"source": r["source"], "prompt": r["prompt"], "response": r["response"], "y": r["helpful"]}
                 for r in load_helpfulness_data() if r["source"] != "smollm2"]
     for name in ("dev", "check"):
-        with open(REPO_DATA_DIR / "rbrm_labels" / f"smollm2_{name}.jsonl", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                if r["benign"] == (task == "helpful") and r[task] is not None:
-                    rows.append({"source": f"smollm2_{name}", "prompt": r["prompt"], "response": r["response"],
-                                 "y": int(r[task])})
+        rows += [{"source": f"smollm2_{name}", "prompt": r["prompt"], "response": r["response"], "y": int(r[task])}
+                 for r in read_jsonl(REPO_DATA_DIR / "rbrm_labels" / f"smollm2_{name}.jsonl")
+                 if r["benign"] == (task == "helpful") and r[task] is not None]
     return [r for r in rows if r["response"].strip()]
 
 
 def embedding_features(rows: list[dict], path: str, max_seq_length: int | None, response_only: bool) -> np.ndarray:
-    """[e(prompt), e(response), product, |difference|, refusal flag] (recipe `pr_diff`) from a sentence-transformers
-    folder, or [e(response), refusal flag]."""
-    from sentence_transformers import SentenceTransformer
-
+    """The shipped judge's `pr_diff` features (`judges.minilm_features`) from any sentence-transformers folder, or
+    only its e(response) and refusal-flag columns."""
     encoder = SentenceTransformer(path, device="cpu")
     if max_seq_length:
         encoder.max_seq_length = max_seq_length
-    texts = sorted({t for r in rows for t in (r["prompt"], r["response"])})
-    emb = encoder.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=True).astype(np.float64)
-    index = {t: i for i, t in enumerate(texts)}
-    ep = emb[[index[r["prompt"]] for r in rows]]
-    er = emb[[index[r["response"]] for r in rows]]
-    parts = [er] if response_only else [ep, er, ep * er, np.abs(ep - er)]
-    return np.hstack(parts + [refusal_flags(rows)])
+    x = minilm_features("pr_diff", [r["prompt"] for r in rows], [r["response"] for r in rows], encoder)
+    d = encoder.get_sentence_embedding_dimension()
+    return np.hstack([x[:, d:2 * d], x[:, -1:]]) if response_only else x
 
 
 def policy_features(rows: list[dict], layers: list[int], chars: int) -> np.ndarray:
-    """The frozen packaged policy's hidden states, mean-pooled over the response (cut to `chars`), at `layers`."""
-    from rbrm.features import extract_features
-    from rbrm.models import load_model
-
+    """The frozen packaged policy's hidden states, mean-pooled over the response (cut to `chars`), at `layers`,
+    and the refusal flag."""
     model, tokenizer = load_model(dtype="float32")
     pairs = [(r["prompt"], r["response"][:chars]) for r in rows]
     states = extract_features(model, tokenizer, pairs, layers=layers, pooling="mean").numpy()
-    return np.hstack([states.reshape(len(rows), -1), refusal_flags(rows)])
-
-
-def refusal_flags(rows: list[dict]) -> np.ndarray:
-    return np.array([[float(is_refusal(r["response"]))] for r in rows])
+    flags = np.array([[float(is_refusal(r["response"]))] for r in rows])
+    return np.hstack([states.reshape(len(rows), -1), flags])
 
 
 def fit(x: np.ndarray, y: np.ndarray, sources: np.ndarray, c: float, weighting: str, standardise: bool):
@@ -97,8 +87,8 @@ def fit(x: np.ndarray, y: np.ndarray, sources: np.ndarray, c: float, weighting: 
     head = make_pipeline(StandardScaler(), head) if standardise else make_pipeline(head)
     if weighting == "pooled":
         return head.fit(x, y)
-    cells = [f"{s}|{v}" for s, v in zip(sources, y)]
-    counts = {k: cells.count(k) for k in set(cells)}
+    cells = list(zip(sources, y))
+    counts = Counter(cells)
     weights = np.array([len(cells) / counts[k] for k in cells])  # each (source, class) cell sums to len(cells)
     return head.fit(x, y, logisticregression__sample_weight=weights)
 
