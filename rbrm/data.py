@@ -15,12 +15,16 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from .errors import OutputLockedError, RbrmError
 from .render import Prompt, prompt_key
@@ -602,9 +606,6 @@ def atomic_path(path: Any) -> Iterator[Path]:
 def atomic_dir(path: Any) -> Iterator[Path]:
     """`atomic_path` for a folder: fill the yielded temp folder; it replaces `path` (old folder and all) on
     success and is removed on failure, so a half-written folder is never used."""
-    import shutil
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -671,8 +672,6 @@ def exclusive_writer(path: Any) -> Iterator[None]:
 
     The lock is an OS file lock (filelock), so a killed writer releases it and a rerun resumes at once.
     """
-    from filelock import FileLock, Timeout
-
     lock_path = os.fspath(path) + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     lock = FileLock(lock_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,9 +33,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
 
+from .data import (
+    DataError,
+    append_jsonl,
+    exclusive_writer,
+    load_prompts,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from .errors import ConfigError
+from .helpfulness import HelpfulnessJudge
+from .judges import JUDGE_NAMES, get_judge
+from .plots import plot_categories
 from .render import prompt_key
+from .sampling import GenerationSettings, SamplingSettingsError, generate_responses, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +219,11 @@ def judge_rows(rows: Sequence[dict], judge, cache_path: str | os.PathLike | None
     With `cache_path`, judgments are appended after every chunk, keyed by (prompt_id, sample_index, response
     hash) and the judge's name and version, so a rerun judges only what is new (a guard model is slow).
     """
-    from .data import exclusive_writer
-
     with exclusive_writer(cache_path) if cache_path is not None else contextlib.nullcontext():
         return _judge_rows(rows, judge, cache_path, chunk, progress)
 
 
 def _judge_rows(rows: Sequence[dict], judge, cache_path, chunk: int, progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from .data import append_jsonl, read_jsonl, write_jsonl
-
     def key(pid: Any, index: Any, sha: str) -> tuple[str, int, str]:
         return str(pid), int(index), sha
 
@@ -256,8 +267,6 @@ def judge_cache_path(set_dir: str | os.PathLike, judge) -> str:
 
 def make_judge(name: str, judge_model: str | None = None, device: str | None = None):
     """`judges.get_judge` with its errors turned into one-line command errors."""
-    from .judges import get_judge
-
     try:
         return get_judge(name, judge_model=judge_model, device=device)
     except (ValueError, FileNotFoundError, ImportError) as err:
@@ -270,8 +279,6 @@ def judge_loader(name: str, judge_model: str | None = None, device: str | None =
     The keyword and MiniLM judges are cheap and built at once (so a bad name fails first); a guard model is
     loaded after the policy has been freed, so both never sit in memory together.
     """
-    from .judges import JUDGE_NAMES
-
     key = (name or "").strip().lower().replace("-", "").replace("_", "")
     if key in JUDGE_NAMES and key not in ("minilm", "refusal") and judge_model:
         if not (Path(judge_model).expanduser() / "config.json").is_file():
@@ -289,8 +296,6 @@ def set_dir(out_dir: str | os.PathLike, pset: PromptSet, several: bool) -> str:
 
 
 def load_set(pset: PromptSet) -> list:
-    from .data import DataError, load_prompts
-
     if not os.path.exists(pset.path):
         raise DataError(pset.path, None, None, f"file not found (prompt set {pset.name!r})")
     return load_prompts(pset.path, prompt_field=pset.prompt_field, limit=pset.limit,
@@ -300,8 +305,6 @@ def load_set(pset: PromptSet) -> list:
 def generate_set(model, tokenizer, prompts: list, settings, directory: str, batch_prompts: int = 8,
                  seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
     """Greedy responses in `directory/generations.jsonl`; a rerun completes only the missing prompts."""
-    from .sampling import SamplingSettingsError, generate_responses
-
     stats: dict = {}
     try:
         rows = generate_responses(model, tokenizer, prompts, n=1, settings=settings,
@@ -318,10 +321,6 @@ def _add_compute(directory: str, stats: dict) -> dict:
 
     A resumed run reports only its own share; this ledger keeps the whole cost (a killed run's share is lost).
     """
-    import json
-
-    from .data import write_json
-
     path = os.path.join(directory, COMPUTE_FILE)
     totals = {"generation_seconds": 0.0, "generated_tokens": 0, "generate_calls": 0, "runs": 0}
     if os.path.exists(path):
@@ -354,8 +353,6 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
         summary["second_judge"] = {"name": second_judge.name, "version": second_judge.version,
                                    "unsafe_rate": rate, "unsafe_rate_ci": ci}
     if any("helpful" in j for j in judgments):
-        from .helpfulness import HelpfulnessJudge
-
         summary["helpfulness_measure"] = {"name": HelpfulnessJudge.name,
                                           "note": "share of answers that address the question (rbrm.helpfulness)"}
     if pset.benign and judge.name == "refusal":
@@ -393,8 +390,6 @@ def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> di
     and how often the judge's own unsafe score orders the pair as the reward does. Samples of benign pool
     prompts (prompt_id `benign:...`) and their pairs are left out: no answer to them is unsafe.
     """
-    from sklearn.metrics import roc_auc_score
-
     def text(message) -> str:
         return message[-1]["content"] if isinstance(message, list) else message
 
@@ -444,8 +439,6 @@ def summary_table(summaries: dict[str, dict]) -> str:
 
 def write_outputs(out_dir: str, summaries: dict[str, dict], several: bool, extra: dict | None = None) -> None:
     """Top-level summary.json (one summary, or set name -> summary) and the summary.md table."""
-    from .data import write_json, write_text_atomic
-
     if several:
         write_json(os.path.join(out_dir, "summary.json"), summaries)
     model = next(iter(summaries.values()))["model"]
@@ -469,9 +462,6 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
     `second_judge` (a Judge) judges every answer again, independently: rows get `second_unsafe` and summaries
     `second_judge` with its unsafe rate, so a finding can be checked under two judges.
     """
-    from .data import write_json, write_jsonl
-    from .sampling import GenerationSettings, model_identity
-
     start = time.perf_counter()
     settings = settings or GenerationSettings.greedy(128)
     if not sets:
@@ -497,8 +487,6 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
 
     helper = None
     if helpfulness and any(s.benign for s in sets):
-        from .helpfulness import HelpfulnessJudge
-
         helper = HelpfulnessJudge()
     summaries: dict[str, dict] = {}
     for s in sets:
@@ -516,8 +504,6 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
                                         resamples=resamples, seed=seed, second_judge=second_judge)
         write_jsonl(os.path.join(dirs[s.name], RESPONSES_FILE), judged)
         if plot and summary.get("categories"):
-            from .plots import plot_categories
-
             summary["categories_plot"] = plot_categories(summary, os.path.join(dirs[s.name], "categories.png"))
         summaries[s.name] = summary
     wall = time.perf_counter() - start

@@ -14,12 +14,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig, DynamicCache
 
+from .data import DataError, atomic_path, check_input_file, load_examples
 from .flops import ModelShape, prefix_forward_flops
-from .models import DEFAULT_MODEL
-from .render import Prompt, prompt_key, render, tokenize
+from .models import DEFAULT_MODEL, load_model, model_fingerprint
+from .render import Prompt, end_of_turn, prompt_key, render, tokenize
 
 POOLINGS = ("last", "mean")
 
@@ -52,8 +56,6 @@ def context_length(model) -> int | None:
     """The model's context window in tokens (None when its config does not say); `model` may be a path."""
     config = getattr(model, "config", None)
     if config is None and isinstance(model, str):
-        from transformers import AutoConfig
-
         try:
             config = AutoConfig.from_pretrained(model)
         except (OSError, ValueError):
@@ -209,8 +211,6 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     Repeated rows (a response that appears in several pairs) are computed once. `stats`, if given,
     receives the number of tokens run through the model and their FLOPs (`rbrm.flops`).
     """
-    from transformers import DynamicCache
-
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
     layers = resolve_layers(model, layers)
@@ -269,9 +269,6 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
 
 def feature_metadata(model, tokenizer, layers: list[int], pooling: str) -> dict:
     """What a probe records to refuse features from another model, layer set or pooling."""
-    from .models import model_fingerprint
-    from .render import end_of_turn
-
     return {"model": model_fingerprint(model), "layers": list(layers), "pooling": pooling,
             "end_of_turn": end_of_turn(tokenizer)}
 
@@ -282,10 +279,6 @@ def feature_metadata(model, tokenizer, layers: list[int], pooling: str) -> dict:
 def save_features(path: str, features: torch.Tensor, metadata: dict | None = None,
                   labels: torch.Tensor | None = None, pair_index: torch.Tensor | None = None) -> None:
     """Write features (+ labels / pair_index) as safetensors, atomically; metadata as JSON strings."""
-    from safetensors.torch import save_file
-
-    from .data import atomic_path
-
     tensors = {"features": features.float().contiguous()}
     if labels is not None:
         tensors["labels"] = labels.long().contiguous()
@@ -306,10 +299,6 @@ class FeatureSet:
 
 def load_features(path: str) -> FeatureSet:
     """Read a features file; only `features` and `labels` or `pair_index` are required."""
-    from safetensors import SafetensorError, safe_open
-
-    from .data import DataError, check_input_file
-
     check_input_file(path)
     try:
         with safe_open(path, framework="pt") as f:
@@ -381,9 +370,6 @@ def examples_to_rows(pairs, labelled) -> tuple[list[tuple[Prompt, str]], torch.T
 
 
 def run_features(config: FeaturesConfig) -> None:
-    from .data import load_examples
-    from .models import load_model
-
     pairs, labelled = load_examples(config.data, format=config.format, limit=config.limit)
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     rows, labels, pair_index = examples_to_rows(pairs, labelled)

@@ -26,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
+from sklearn.model_selection import GroupKFold
 
+from .data import atomic_path, write_json
 from .judges import (
     REPO_DATA_DIR,
     WEIGHTS_DIR,
@@ -116,11 +119,6 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
     The recipe and C are chosen by grouped 5-fold CV (balanced accuracy) over all labelled rows. Transfer: for
     each source, a head with the chosen settings is fit on the other sources and tested on it.
     """
-    from safetensors.numpy import save_file
-    from sklearn.model_selection import GroupKFold
-
-    from .data import atomic_path, write_json
-
     rows = load_helpfulness_data(data_dir)
     y = np.array([r["helpful"] for r in rows])
     groups = np.array([r["group"] for r in rows])

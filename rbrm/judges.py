@@ -32,8 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from sentence_transformers import SentenceTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold
+from transformers import AutoTokenizer
 
+from .data import atomic_path, write_json
 from .flops import ModelShape, forward_flops
+from .models import default_device, load_causal_lm, resolve_dtype
 from .refusal import is_refusal
 
 DEFAULT_JUDGE = "minilm"
@@ -148,10 +156,6 @@ def minilm_path() -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_encoder(path: str, device: str):
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the 'minilm' judge needs sentence-transformers: pip install sentence-transformers") from err
     return SentenceTransformer(path, device=device)
 
 
@@ -221,8 +225,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def load_linear_head(target, meta_path: Path, rebuild: str) -> None:
     """Set `meta`, `coef`, `intercept`, `recipe`, `threshold`, `version` on `target` from a head's JSON + safetensors
     (the MiniLM judge and the helpfulness head share this format)."""
-    from safetensors.numpy import load_file
-
     if not meta_path.is_file():
         raise FileNotFoundError(f"head metadata not found: {meta_path} (rebuild it with `{rebuild}`)")
     target.meta = json.loads(meta_path.read_text())
@@ -366,8 +368,6 @@ PARSIMONY_TOL = 0.005  # CV balanced-accuracy differences below this are noise a
 
 def fit_linear_head(x: np.ndarray, y: np.ndarray, c: float):
     """The logistic-regression head of the `minilm` judge and of the helpfulness measure."""
-    from sklearn.linear_model import LogisticRegression
-
     # Balanced weights: unsafe rows are ~6% of the data; unweighted, the head trades unsafe recall away.
     return LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(x, y)
 
@@ -390,8 +390,6 @@ def cross_validated_heads(features: dict[str, np.ndarray], y: np.ndarray, splits
 def _select_config(features: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray,
                    cs: Sequence[float], folds: int = 5) -> tuple[str, float, list[dict]]:
     """Grouped k-fold CV on the training rows only; the smallest recipe within PARSIMONY_TOL of the best."""
-    from sklearn.model_selection import GroupKFold
-
     table = cross_validated_heads(features, y, list(GroupKFold(n_splits=folds).split(y, y, groups)), cs)
     best = max(r["balanced_accuracy"] for r in table)
     near = [r for r in table if r["balanced_accuracy"] >= best - PARSIMONY_TOL]
@@ -427,10 +425,6 @@ def build_minilm_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
     `n_repeats` more prompt splits (seeds seed+1...) refit the chosen recipe to show how much the held-out
     figures move with the draw of prompts; ~50 unsafe test rows make a single split noisy.
     """
-    from safetensors.numpy import save_file
-
-    from .data import atomic_path, write_json
-
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
     rows = load_judge_data(root)
@@ -744,11 +738,6 @@ class GuardJudge(Judge):
     def __init__(self, model_path: str | os.PathLike, variant: str | int | None = None, device: str | None = None,
                  dtype: str | None = None, batch_size: int = 8, max_new_tokens: int = 12,
                  max_text_tokens: int = 2048, use_chat_template: bool = False):
-        import torch
-        from transformers import AutoTokenizer
-
-        from rbrm.models import default_device, load_causal_lm, resolve_dtype
-
         path = Path(model_path).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"guard model folder not found (no config.json): {path}; "

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .data import atomic_dir
 from .errors import RbrmError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -49,10 +51,6 @@ def _packaged_gguf(alias: str) -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF file into a safetensors folder (atomic: a half-written folder is never used)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import atomic_dir
-
     with atomic_dir(out_dir) as tmp:
         folder, name = str(gguf_path.parent), gguf_path.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -126,8 +124,6 @@ def default_device() -> str:
 
 
 def load_tokenizer(name_or_path: str | None = None):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -144,8 +140,6 @@ def load_causal_lm(path: str, **kwargs):
     transformers fills such parameters with random values and only logs it; a config that lost
     `num_hidden_layers` builds the default depth that way and every stage would run on noise.
     """
-    from transformers import AutoModelForCausalLM
-
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     missing, mismatched = list(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
     if missing or mismatched:

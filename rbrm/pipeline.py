@@ -24,13 +24,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+import yaml
+from accelerate.utils import is_peft_model
+from peft import LoraConfig, PeftModel
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import __version__
+from .data import atomic_dir, load_pairs, load_prompts, read_jsonl, write_json, write_jsonl
 from .errors import RbrmError
+from .evaluation import evaluate, judge_loader, load_set, over_refusal_set, parse_prompt_set, set_dir
 from .flops import ModelShape, generation_flops
+from .helpfulness import HelpfulnessJudge
+from .judges import JUDGE_NAMES, get_judge
 from .methods import METHODS
-from .models import DEFAULT_MODEL
-from .render import matching_key
+from .models import (
+    DEFAULT_MODEL,
+    default_device,
+    load_causal_lm,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
+from .render import matching_key, prompt_length, render, to_messages, tokenize
+from .report import write_report, write_seeds_report
+from .rerank import ClassifierReward, rerank_file, write_outputs
+from .reward_model import ProbeTrainConfig, run_probe_train
+from .sampling import GenerationSettings, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
-from .trainer import ConfidenceDPOConfig
+from .trainer import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +113,11 @@ def _dpo_keys() -> set[str]:
 
 
 def _lora_keys() -> set[str]:
-    from peft import LoraConfig
-
     return {f.name for f in dataclasses.fields(LoraConfig)}
 
 
 def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
     """Read and check a pipeline YAML; every unknown key is an error that names the file and section."""
-    import yaml
-
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -191,8 +210,6 @@ class Pipeline:
                  shared: dict[str, str] | None = None):
         """`shared`: stages read from (and written to) another run's folder, e.g. {"probe": <run>/probe} for the
         online curve's runs, which train from the main run's hybrid reward."""
-        from .models import default_device, resolve_model
-
         self.config = config
         self.shared = dict(shared or {})
         self.curve: list[tuple[int, Pipeline]] = []  # (rounds, the finished online run), when online_rounds
@@ -223,23 +240,17 @@ class Pipeline:
 
     def inference_model(self, dtype: str = "auto"):
         """(model, tokenizer) of the base policy for sampling, scoring and evaluation, loaded once."""
-        from .models import load_model
-
         if dtype not in self._inference:
             self._inference[dtype] = load_model(self.model_path, dtype=dtype, device=self.device)
         return self._inference[dtype]
 
     def _base_inputs(self) -> dict:
         """In every key: the model's files and rbrm's version (the code itself is not hashed)."""
-        from . import __version__
-
         return {"model": self.model_path, "model_files": model_digest(self.model_path), "rbrm": __version__}
 
     # ----------------------------------------------------------------------------------- stage 1
 
     def probe(self) -> dict:
-        from .reward_model import ProbeTrainConfig, run_probe_train
-
         section = dict(self.config.probe)
         files = {k: file_digest(section[k]) for k in ("data", "test_data", "calibration_data") if section.get(k)}
 
@@ -261,8 +272,6 @@ class Pipeline:
     def training_prompts(self) -> list:
         """The harmful sampling prompts, then the optional benign ones (the paper's "general" samples, ids
         prefixed `benign:`), each minus any evaluation prompt (case/space-insensitive), then `skip`/`limit`."""
-        from .data import load_prompts
-
         s = self.config.sample
         evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
         for prefix in ("", "benign_"):
@@ -279,14 +288,10 @@ class Pipeline:
 
     def evaluation_keys(self) -> set[str]:
         if self.eval_prompt_keys is None:
-            from .evaluation import load_set
-
             self.eval_prompt_keys = {matching_key(p.prompt) for pset in self.eval_sets() for p in load_set(pset)}
         return self.eval_prompt_keys
 
     def generation_settings(self):
-        from .sampling import GenerationSettings
-
         s = self.config.sample
         defaults = GenerationSettings()
         return GenerationSettings(True, s.get("temperature", defaults.temperature), s.get("top_k", defaults.top_k),
@@ -296,9 +301,6 @@ class Pipeline:
 
     def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
         """Sample `n` responses per prompt into `out_path` (resumable); exact token counts over the file."""
-        from .render import prompt_length
-        from .sampling import generate_responses
-
         s = self.config.sample
         n = int(s.get("n", 8))
         rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
@@ -329,8 +331,6 @@ class Pipeline:
     def _score_and_pair(self, samples_path: str, out_dir: str, scorer: str = "probe") -> dict:
         """Score with the stage-1 hybrid reward on the base policy's states (or with `scorer`, see
         `external_scorer`); write ranking and pairs."""
-        from .rerank import rerank_file, write_outputs
-
         r = self.config.rerank
         alpha = r.get("alpha")
         if alpha is None and self.config.dpo.get("confidence_scale", ConfidenceDPOConfig.confidence_scale) == "alpha":
@@ -347,10 +347,6 @@ class Pipeline:
         """What online pipelines usually score samples with instead of the policy's own probe: a judge
         (`minilm`, `refusal`; reward = 1 - its unsafe score) or a local sequence-classification reward model
         folder (its one logit). Returns samples -> (scores, FLOPs), loaded once."""
-        from .judges import JUDGE_NAMES, get_judge
-        from .render import to_messages
-        from .rerank import ClassifierReward
-
         if name not in self._scorers:
             if name in JUDGE_NAMES:
                 judge = get_judge(name)
@@ -384,10 +380,6 @@ class Pipeline:
         s = self.config.static_pairs
 
         def body(directory: str) -> dict:
-            from .data import load_pairs, write_jsonl
-            from .models import load_tokenizer
-            from .render import render, tokenize
-
             tokenizer = load_tokenizer(self.model_path)
             cap, limit, rows = s.get("max_prompt_tokens"), s.get("limit"), []
             for pair in load_pairs(s["data"]):
@@ -407,8 +399,6 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 3
 
     def dpo_args(self, method: str, output_dir: str, **overrides):
-        import torch
-
         values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
                   "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
                   "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
@@ -420,8 +410,6 @@ class Pipeline:
     def lora_config(self):
         if not self.config.lora:
             return None
-        from peft import LoraConfig
-
         return LoraConfig(task_type="CAUSAL_LM", **self.config.lora)
 
     def dpo_settings_of(self, method: str) -> dict:
@@ -438,10 +426,6 @@ class Pipeline:
                   "lora": self.config.lora, "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed}
 
         def body(directory: str) -> dict:
-            from .data import write_json
-            from .models import load_tokenizer
-            from .trainer import ConfidenceDPOTrainer, pairs_dataset
-
             train_dir = os.path.join(directory, "train")
             tokenizer = load_tokenizer(self.model_path)
             model = self.training_model()
@@ -461,20 +445,14 @@ class Pipeline:
 
     def training_model(self, adapter: str | None = None):
         """A fresh trainable copy of the base policy (fp32 on CPU), optionally with a saved LoRA adapter."""
-        from .models import load_causal_lm, resolve_dtype
-
         dtype = resolve_dtype("auto", self.device, inference=False)
         model = load_causal_lm(self.model_path, dtype=dtype)
         if adapter is None:
             return model
-        from peft import PeftModel
-
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
     def online(self) -> dict:
         """R rounds of: sample from the current policy, score and pair with the frozen hybrid reward, DPO."""
-        from .data import write_json
-
         rounds = int(self.config.online.get("rounds", 1))
         steps = int(self.config.dpo["max_steps"]) // rounds
         per_step = (int(self.config.dpo.get("per_device_train_batch_size", 8))
@@ -500,8 +478,6 @@ class Pipeline:
             after = [records[-1]["key"]]
 
         def finish(directory: str) -> dict:
-            from .models import load_tokenizer
-
             _save_merged(self.training_model(policy_dir) if self.config.lora else _load_full(policy_dir),
                          load_tokenizer(self.model_path), os.path.join(directory, "model"))
             logs = [row for k in range(rounds) for row in read_json(
@@ -516,9 +492,6 @@ class Pipeline:
         return self._stage("online", {"after": after}, finish)
 
     def _online_round(self, directory: str, r: int, prompts: list, previous: str | None, steps: int) -> dict:
-        from .models import load_tokenizer
-        from .trainer import ConfidenceDPOTrainer, pairs_dataset
-
         tokenizer = load_tokenizer(self.model_path)
         if previous is None:
             policy = self.training_model()
@@ -544,8 +517,6 @@ class Pipeline:
                                        peft_config=self.lora_config() if previous is None else None)
         trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
         trainer.save_model(os.path.join(directory, "policy"))
-        from .data import write_json
-
         write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)
         return {"generated_tokens": compute["generated_tokens"],
                 "forward_tokens": compute["forward_tokens"] + scored["forward_tokens"] + trainer.forward_tokens,
@@ -563,8 +534,6 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 4
 
     def eval_sets(self) -> list:
-        from .evaluation import over_refusal_set, parse_prompt_set
-
         e = self.config.eval
         specs = e["prompts"] if isinstance(e["prompts"], list) else [e["prompts"]]
         sets = [parse_prompt_set(spec) for spec in specs]
@@ -573,9 +542,6 @@ class Pipeline:
         return sets
 
     def evaluate(self, method: str) -> dict:
-        from .evaluation import evaluate, judge_loader
-        from .sampling import GenerationSettings
-
         e = self.config.eval
         sets = self.eval_sets()
         model_dir = self.model_path if method == "base" else self.path(method, "model")
@@ -585,8 +551,6 @@ class Pipeline:
                   "measures": self.eval_measures()}
 
         def body(directory: str) -> dict:
-            from .models import load_model
-
             model, tokenizer = (self.inference_model(e.get("dtype", "auto")) if method == "base" else
                                 load_model(model_dir, dtype=e.get("dtype", "auto"), device=self.device))
             settings = GenerationSettings.greedy(e.get("max_new_tokens", 128))
@@ -607,11 +571,6 @@ class Pipeline:
         """The evaluation's own compute, apart from alignment: generating the answers, and judging them (the
         main and the second judge, the helpfulness measure on benign sets). Judging is None where a judge does
         not count its FLOPs (a guard model, passed here as None so that it is not loaded again)."""
-        from .data import read_jsonl
-        from .evaluation import set_dir
-        from .helpfulness import HelpfulnessJudge
-        from .render import prompt_length
-
         shape, generation, judging = ModelShape.of(model), 0, 0
         helpfulness = HelpfulnessJudge() if self.eval_measures()["helpfulness"] and any(s.benign for s in sets) \
             else None
@@ -641,8 +600,6 @@ class Pipeline:
 
     def second_judge(self):
         """The second judge of `eval_measures`, built, or None."""
-        from .judges import get_judge
-
         name = self.eval_measures()["second_judge"]
         return get_judge(name, self.config.eval.get("second_judge_model")) if name else None
 
@@ -668,8 +625,6 @@ class Pipeline:
 
     def report_only(self) -> dict:
         """Redraw report.md/json and the figures from finished stages, running nothing."""
-        from .report import write_report
-
         self.load_records()
         self.curve = self.curve_runs()
         for _, run in self.curve:
@@ -702,8 +657,6 @@ class Pipeline:
                 print(f"== online curve: {rounds} round(s) ({run.path()})", flush=True)
                 run._inference = self._inference  # the same base model, loaded once
                 run.run()
-        from .report import write_report
-
         return write_report(self)
 
 
@@ -715,8 +668,6 @@ def seed_configs(config: PipelineConfig) -> list[PipelineConfig]:
 
 def run_seeds(config: PipelineConfig, config_path: str | None, report_only: bool = False) -> dict:
     """Every seed's pipeline (each resumes from its own cache), then the report over the seeds."""
-    from .report import write_seeds_report
-
     pipelines = []
     for seed_config in seed_configs(config):
         print(f"== seed {seed_config.seed} ({seed_config.run_dir})", flush=True)
@@ -730,23 +681,15 @@ def run_seeds(config: PipelineConfig, config_path: str | None, report_only: bool
 
 
 def _last_checkpoint(directory: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(directory) if os.path.isdir(directory) else None
 
 
 def _load_full(path: str):
-    from .models import load_causal_lm
-
     return load_causal_lm(path)
 
 
 def _save_merged(model, tokenizer, out_dir: str) -> None:
     """The policy with any LoRA adapter merged in, as a plain Hugging Face folder (`--model` loads it)."""
-    from accelerate.utils import is_peft_model
-
-    from .data import atomic_dir
-
     if is_peft_model(model):
         model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:

@@ -7,19 +7,19 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from .data import atomic_path
+from .data import atomic_path, load_examples
 from .errors import ConfigError
-from .models import DEFAULT_MODEL
+from .features import examples_to_rows, extract_features, load_features, resolve_layers
+from .models import DEFAULT_MODEL, load_model
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def subplots(*args, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes without pyplot: no GUI backend, no global figure registry to close."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def safe_unsafe_rows(labels: torch.Tensor | None, pair_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +39,8 @@ def pca_2d(x: torch.Tensor) -> torch.Tensor:
 
 def plot_pca(features: torch.Tensor, safe: torch.Tensor, unsafe: torch.Tensor, layer_names: list[int],
              layers: list[int], out: str, title: str = "") -> str:
-    plt = _pyplot()
     cols = len(layers)
-    fig, axes = plt.subplots(1, cols, figsize=(3.6 * cols, 3.4), squeeze=False)
+    fig, axes = subplots(1, cols, figsize=(3.6 * cols, 3.4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
         if layer not in layer_names:
             raise ValueError(f"layer {layer} is not in these features (layers {layer_names})")
@@ -61,8 +60,7 @@ def plot_pca(features: torch.Tensor, safe: torch.Tensor, unsafe: torch.Tensor, l
 def plot_confidence(histories: dict[str, list[float]], floor: float, out: str,
                     title: str = "Confidence gamma of the training pairs") -> str:
     """Histogram of every training pair's gamma per method: a step function shows as two spikes."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = subplots(figsize=(6.5, 3.4))
     bins = [floor + i * (1 - floor) / 25 for i in range(26)] if floor < 1 else 25
     for method, gamma in histories.items():
         ax.hist(gamma, bins=bins, alpha=0.6, label=f"{method} ({len(gamma)} pairs)")
@@ -75,8 +73,7 @@ def plot_confidence(histories: dict[str, list[float]], floor: float, out: str,
 
 def plot_layer_accuracy(per_layer: list[float], layer_names: list[int], out: str, gate: list[float] | None = None,
                         hybrid: float | None = None, title: str = "Per-layer probe accuracy") -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = subplots(figsize=(6.5, 3.4))
     ax.plot(layer_names, per_layer, marker="o", ms=3, label="layer probe (val)")
     if hybrid is not None:
         ax.axhline(hybrid, color="tab:green", ls="--", label=f"hybrid reward {hybrid:.3f}")
@@ -92,13 +89,12 @@ def plot_layer_accuracy(per_layer: list[float], layer_names: list[int], out: str
 
 
 def _finish(fig, out: str, title: str = "") -> str:
-    """Title, layout, atomic PNG write, close."""
+    """Title, layout, atomic PNG write."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
     return out
 
 
@@ -115,8 +111,6 @@ class ProbePlotConfig:
 
 
 def run_probe_plot(config: ProbePlotConfig) -> None:
-    from .features import examples_to_rows, extract_features, load_features, resolve_layers
-
     if bool(config.features) == bool(config.data):
         raise ConfigError("give exactly one of --features or --data")
     if config.features:
@@ -125,9 +119,6 @@ def run_probe_plot(config: ProbePlotConfig) -> None:
         names = fs.metadata.get("layers") or list(range(1, features.shape[1] + 1))
         title = os.path.basename(config.features)
     else:
-        from .data import load_examples
-        from .models import load_model
-
         model, tokenizer = load_model(config.model, dtype=config.dtype)
         rows, labels, pairs = examples_to_rows(*load_examples(config.data, limit=config.limit))
         names = resolve_layers(model, None)
@@ -162,7 +153,6 @@ def plot_rates(summaries: dict[str, dict], out: str, title: str = "") -> str:
 
     `summaries` maps a model name to what `rbrm eval` wrote to summary.json (one set or several).
     """
-    plt = _pyplot()
     models = list(summaries)
     per_model = {m: _eval_sets(s) for m, s in summaries.items()}
     panels = []  # (title, [(set, metric)])
@@ -174,7 +164,7 @@ def plot_rates(summaries: dict[str, dict], out: str, title: str = "") -> str:
         panels.append(("over-refusal (benign prompts)", [(n, "over_refusal_rate") for n in benign]))
     if not panels:
         raise ValueError("no prompt sets in these summaries")
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.2 + 0.9 * len(models) * max(
+    fig, axes = subplots(1, len(panels), figsize=(max(4.0, 1.2 + 0.9 * len(models) * max(
         len(p[1]) for p in panels)) * len(panels), 3.6), squeeze=False)
     width = 0.8 / max(len(models), 1)
     for ax, (panel_title, items) in zip(axes[0], panels):
@@ -198,7 +188,6 @@ def plot_rates(summaries: dict[str, dict], out: str, title: str = "") -> str:
         ax.set_ylim(0, 1.12)
         ax.set_title(panel_title, fontsize=10)
         ax.set_ylabel("rate (95% bootstrap CI)")
-    from matplotlib.patches import Patch
 
     handles = [Patch(color=f"C{k % 10}", label=model) for k, model in enumerate(models)]
     axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -208,8 +197,7 @@ def plot_rates(summaries: dict[str, dict], out: str, title: str = "") -> str:
 def plot_safety_vs_helpfulness(methods: dict[str, dict], out: str, title: str = "") -> str:
     """Unsafe rate (x) against helpfulness (y), one point per method with 95% intervals: a method that buys
     safety with refusals or deflections sits low on the left, not high on the left."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for name, row in methods.items():
         if row.get("helpfulness_rate") is None:
             continue
@@ -227,8 +215,7 @@ def plot_safety_vs_helpfulness(methods: dict[str, dict], out: str, title: str = 
 
 def plot_seeds_safety_vs_helpfulness(points: dict[str, list[tuple[float, float]]], out: str, title: str = "") -> str:
     """Unsafe rate (x) against helpfulness (y): a small point per seed and a large one at each method's mean."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = subplots(figsize=(5, 4))
     for k, (name, xy) in enumerate(points.items()):
         if not xy:
             continue
@@ -249,8 +236,7 @@ def plot_seeds_safety_vs_helpfulness(points: dict[str, list[tuple[float, float]]
 def plot_compute_curve(rows: list[dict], out: str, title: str = "") -> str:
     """Unsafe rate and helpfulness (y) against alignment FLOPs (x, log): online's curve over its numbers of
     rounds, every other method as a point (the paper's Fig. 1, at this scale)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "unsafe_rate", "unsafe rate (harmful prompts)"),
                            (axes[1], "helpfulness_rate", "helpfulness (benign prompts)")):
         curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") and r.get(key) is not None),
@@ -273,12 +259,11 @@ def plot_compute_curve(rows: list[dict], out: str, title: str = "") -> str:
 
 def plot_categories(summary: dict, out: str, title: str = "") -> str:
     """Unsafe and refusal rate per category of one prompt set (horizontal bars, 95% intervals)."""
-    plt = _pyplot()
     categories = summary.get("categories") or {}
     if not categories:
         raise ValueError("this summary has no categories")
     names = list(categories)
-    fig, ax = plt.subplots(figsize=(7.0, 1.0 + 0.45 * len(names)))
+    fig, ax = subplots(figsize=(7.0, 1.0 + 0.45 * len(names)))
     ys = range(len(names))
     for offset, metric, color in ((-0.2, "unsafe_rate", "tab:red"), (0.2, "refusal_rate", "tab:blue")):
         bars = [_rate_err(categories[n].get(metric), categories[n].get(metric + "_ci")) for n in names]
@@ -303,11 +288,10 @@ def plot_training(logs: dict[str, list[dict]], out: str, title: str = "") -> str
 
     `logs` maps a method name to TRL's `log_history` (a list of per-step dicts).
     """
-    plt = _pyplot()
     panels = [("rewards/margins", "DPO reward margin"), ("confidence/mean", "mean confidence (gamma)"),
               ("probe/accuracy", "online probe: pair accuracy")]
     panels = [(key, name) for key, name in panels if any(key in row for log in logs.values() for row in log)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
     for ax, (key, name) in zip(axes[0], panels):
         for k, (method, log) in enumerate(logs.items()):
             rows = [row for row in log if key in row]

@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 
-from .data import read_jsonl
+import numpy as np
+
+from .data import read_jsonl, write_json, write_text_atomic
 from .evaluation import aggregate, bootstrap_ci, make_judge, pct, ranking_quality, set_dir
+from .features import load_features
+from .flops import LLAMA_7B, forward_flops
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags
 from .methods import METHODS, label
-from .render import matching_key
+from .models import load_tokenizer
+from .plots import (
+    plot_compute_curve,
+    plot_confidence,
+    plot_layer_accuracy,
+    plot_pca,
+    plot_rates,
+    plot_safety_vs_helpfulness,
+    plot_seeds_safety_vs_helpfulness,
+    plot_training,
+    safe_unsafe_rows,
+)
+from .render import matching_key, prompt_length
 from .stages import sum_compute
+from .trainer import CONFIDENCE_FILE
 
 
 def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
@@ -95,8 +113,6 @@ def _read_log(pipeline, method: str) -> list[dict]:
 
 
 def _read_confidence(pipeline, method: str) -> dict | None:
-    from .trainer import CONFIDENCE_FILE
-
     path = pipeline.path(method, "train", CONFIDENCE_FILE)
     if not os.path.exists(path):
         return None
@@ -240,8 +256,6 @@ def _count(n) -> str:
 
 def write_report(pipeline) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
-    from .data import write_json, write_text_atomic
-
     config = pipeline.config
     resamples = config.eval.get("bootstrap", 1000)
     methods, figure_sets, flags = {}, {}, {}
@@ -274,8 +288,6 @@ def write_report(pipeline) -> dict:
     curve = curve_rows(pipeline, methods) if pipeline.curve else None
     matched = matched_compute_ratio(curve) if curve else None
     if curve:
-        from .plots import plot_compute_curve
-
         figures["Unsafe rate and helpfulness against alignment compute"] = plot_compute_curve(
             curve, pipeline.path("figures", "compute_curve.png"))
     ranking = None
@@ -315,10 +327,6 @@ def _construction_flops(row: dict, method: str) -> int | None:
 def _seven_b_scoring_flops(run) -> int:
     """What scoring every online sample with a 7B reward model (LLAMA_7B) would cost: one forward per sample over
     its prompt and response, by formula."""
-    from .flops import LLAMA_7B, forward_flops
-    from .models import load_tokenizer
-    from .render import prompt_length
-
     tokenizer, lengths = load_tokenizer(run.model_path), []
     rounds = int(run.config.online.get("rounds", 1))
     for k in range(rounds):
@@ -350,8 +358,6 @@ def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict
     """The compute online needs to reach `target_method`'s unsafe rate, interpolated on its curve (unsafe rate
     linear in log FLOPs between neighbouring points), over the target's compute; for the whole alignment and
     for preference construction alone. Null, with the reason, when online never gets that safe."""
-    import math
-
     target = next((r for r in rows if r["method"] == target_method), None)
     curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") is not None and r["flops"]),
                    key=lambda r: r["flops"])
@@ -491,22 +497,10 @@ def render_markdown(report: dict, pipeline) -> str:
 
 
 def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
-    from .plots import (
-        plot_confidence,
-        plot_layer_accuracy,
-        plot_pca,
-        plot_rates,
-        plot_safety_vs_helpfulness,
-        plot_training,
-        safe_unsafe_rows,
-    )
-
     out: dict[str, str] = {}
     fig_dir = pipeline.path("figures")
     features_path = pipeline.path("probe", "features.safetensors")
     if os.path.exists(features_path):
-        from .features import load_features
-
         fs = load_features(features_path)
         names = fs.metadata.get("layers") or list(range(1, fs.features.shape[1] + 1))
         layers = sorted({names[round(i * (len(names) - 1) / 3)] for i in range(4)})
@@ -542,8 +536,6 @@ SEED_RATES = ("unsafe_rate", "second_judge_unsafe_rate", "refusal_rate", "over_r
 def seed_prompt_difference(diffs: list[list[float]], resamples: int = 2000, seed: int = 0) -> dict | None:
     """Mean paired difference over seeds and prompts, with a two-level percentile bootstrap (seeds, then the
     prompts within each drawn seed), so the interval carries both the seed-to-seed and the prompt variance."""
-    import numpy as np
-
     diffs = [np.asarray(d, dtype=float) for d in diffs if len(d)]
     if not diffs:
         return None
@@ -617,9 +609,6 @@ def write_seeds_report(config, pipelines: list) -> dict:
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
-    from .data import write_json, write_text_atomic
-    from .plots import plot_seeds_safety_vs_helpfulness
-
     resamples = config.eval.get("bootstrap", 2000)
     methods, flags = {}, {}
     for method in config.methods:

@@ -20,11 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from .data import DataError, load_scored_samples, write_json, write_jsonl
 from .errors import ConfigError
+from .features import context_length, extract_features, rendered_lengths
 from .flops import ModelShape, forward_flops, probe_flops
+from .models import load_model
 from .refusal import is_refusal
-from .render import Prompt, prompt_key, to_messages
+from .render import Prompt, end_of_turn, prompt_key, to_messages
+from .reward_model import HybridRewardModel, ModelMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,6 @@ class RerankResult:
 
 def load_samples(path: str, limit: int | None = None) -> list[Sample]:
     """Samples from `rbrm sample` output or the paper's (idx, input, output, score) files."""
-    from .data import DataError, load_scored_samples
-
     samples, seen = [], {}
     for position, s in enumerate(load_scored_samples(path, limit=limit)):
         sample = Sample(s.prompt_id or prompt_key(s.prompt), s.prompt, s.response, s.index, position, dict(s.meta),
@@ -77,8 +81,6 @@ def load_samples(path: str, limit: int | None = None) -> list[Sample]:
 def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]:
     """Samples that cannot be ranked: empty responses (the probe has nothing to read, yet may score them
     highest) and rows longer than the model's context window (their hidden states are not meaningful)."""
-    from .features import context_length, rendered_lengths
-
     empty = [s for s in samples if not s.response.strip()]
     limit = context_length(model)
     rest = [s for s in samples if s.response.strip()]
@@ -91,9 +93,6 @@ def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]
 
 def check_reward_for(reward, model, tokenizer) -> None:
     """The reward model must read the hidden states of this model at the token it was trained on."""
-    from .render import end_of_turn
-    from .reward_model import ModelMismatchError
-
     reward.check_model(model)
     if reward.weight.shape[1] != model.config.hidden_size:
         raise ModelMismatchError(f"reward model expects hidden size {reward.weight.shape[1]}, the model has "
@@ -112,10 +111,6 @@ def score_samples(model, tokenizer, reward, samples: list[Sample], batch_tokens:
     Features are computed a chunk of whole prompts at a time (so the prompt's KV cache is still shared) and
     dropped after scoring: all layers' features of a large sample file would not fit in memory.
     """
-    from tqdm.auto import tqdm
-
-    from .features import extract_features
-
     reward = reward.eval()
     by_prompt: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
@@ -295,8 +290,6 @@ def format_summary(summary: dict) -> str:
 
 def write_outputs(result: RerankResult, out_dir: str, alpha: float = PAPER_ALPHA) -> None:
     """rank.jsonl, chosen.jsonl, rejected.jsonl, pairs.jsonl and summary.json in `out_dir` (each atomic)."""
-    from .data import write_json, write_jsonl
-
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl(os.path.join(out_dir, "rank.jsonl"), rank_rows(result))
     write_jsonl(os.path.join(out_dir, "chosen.jsonl"), chosen_rows(result))
@@ -317,9 +310,6 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     alpha None: the confidence column uses the probe's calibrated scale. `scorer` (samples -> (scores, FLOPs))
     replaces the hybrid reward, as online pipelines score with an external reward model.
     """
-    from .models import load_model
-    from .reward_model import HybridRewardModel
-
     samples = load_samples(samples_path, limit)
     reward = HybridRewardModel.load(reward_dir)
     alpha = reward.calibration["scale"] if alpha is None else alpha
@@ -359,8 +349,6 @@ class ClassifierReward:
     The (prompt, response) pair is rendered with the classifier's own chat template, or as plain text."""
 
     def __init__(self, path: str, device: str = "cpu", batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.name = f"classifier {os.path.basename(os.path.normpath(path))}"
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
         if self.model.config.num_labels != 1:

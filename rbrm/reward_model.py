@@ -16,18 +16,40 @@ Two ways to fit it (`TrainSettings.fit`):
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import DataError, read_json_file
+from .data import DataError, atomic_path, load_examples, read_json_file, write_json
 from .errors import ConfigError, RbrmError
-from .models import DEFAULT_MODEL
+from .features import (
+    FeatureSet,
+    context_length,
+    examples_to_rows,
+    extract_features,
+    feature_metadata,
+    load_features,
+    rendered_lengths,
+    resolve_layers,
+    save_features,
+)
+from .models import DEFAULT_MODEL, load_model, model_fingerprint
+from .render import prompt_key
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
 GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
@@ -107,10 +129,6 @@ class HybridRewardModel(nn.Module):
 
     def save(self, directory: str) -> None:
         """safetensors weights + JSON config, written atomically into `directory`."""
-        from safetensors.torch import save_file
-
-        from .data import atomic_path, write_json
-
         config = {"end_of_turn": None, **self.config, "layers": self.layers, "pooling": self.pooling,
                   "gate": self.gate_kind, "format_version": FORMAT_VERSION, "num_layers": self.num_layers,
                   "hidden_size": int(self.weight.shape[1])}
@@ -122,9 +140,6 @@ class HybridRewardModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str, map_location: str | torch.device = "cpu") -> HybridRewardModel:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         config_path = os.path.join(directory, CONFIG_FILE)
         weights_path = os.path.join(directory, WEIGHTS_FILE)
         for path in (config_path, weights_path):
@@ -153,8 +168,6 @@ class HybridRewardModel(nn.Module):
 
         Same shape but different weights (a fine-tuned descendant, the usual case in DPO) only warns.
         """
-        from .models import model_fingerprint
-
         expected = self.config.get("model")
         if not expected:
             warnings.warn("this reward model records no base model; it cannot be checked", stacklevel=2)
@@ -467,8 +480,6 @@ def _gate_reward(scores: torch.Tensor, fitted: tuple[torch.Tensor, torch.Tensor]
 
 
 def _fold_of_rows(groups: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, int]:
-    from sklearn.model_selection import GroupKFold
-
     k = min(k, len(torch.unique(groups)))
     fold = torch.full((len(groups),), -1, dtype=torch.long)
     if k < 2:
@@ -488,8 +499,6 @@ def _side(held: torch.Tensor, pairs, rows, safe, inside: bool):
 def _fit_staged(model: HybridRewardModel, features, pairs, labelled, labels, groups, settings: TrainSettings,
                 progress: bool) -> dict:
     """Probes, then the gate on their out-of-fold scores, then the probes again on every training row."""
-    from tqdm.auto import tqdm
-
     rows = _rows_of(pairs, labelled)  # training rows, renumbered 0..n-1 below
     position = torch.full((features.shape[0],), -1, dtype=torch.long)
     position[rows] = torch.arange(len(rows))
@@ -556,8 +565,6 @@ def _fit_staged(model: HybridRewardModel, features, pairs, labelled, labels, gro
 def _fit_joint(model: HybridRewardModel, features, train_pairs, val_pairs, train_lab, val_lab, labels,
                settings: TrainSettings, generator: torch.Generator, progress: bool) -> dict:
     """AdamW on every parameter at once (the paper's recipe), early-stopped on the validation split."""
-    from tqdm.auto import tqdm
-
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     has_val = len(val_pairs) + len(val_lab) > 0
@@ -637,8 +644,6 @@ def calibrate(reward: torch.Tensor, pairs: torch.Tensor, rows: torch.Tensor, saf
 def recalibrate(model: HybridRewardModel, fs, source: str) -> dict:
     """Refit the model's calibration on another labelled set (the policy's own answers); returns how well the
     reward ranks that set and the calibration error before and after (after is in-sample)."""
-    from sklearn.metrics import roc_auc_score
-
     pairs = fs.pair_index if fs.pair_index is not None else torch.empty(0, 2, dtype=torch.long)
     labels = fs.labels if fs.labels is not None else torch.full((fs.features.shape[0],), -1, dtype=torch.long)
     rows = torch.nonzero(labels >= 0).flatten()
@@ -742,12 +747,6 @@ def _std(values: list[float]) -> float:
 
 def logistic_baseline(features, pairs, labels, train_mask_rows: torch.Tensor, seed: int = 0) -> dict:
     """scikit-learn logistic regression on the best single layer (chosen by CV on the train side)."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     paired = pairs is not None and len(pairs) > 0
 
     def design(layer: int, rows_mask: torch.Tensor):
@@ -824,11 +823,6 @@ class ProbeTrainConfig:
 def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict,
                   stats: dict | None = None):
     """Compute (FeatureSet, groups) for a data file with the configured model."""
-    from .data import load_examples
-    from .features import FeatureSet, examples_to_rows, extract_features, feature_metadata, resolve_layers
-    from .models import load_model
-    from .render import prompt_key
-
     pairs, labelled = load_examples(data, limit=limit)
     if "model" not in model_cache:
         model_cache["model"] = load_model(config.model, dtype=config.dtype, device=config.device)
@@ -851,10 +845,6 @@ def drop_too_long(model, tokenizer, pairs: list, labelled: list) -> tuple[list, 
     Hidden states past the context window are not what the model computes on real input; a probe trained on
     them learns noise.
     """
-    import logging
-
-    from .features import context_length, rendered_lengths
-
     limit = context_length(model)
     if limit is None:
         return pairs, labelled, []
@@ -872,8 +862,6 @@ def drop_too_long(model, tokenizer, pairs: list, labelled: list) -> tuple[list, 
 
 
 def _load_feature_file(path: str):
-    from .features import load_features
-
     fs = load_features(path)
     groups = None
     if "groups" in fs.metadata:
@@ -883,9 +871,6 @@ def _load_feature_file(path: str):
 
 def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict:
     """Train, test, save; returns the metrics. `stats` receives the tokens run through the model (compute)."""
-    from .data import write_json
-    from .features import save_features
-
     if bool(config.data) == bool(config.features):
         raise ConfigError("give exactly one of --data or --features")
     model_cache: dict = {}

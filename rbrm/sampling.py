@@ -22,11 +22,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from .data import (
+    DataError,
+    append_jsonl,
+    exclusive_writer,
+    load_prompts,
+    read_json_file,
+    read_jsonl,
+    write_json,
+)
 from .errors import ConfigError, RbrmError
-from .features import pad
-from .models import DEFAULT_MODEL
+from .features import context_length, pad
+from .models import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint, resolve_model
 from .render import end_of_turn, render_prompt
 
 log = logging.getLogger(__name__)
@@ -240,8 +250,6 @@ def weights_digest(model) -> str:
 def model_identity(model) -> dict:
     """What the sidecar records about the generator: a fingerprint for a loaded model, else its name."""
     if isinstance(model, torch.nn.Module):
-        from .models import model_fingerprint
-
         return {**model_fingerprint(model), "weights_sha256": weights_digest(model),
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return {"name": str(model)}
@@ -256,8 +264,6 @@ def _comparable(key: str, value):
 
 def _check_meta(out_path: str, meta: dict) -> None:
     """Refuse to append to a file made with other settings; warn if only the batch layout changed."""
-    from .data import read_json_file, write_json
-
     meta_path = out_path + META_SUFFIX
     if not os.path.exists(meta_path):
         if os.path.exists(out_path) and os.path.getsize(out_path):
@@ -280,8 +286,6 @@ def _check_meta(out_path: str, meta: dict) -> None:
 
 
 def _existing_rows(out_path: str, prompts_by_id: dict) -> dict[tuple[str, int], dict]:
-    from .data import DataError, read_jsonl
-
     if not os.path.exists(out_path):
         return {}
     done: dict[tuple[str, int], dict] = {}
@@ -315,8 +319,6 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: Ge
     `model` may be a model name when a `backend` that loads its own model (vLLM) is given.
     `stats`, if given, receives generated_tokens, seconds and calls of this run (not of earlier runs).
     """
-    from .data import exclusive_writer
-
     with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
                                    progress, max_sequences, backend, engine, stats)
@@ -343,11 +345,6 @@ def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None,
 
 def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed, progress,
                         max_sequences, backend, engine, stats) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from .data import append_jsonl
-    from .features import context_length
-
     settings = settings or GenerationSettings()
     if not settings.do_sample and n != 1:
         raise ValueError(f"greedy decoding gives one response per prompt; got n={n}")
@@ -443,9 +440,6 @@ def settings_from_config(config: SampleConfig) -> GenerationSettings:
 
 
 def run_sample(config: SampleConfig) -> None:
-    from .data import load_prompts
-    from .models import load_model, load_tokenizer, resolve_model
-
     settings = settings_from_config(config)
     if config.greedy and config.n != 1:
         raise ConfigError("--greedy gives one response per prompt; use --n 1")

@@ -39,17 +39,26 @@ import copy
 import json
 import logging
 import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import broadcast, is_peft_model
+from datasets import Dataset
 from torch import nn
-from trl import DPOConfig, DPOTrainer
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl.data_utils import extract_prompt
+from trl.trainer.utils import global_then_local_main_first
 
+from .data import load_pairs, write_json
 from .features import POOLINGS, context_length, decoder_layers, pool
 from .flops import ModelShape, forward_flops, probe_flops, training_flops
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
 from .render import end_of_turn, render, tokenize
 from .rerank import PAPER_ALPHA
 from .reward_model import HybridRewardModel, pairwise_loss
@@ -221,8 +230,6 @@ class _PolicyCall:
 
 
 def _zero3_enabled() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()
 
 
@@ -251,8 +258,6 @@ class ConfidenceDPOTrainer(DPOTrainer):
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None,
                  callbacks=None, optimizers=(None, None), quantization_config=None, peft_config=None,
                  reward_model: HybridRewardModel | str | None = None):
-        from accelerate.utils import is_peft_model
-
         if args is None:
             args = ConfidenceDPOConfig("confidence-dpo")
         if not isinstance(args, ConfidenceDPOConfig):
@@ -309,8 +314,6 @@ class ConfidenceDPOTrainer(DPOTrainer):
                                  f"tokenizer's chat template ends them with {end_of_turn(self._tokenizer)!r}")
             self.reward_model = reward_model.to(self.accelerator.device, torch.float32)
             if self.accelerator.num_processes > 1:  # every rank starts from rank 0's probe
-                from accelerate.utils import broadcast
-
                 for tensor in self.reward_model.state_dict().values():
                     tensor.copy_(broadcast(tensor.clone(), from_process=0))
             optimizer = torch.optim.Adam if args.reward_optimizer == "adam" else torch.optim.SGD
@@ -342,10 +345,6 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Render/tokenise with `rbrm.render` (same tokens as the probe); keeps extra columns such as confidence."""
-        from datasets import Dataset
-        from trl.data_utils import extract_prompt
-        from trl.trainer.utils import global_then_local_main_first
-
         first = next(iter(dataset))
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(first):
             return dataset  # tokenised already (e.g. by this method)
@@ -381,8 +380,6 @@ class ConfidenceDPOTrainer(DPOTrainer):
     def _drop(self, dataset, keep, map_kwargs: dict, dataset_name: str, reason: str, why: str):
         """`dataset.filter(keep)`, saying how many pairs went and why (TRL drops them without a word);
         the counts are kept in `self.pair_counts[dataset_name]` for the run's summary."""
-        from datasets import Dataset
-
         kwargs = dict(map_kwargs)
         if isinstance(dataset, Dataset):
             kwargs["desc"] = f"Dropping pairs {why.split(' (')[0]} from {dataset_name} dataset"
@@ -590,16 +587,12 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self._write_confidence(output_dir or self.args.output_dir)
 
     def _write_confidence(self, directory: str) -> None:
-        from .data import write_json
-
         write_json(os.path.join(directory, CONFIDENCE_FILE), {"scale": self.confidence_scale,
                                                               "gamma": self.confidence_history})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            from .data import write_json
-
             write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens,
                                                                 "flops": self.flops})
         if self.args.should_save and self.args.confidence != "none":
@@ -660,10 +653,6 @@ class DPOScriptArguments:
 def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:
     """The checkpoint a run continues from: the one asked for, else the last in `output_dir` unless `overwrite`
     (which deletes them), so that rerunning a killed `rbrm dpo` resumes as `rbrm sample` and `rbrm eval` do."""
-    import shutil
-
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-
     if requested:
         return requested
     if not os.path.isdir(output_dir):
@@ -681,10 +670,6 @@ def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool
 
 def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = "auto"):
     """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it)."""
-    from datasets import Dataset
-
-    from .data import load_pairs
-
     rows = []
     for pair in load_pairs(path, format=format, limit=limit):
         prompt_text, chosen = render(tokenizer, pair.prompt, pair.chosen)
@@ -701,13 +686,6 @@ def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = 
 
 def run_dpo(argv: list[str] | None = None) -> int:
     """`rbrm dpo`: parse with TrlParser (so `--config file.yaml` works), load, train, save policy + probe."""
-    import sys
-
-    from trl import ModelConfig, TrlParser, get_peft_config
-
-    from .data import write_json
-    from .models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((DPOScriptArguments, ConfidenceDPOConfig, ModelConfig), prog="rbrm dpo")
     if not torch.cuda.is_available():

@@ -101,6 +101,36 @@ def test_only_the_command_layer_raises_system_exit():
     assert not found, "library code raises SystemExit (raise a typed RbrmError instead): " + ", ".join(found)
 
 
+# The imports that stay inside functions, each for a stated reason.
+DEFERRED_IMPORTS = {
+    ("rbrm.cli", "rbrm.commands"),  # `rbrm --help` answers without importing torch and transformers
+    ("rbrm.sampling", "vllm"),  # the optional GPU engine; most installs do not have it
+}
+
+
+def function_level_imports(module: str, path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import inside a function body, at any depth."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for func in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, ast.ImportFrom):
+                    out.append((importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                                if node.level else node.module or "", node.lineno))
+                elif isinstance(node, ast.Import):
+                    out += [(a.name, node.lineno) for a in node.names]
+    return sorted(set(out), key=lambda t: t[1])
+
+
+def test_imports_sit_at_module_level():
+    """So that the import lines at the top of a module show its place in the graph."""
+    inside = [f"{m}:{line} imports {target} inside a function" for m, path in MODULES.items()
+              for target, line in function_level_imports(m, path)
+              if (m, target) not in DEFERRED_IMPORTS and (m, target.split(".")[0]) not in DEFERRED_IMPORTS]
+    assert not inside, "\n".join(inside)
+
+
 def test_the_contract_sees_a_violation(tmp_path):
     """The checks above read real imports: an upward one in a file like the package's is found."""
     path = tmp_path / "rbrm" / "data.py"
@@ -108,4 +138,5 @@ def test_the_contract_sees_a_violation(tmp_path):
     path.write_text("def f():\n    from .pipeline import Pipeline\n    from ._x import _y\n")
     found = imports("rbrm.data", path)
     assert found == [("rbrm.pipeline", ["Pipeline"], 2), ("rbrm._x", ["_y"], 3)]
+    assert function_level_imports("rbrm.data", path) == [("rbrm.pipeline", 2), ("rbrm._x", 3)]
     assert layer("rbrm.pipeline") > layer("rbrm.data")
