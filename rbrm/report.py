@@ -535,7 +535,8 @@ SEED_RATES = ("unsafe_rate", "second_judge_unsafe_rate", "refusal_rate", "over_r
 
 def seed_prompt_difference(diffs: list[list[float]], resamples: int = 2000, seed: int = 0) -> dict | None:
     """Mean paired difference over seeds and prompts, with a two-level percentile bootstrap (seeds, then the
-    prompts within each drawn seed), so the interval carries both the seed-to-seed and the prompt variance."""
+    prompts within each drawn seed), so the interval carries both the seed-to-seed and the prompt variance.
+    Written out here because scipy.stats.bootstrap resamples one level only."""
     diffs = [np.asarray(d, dtype=float) for d in diffs if len(d)]
     if not diffs:
         return None
