@@ -58,6 +58,7 @@ from trl.trainer.utils import global_then_local_main_first
 from .data import load_pairs, write_json
 from .features import POOLINGS, context_length, decoder_layers, pool
 from .flops import ModelShape, forward_flops, probe_flops, training_flops
+from .lm_head import compact_lm_head, needs_compact_head
 from .models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
 from .render import end_of_turn, render, tokenize
 from .rerank import PAPER_ALPHA
@@ -105,6 +106,9 @@ class ConfidenceDPOConfig(DPOConfig):
     reward_layer_loss_weight: float = field(default=0.0, metadata={
         "help": "also train each layer's probe on its own score with this weight, as `rbrm probe train` does "
                 "(the paper updates the hybrid reward only: 0)"})
+    compact_lm_head: bool = field(default=True, metadata={
+        "help": "on devices without Triton (CPUs), score only the completion tokens with one log-softmax instead of "
+                "TRL's tiled kernel over every position, prompt and padding included (rbrm.lm_head)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -292,6 +296,10 @@ class ConfidenceDPOTrainer(DPOTrainer):
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
                          quantization_config=quantization_config, peft_config=peft_config)
 
+        if args.compact_lm_head and needs_compact_head(self.accelerator.device):
+            for patched in (self.model.get_base_model() if is_peft_model(self.model) else self.model, self.ref_model):
+                if patched is not None:
+                    compact_lm_head(patched)
         # Wrapped after TRL's precompute pass, which needs only the standard keys.
         self.data_collator = ConfidenceCollator(self.data_collator, args.max_length, args.truncation_mode)
         self.reward_model = reward_model
