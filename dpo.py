@@ -1,10 +1,10 @@
-"""The paper's DPO entry point, mapped onto `rbrm dpo` (rbrm/trainer.py); thin on purpose.
+"""The paper's DPO entry point, mapped onto `rbrm dpo` (rbrm/commands/dpo.py); thin on purpose.
 
     python dpo.py --data_path pairs.jsonl --model_path M --hybrid_reward_path RM_DIR --output_dir D \\
         [--model_ref_path REF] [any DPOConfig / ConfidenceDPOConfig / ModelConfig option, e.g. --use_peft]
 
 On GPUs launch it like any TRL script, e.g. `accelerate launch --config_file <trl>/accelerate_configs/zero2.yaml
-dpo.py ...` or `torchrun --nproc_per_node 8 dpo.py ...` (see the rbrm.trainer module docstring).
+dpo.py ...` or `torchrun --nproc_per_node 8 dpo.py ...` (see the rbrm.dpo.trainer module docstring).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def translate(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rbrm.trainer import run_dpo
+    from rbrm.commands.dpo import run_dpo
 
     return run_dpo(translate(list(sys.argv[1:] if argv is None else argv)))
 

@@ -7,7 +7,8 @@ step): wall seconds and CPU seconds of this process (less sensitive to other pro
 The trainers alternate one step at a time in an A/B/B/A pattern, both on the same batch in each round (the round
 number seeds the data order), after one warm-up step each. Equal work is checked, not assumed: each side counts
 the tokens (attention-mask ones) its loss saw in every step, and the benchmark prints both, with the policy and
-reference FLOPs they imply (`rbrm.flops`). The last line is `ratio=<ours/TRL>` (median wall s/step).
+reference FLOPs they imply (`rbrm.flops`). Both use TRL's fused LM head (`compact_lm_head=False`). The last line
+is `ratio=<ours/TRL>` (median wall s/step).
 
     python benchmarks/bench_dpo_overhead.py                # LoRA r=8, batch 4, max_length 128
     python benchmarks/bench_dpo_overhead.py --full         # full fine-tune, fp32
@@ -74,6 +75,24 @@ def build_probe(model, tokenizer, pairs, layers):
     return probe
 
 
+def training_rows(tokenizer, n: int, max_length: int) -> tuple[list[dict], list]:
+    """The first `n` rendered XSTest pairs whose prompt + either response fit in `max_length` (so the probe reads
+    every pair's end-of-turn token), and up to `n` of the other pairs (to train the probe on)."""
+    from rbrm.data import load_pairs
+    from rbrm.render import render, tokenize
+
+    rows, rest = [], []
+    for pair in load_pairs(DATA):
+        prompt, chosen = render(tokenizer, pair.prompt, pair.chosen)
+        _, rejected = render(tokenizer, pair.prompt, pair.rejected)
+        longest = max(sum(map(len, tokenize(tokenizer, prompt, c))) for c in (chosen, rejected))
+        if longest <= max_length and len(rows) < n:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif len(rest) < n:
+            rest.append(pair)
+    return rows, rest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=32)
@@ -90,22 +109,12 @@ def main() -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
-    from rbrm.data import load_pairs
+    from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer
     from rbrm.models import load_model, resolve_model
-    from rbrm.render import render, tokenize
-    from rbrm.trainer import ConfidenceDPOConfig, ConfidenceDPOTrainer
 
     path = resolve_model("smollm2-135m-instruct")
     model, tokenizer = load_model(path, dtype="float32", device="cpu")
-    rows, rest = [], []
-    for pair in load_pairs(DATA):
-        prompt, chosen = render(tokenizer, pair.prompt, pair.chosen)
-        _, rejected = render(tokenizer, pair.prompt, pair.rejected)
-        longest = max(sum(map(len, tokenize(tokenizer, prompt, c))) for c in (chosen, rejected))
-        if longest <= options.max_length and len(rows) < options.pairs:
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        elif len(rest) < options.pairs:
-            rest.append(pair)
+    rows, rest = training_rows(tokenizer, options.pairs, options.max_length)
     layers = list(range(1, model.config.num_hidden_layers + 1))
     probe = build_probe(model, tokenizer, rest, layers)
     dataset = Dataset.from_list(rows)
@@ -123,7 +132,9 @@ def main() -> None:
         timer = StepTimer()
         out = f"/tmp/bench_dpo_overhead/{kind}"
         if kind == "ours":
-            args = ConfidenceDPOConfig(output_dir=out, confidence="online", **common)
+            # TRL's own LM head on both sides: this measures the confidence and the probe, not rbrm.dpo.lm_head
+            # (bench_dpo_step.py measures that)
+            args = ConfidenceDPOConfig(output_dir=out, confidence="online", compact_lm_head=False, **common)
             trainer = ConfidenceDPOTrainer(policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                                            peft_config=peft_config, reward_model=probe, callbacks=[timer])
         else:

@@ -28,7 +28,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
                   "sample N responses per prompt from the policy (batched, resumable)"),
     ("rerank",): ("rbrm.commands.rerank:RerankConfig", "rbrm.commands.rerank:run_rerank",
                   "score samples with the hybrid reward; write ranking, chosen/rejected and DPO pairs"),
-    ("dpo",): (None, "rbrm.trainer:run_dpo", "DPO with per-pair confidence from the hybrid reward (TRL options)"),
+    ("dpo",): (None, "rbrm.commands.dpo:run_dpo", "DPO with per-pair confidence from the hybrid reward (TRL options)"),
     ("eval",): (None, "rbrm.commands.evaluate:main_eval",
                 "greedy answers to prompt sets, judged: unsafe / refusal / over-refusal rates with 95% CIs"),
     ("eval", "plot"): ("rbrm.commands.evaluate:EvalPlotConfig", "rbrm.commands.evaluate:run_eval_plot",

@@ -32,6 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .data import atomic_dir, load_pairs, load_prompts, read_jsonl, write_json, write_jsonl
+from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
 from .errors import RbrmError
 from .evaluation import evaluate, judge_loader, load_set, over_refusal_set, parse_prompt_set, set_dir
 from .flops import ModelShape, generation_flops
@@ -54,7 +55,6 @@ from .rerank import ClassifierReward, rerank_file, write_outputs
 from .reward_model import ProbeTrainConfig, run_probe_train
 from .sampling import GenerationSettings, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
-from .trainer import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ class Pipeline:
 
     def dpo_bf16(self) -> bool | None:
         """On a CPU, DPO runs under bf16 autocast unless `dpo.bf16` says otherwise where the CPU has native bf16
-        instructions (AVX512-BF16, AMX): a step 1.4x faster (benchmarks/bench_dpo_precision.py); elsewhere autocast
+        instructions (AVX512-BF16, AMX): a step 1.4x faster (benchmarks/bench_dpo_step.py); elsewhere autocast
         is emulated. On CUDA: `dpo.bf16`, else TRL's default (None here)."""
         if "bf16" in self.config.dpo:
             return bool(self.config.dpo["bf16"])

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from .data import read_jsonl, write_json, write_text_atomic
+from .dpo import CONFIDENCE_FILE
 from .evaluation import aggregate, bootstrap_ci, make_judge, pct, ranking_quality, set_dir
 from .features import load_features
 from .flops import LLAMA_7B, forward_flops
@@ -34,7 +35,6 @@ from .plots import (
 )
 from .render import matching_key, prompt_length
 from .stages import sum_compute
-from .trainer import CONFIDENCE_FILE
 
 
 def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl import DPOConfig, DPOTrainer
 
     from rbrm.data import load_pairs, load_prompts
+    from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer
     from rbrm.evaluation import evaluate, parse_prompt_set
     from rbrm.features import examples_to_rows, extract_features, feature_metadata
     from rbrm.judges import RefusalPatternJudge
@@ -145,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     from rbrm.rerank import Sample, rerank, score_samples
     from rbrm.reward_model import TrainSettings, train_reward_model
     from rbrm.sampling import GenerationSettings, generate_responses
-    from rbrm.trainer import ConfidenceDPOConfig, ConfidenceDPOTrainer
 
     device, start_all = args.device, time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="rbrm-gpu-check-"))

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
                                    "methods", "refusal"}),
-    ("method", {"features", "lm_head", "reward_model", "sampling", "rerank", "trainer"}),
+    ("method", {"features", "reward_model", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "pipeline"}),
     ("commands", {"cli", "commands"}),

@@ -1,4 +1,4 @@
-"""rbrm.lm_head: the completion-only LM head gives TRL's fused head's outputs and gradients, and DPO uses it on CPU."""
+"""rbrm.dpo.lm_head: the completion-only LM head gives TRL's fused head's outputs and gradients; DPO uses it on CPU."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-import rbrm.lm_head as lm_head
+import rbrm.dpo.lm_head as lm_head
 from tests.conftest import make_tiny_model
 from tests.test_trainer import config, dataset
 
@@ -77,7 +77,7 @@ def test_dpo_on_cpu_uses_the_compact_head_with_trls_loss(tokenizer, tmp_path, mo
     trained LoRA weights agree."""
     from peft import LoraConfig
 
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     calls = []
     original = lm_head.completion_log_probs

@@ -191,7 +191,7 @@ def _pairs_dataset(tokenizer):
 
 
 def test_dpo_says_what_it_drops_and_truncates(tokenizer, tmp_path, caplog):
-    from rbrm.trainer import ConfidenceDPOTrainer, render_and_tokenize
+    from rbrm.dpo import ConfidenceDPOTrainer, render_and_tokenize
     from tests.test_trainer import config
 
     data = _pairs_dataset(tokenizer)
@@ -330,7 +330,7 @@ def test_rerank_refuses_duplicate_samples(tmp_path):
 
 def test_rerunning_rbrm_dpo_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Killed after its step-2 checkpoint, the same command does steps 3-4 only; --overwrite_output_dir all 4."""
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
     from tests.test_trainer import _write_pairs
 
     _write_pairs(tmp_path / "pairs.jsonl")

@@ -80,7 +80,7 @@ def make_probe(model, tokenizer, layers=None, pooling: str = "last", seed: int =
 
 
 def config(tmp_path, **overrides):
-    from rbrm.trainer import ConfidenceDPOConfig
+    from rbrm.dpo import ConfidenceDPOConfig
 
     values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
                   use_cpu=True, bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False,
@@ -115,8 +115,8 @@ def probe_state(probe) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["static", "online"])
 def test_loss_matches_hand_computation(tokenizer, tmp_path, mode):
     """-g log s(bD) - (1-g) log s(-bD), averaged over pairs, with log-probs and D computed by hand."""
+    from rbrm.dpo import ConfidenceDPOTrainer
     from rbrm.features import extract_features
-    from rbrm.trainer import ConfidenceDPOTrainer
 
     policy, reference = make_tiny_model(tokenizer, seed=0), make_tiny_model(tokenizer, seed=1)
     probe = make_probe(policy, tokenizer) if mode == "online" else None
@@ -155,7 +155,7 @@ def test_gamma_one_equals_trl_dpo_loss(tokenizer, tmp_path, mode):
     """gamma = 1 (floor 1.0, or confidence='none') is TRL's own sigmoid DPO loss on the same batch."""
     from trl import DPOConfig, DPOTrainer
 
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     confidence = "online" if mode.startswith("online") else "none"
     ours = ConfidenceDPOTrainer(make_tiny_model(tokenizer, seed=0), ref_model=make_tiny_model(tokenizer, seed=1),
@@ -179,7 +179,7 @@ def test_gamma_one_equals_trl_dpo_loss(tokenizer, tmp_path, mode):
 
 
 def test_precomputed_reference_gives_the_same_loss(tokenizer, tmp_path):
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     losses = []
     for precompute in (False, True):
@@ -206,8 +206,8 @@ def test_precomputed_reference_gives_the_same_loss(tokenizer, tmp_path):
 def test_features_are_pooled_like_rbrm_features(tokenizer, tmp_path, pooling):
     """The hooked policy forward pools exactly what `extract_features` pools (same token(s), same states),
     with gradient checkpointing on."""
+    from rbrm.dpo import ConfidenceDPOTrainer
     from rbrm.features import extract_features
-    from rbrm.trainer import ConfidenceDPOTrainer
 
     policy = make_tiny_model(tokenizer)
     probe = make_probe(policy, tokenizer, layers=[1, 3], pooling=pooling)
@@ -227,9 +227,9 @@ def test_pooled_position_is_the_end_of_turn_token(tokenizer, tmp_path, smollm2_p
     """Every completion ends on `<|im_end|>`, also when EOS is another token (TRL would append EOS after it)."""
     from trl import DPOConfig, DPOTrainer
 
+    from rbrm.dpo import ConfidenceDPOTrainer
     from rbrm.models import load_tokenizer
     from rbrm.render import end_of_turn
-    from rbrm.trainer import ConfidenceDPOTrainer
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     other_eos = load_tokenizer(smollm2_path)
@@ -254,7 +254,7 @@ def test_pooled_position_is_the_end_of_turn_token(tokenizer, tmp_path, smollm2_p
 
 def test_truncated_endpoint_keeps_label_and_skips_probe(tokenizer, tmp_path):
     """A completion cut by max_length has no end-of-turn token: gamma = 1 and the probe does not learn from it."""
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     rows = dataset(tokenizer, 2)
     trainer = ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(tmp_path, max_length=40,
@@ -277,7 +277,7 @@ def test_truncated_endpoint_keeps_label_and_skips_probe(tokenizer, tmp_path):
 def test_policy_as_its_own_reference_is_refused(tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     model = make_tiny_model(tokenizer)
     with pytest.raises(ValueError, match="policy itself"):
@@ -291,7 +291,7 @@ def test_policy_as_its_own_reference_is_refused(tokenizer, tmp_path):
 
 
 def test_static_confidence_needs_the_column(tokenizer, tmp_path):
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     with pytest.raises(ValueError, match="`confidence` column"):
         ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(tmp_path, confidence="static"),
@@ -304,7 +304,7 @@ def test_static_confidence_needs_the_column(tokenizer, tmp_path):
 def test_reference_is_a_frozen_copy_or_the_lora_base(tokenizer, tmp_path):
     from peft import LoraConfig
 
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     model = make_tiny_model(tokenizer)
     trainer = ConfidenceDPOTrainer(model, args=config(tmp_path), train_dataset=dataset(tokenizer, 4),
@@ -336,8 +336,8 @@ def test_reference_is_a_frozen_copy_or_the_lora_base(tokenizer, tmp_path):
 
 
 def test_every_probe_parameter_learns_and_is_saved(tokenizer, tmp_path):
+    from rbrm.dpo import ConfidenceDPOTrainer
     from rbrm.reward_model import HybridRewardModel
-    from rbrm.trainer import ConfidenceDPOTrainer
 
     model = make_tiny_model(tokenizer)
     probe = make_probe(model, tokenizer)
@@ -363,7 +363,7 @@ def test_every_probe_parameter_learns_and_is_saved(tokenizer, tmp_path):
     for key, value in trainer.reward_model.state_dict().items():
         assert torch.equal(saved.state_dict()[key], value)
     assert saved.config["dpo"]["probe_steps"] == 3
-    from rbrm.trainer import CONFIDENCE_FILE
+    from rbrm.dpo import CONFIDENCE_FILE
 
     history = json.loads(open(os.path.join(trainer.args.output_dir, CONFIDENCE_FILE)).read())
     assert history["scale"] == 7.5 and len(history["gamma"]) == 3 * 2  # 3 steps of 2 training pairs
@@ -371,7 +371,7 @@ def test_every_probe_parameter_learns_and_is_saved(tokenizer, tmp_path):
 
 
 def test_the_confidence_scale_is_the_probes_calibration_or_the_papers_alpha(tokenizer, tmp_path):
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     policy = make_tiny_model(tokenizer)
     probe = make_probe(policy, tokenizer)
@@ -396,7 +396,7 @@ def test_the_confidence_scale_is_the_probes_calibration_or_the_papers_alpha(toke
 
 
 def test_the_probe_update_takes_sgd_steps_that_shrink_with_its_loss(tokenizer, tmp_path):
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     policy = make_tiny_model(tokenizer)
     moved = {}
@@ -420,7 +420,7 @@ def test_probe_steps_once_per_optimizer_step(tokenizer, tmp_path):
     """Gradient accumulation 3: the probe changes only on the last micro-step of each cycle."""
     from transformers import TrainerCallback
 
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     class Snapshots(TrainerCallback):
         def __init__(self):
@@ -452,7 +452,7 @@ def test_probe_steps_once_per_optimizer_step(tokenizer, tmp_path):
 
 def test_accumulated_probe_step_equals_one_big_batch(tokenizer, tmp_path):
     """2 micro-batches of 2 give the probe the same step as 1 batch of 4 (gradients averaged, not summed)."""
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     states = []
     for batch_size, accumulation in ((4, 1), (2, 2)):
@@ -470,7 +470,7 @@ def test_accumulated_probe_step_equals_one_big_batch(tokenizer, tmp_path):
 @pytest.mark.parametrize("precompute", [False, True])
 def test_forward_tokens_count_policy_and_reference(tokenizer, tmp_path, precompute):
     """One epoch of 8 pairs: every pair's prompt+chosen and prompt+rejected tokens, twice unless precomputed."""
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     trainer = ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(
         tmp_path, max_steps=4, confidence="static", precompute_ref_log_probs=precompute),
@@ -483,7 +483,7 @@ def test_forward_tokens_count_policy_and_reference(tokenizer, tmp_path, precompu
 
 
 def test_checkpoint_and_resume_restore_probe_and_optimizer(tokenizer, tmp_path):
-    from rbrm.trainer import ConfidenceDPOTrainer
+    from rbrm.dpo import ConfidenceDPOTrainer
 
     def run(output_dir, resume=None):
         model = make_tiny_model(tokenizer)
@@ -515,8 +515,8 @@ def test_checkpoint_and_resume_restore_probe_and_optimizer(tokenizer, tmp_path):
 
 def _ddp_worker(out_dir: str) -> None:
     """One rank: 2 optimiser steps on its own share of the pairs; writes its probe and its local gradients."""
+    from rbrm.dpo import ConfidenceDPOTrainer
     from rbrm.models import load_tokenizer, resolve_model
-    from rbrm.trainer import ConfidenceDPOTrainer
 
     tokenizer = load_tokenizer(resolve_model("smollm2-135m-instruct"))
     model = make_tiny_model(tokenizer)

@@ -11,16 +11,15 @@ docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrai
   class adds one exact per-pair correction term. It needs the per-pair reference log-probs, so the reference
   forward runs through TRL's `compute_ref_log_probs` first and is handed to `_compute_loss` like precomputed
   ones: still one reference forward and one policy forward per batch.
+* On a device without Triton (a CPU), TRL's fused LM head scores every position with a slow tiled fallback; the
+  policy and reference get `rbrm.dpo.lm_head`'s head instead, which scores only the completion tokens
+  (`compact_lm_head`, on by default; the same log-probs and gradients up to rounding).
 * The probe keeps learning on the same detached states: its own optimiser (SGD, or the paper's Adam:
   `reward_optimizer`), gradients accumulated over micro-steps, one step per optimiser step, all-reduced (mean)
   across ranks so every rank holds the same probe. It is saved in every checkpoint (`reward_model/` + its
   optimiser state), restored on resume and saved beside the final model as `<output_dir>/reward_model/`.
 
-Data: conversational TRL rows (`prompt` as messages) are rendered with `rbrm.render.render`; text rows are taken as
-rendered already (`render`'s prompt text and completion text). Both are tokenised like `rbrm.render.tokenize`: no
-special tokens added and no EOS appended, so DPO sees exactly the tokens the probe was trained on and every
-completion ends on the end-of-turn token that `render` puts there (TRL would append EOS after it when the
-template's end-of-turn marker is not the EOS token, and add a BOS the template already wrote).
+Data: `rbrm.dpo.data` (the token contract of `rbrm.render`).
 
 Running on GPUs: the trainer is a plain TRL trainer, so launch `rbrm dpo` (or `dpo.py`) as TRL scripts are:
 
@@ -39,10 +38,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import sys
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,23 +45,21 @@ from accelerate.utils import broadcast, is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import global_then_local_main_first
 
-from .data import load_pairs, write_json
-from .features import POOLINGS, context_length, decoder_layers, pool
-from .flops import ModelShape, forward_flops, probe_flops, training_flops
+from ..data import write_json
+from ..features import POOLINGS, context_length, decoder_layers, pool
+from ..flops import ModelShape, forward_flops, probe_flops, training_flops
+from ..render import end_of_turn
+from ..reward_model import HybridRewardModel, pairwise_loss
+from .config import ConfidenceDPOConfig
+from .data import EXTRA_KEYS, ConfidenceCollator, render_and_tokenize
 from .lm_head import compact_lm_head, needs_compact_head
-from .models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model
-from .render import end_of_turn, render, tokenize
-from .rerank import PAPER_ALPHA
-from .reward_model import HybridRewardModel, pairwise_loss
 
 logger = logging.getLogger(__name__)
 
-CONFIDENCE_MODES = ("online", "static", "none")
 REWARD_DIR = "reward_model"
 REWARD_OPTIMIZER_FILE = "optimizer.pt"
 # Above this share of pairs whose end-of-turn token is cut off by max_length, the trainer warns at the start.
@@ -74,113 +67,6 @@ TRUNCATION_WARN_FRACTION = 0.1
 COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token count so far, restored on resume
 # In each checkpoint and the final model: every training pair's gamma so far, in order (restored on resume)
 CONFIDENCE_FILE = "rbrm_confidence.json"
-# Keys our collator adds to a batch; they are taken out before anything reaches a model.
-_EXTRA_KEYS = ("confidence", "endpoint_kept")
-
-
-@dataclass
-class ConfidenceDPOConfig(DPOConfig):
-    """`DPOConfig` plus the preference-confidence and online-probe settings of docs/method.md §4."""
-
-    confidence: str = field(default="online", metadata={
-        "help": "online: gamma from the hybrid reward on the policy's hidden states in the same forward; static: "
-                "the pairs' `confidence` column (from `rbrm rerank`); none: plain DPO (TRL's sigmoid loss)",
-        "choices": list(CONFIDENCE_MODES)})
-    confidence_scale: str = field(default="calibrated", metadata={
-        "help": "calibrated: gamma = sigmoid(a (r_c - r_r)) with the probe's calibrated scale a (fitted by `rbrm "
-                "probe train` on rewards it did not train on), a probability that varies across pairs; alpha: the "
-                "paper's fixed confidence_alpha", "choices": ["calibrated", "alpha"]})
-    confidence_alpha: float = field(default=PAPER_ALPHA, metadata={
-        "help": "gamma = sigmoid(alpha (r_c - r_r)) when confidence_scale=alpha (the paper: 7.5)"})
-    confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
-    confidence_batch_mean: bool = field(default=False, metadata={
-        "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
-    reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
-    reward_optimizer: str = field(default="sgd", metadata={
-        "help": "sgd or adam (the paper's). Adam's steps have the same size however small the gradient, so on pairs "
-                "the probe already separates it keeps inflating the reward scale (and gamma saturates); SGD's "
-                "steps shrink with the loss", "choices": ["sgd", "adam"]})
-    reward_margin: float = field(default=1.0, metadata={"help": "margin m of the probe's pairwise loss"})
-    reward_update: bool = field(default=True, metadata={
-        "help": "keep training the hybrid reward during DPO (one probe step per optimiser step)"})
-    reward_layer_loss_weight: float = field(default=0.0, metadata={
-        "help": "also train each layer's probe on its own score with this weight, as `rbrm probe train` does "
-                "(the paper updates the hybrid reward only: 0)"})
-    compact_lm_head: bool = field(default=True, metadata={
-        "help": "on devices without Triton (CPUs), score only the completion tokens with one log-softmax instead of "
-                "TRL's tiled kernel over every position, prompt and padding included (rbrm.lm_head)"})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.confidence not in CONFIDENCE_MODES:
-            raise ValueError(f"confidence={self.confidence!r}: choose one of {CONFIDENCE_MODES}")
-        if not 0.0 <= self.confidence_floor <= 1.0:
-            raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
-        if self.reward_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"reward_optimizer={self.reward_optimizer!r}: choose adam or sgd")
-        if self.confidence_scale not in ("calibrated", "alpha"):
-            raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
-        if self.confidence_alpha <= 0:
-            raise ValueError(f"confidence_alpha={self.confidence_alpha} must be positive")
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def _response_text(value: Any) -> str:
-    """A TRL completion: a string, or a list holding one assistant message."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
-        return value[-1]["content"]
-    raise ValueError(f"expected a completion string or a list ending with an assistant message, got {value!r:.80}")
-
-
-def render_and_tokenize(example: dict, tokenizer) -> dict:
-    """prompt_ids / chosen_ids / rejected_ids with the token contract of `rbrm.render` (see the module doc).
-
-    The prompt ends where the tokenised prompt and prompt+completion diverge, for both completions, as TRL does.
-    """
-    marker = end_of_turn(tokenizer)
-    if isinstance(example["prompt"], list):
-        prompt_text, chosen_text = render(tokenizer, example["prompt"], _response_text(example["chosen"]))
-        _, rejected_text = render(tokenizer, example["prompt"], _response_text(example["rejected"]))
-    else:
-        prompt_text = example["prompt"]
-        # Like TRL's EOS, but the marker `render` closes responses with: the probe's endpoint token.
-        chosen_text, rejected_text = (t if t.endswith(marker) else t + marker
-                                      for t in (example["chosen"], example["rejected"]))
-    prompt_c, chosen = tokenize(tokenizer, prompt_text, chosen_text)
-    prompt_r, rejected = tokenize(tokenizer, prompt_text, rejected_text)
-    cut = min(len(prompt_c), len(prompt_r))
-    full_c, full_r = prompt_c + chosen, prompt_r + rejected
-    return {"prompt_ids": full_c[:cut], "chosen_ids": full_c[cut:], "rejected_ids": full_r[cut:]}
-
-
-@dataclass
-class ConfidenceCollator:
-    """Wraps a preference collator: adds the `confidence` column and which rows kept their endpoint token.
-
-    Rows are [chosen; rejected] as in TRL's collator. With `keep_start` truncation a completion longer than
-    `max_length` loses its end, and with it the end-of-turn token the probe reads.
-    """
-
-    inner: Any
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.inner(examples)
-        values = [example.get("confidence") for example in examples]
-        if all(v is not None for v in values):
-            batch["confidence"] = torch.tensor(values, dtype=torch.float32)
-        if "prompt_ids" in examples[0]:
-            def kept(key: str) -> list[bool]:
-                return [self.max_length is None or self.truncation_mode == "keep_end"
-                        or len(e["prompt_ids"]) + len(e[key]) <= self.max_length for e in examples]
-
-            batch["endpoint_kept"] = torch.tensor(kept("chosen_ids") + kept("rejected_ids"), dtype=torch.bool)
-        return batch
 
 
 # ----------------------------------------------------------------------------------- hidden states
@@ -241,7 +127,6 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
     """True when two modules hold the same parameter storage (the policy, or a view of it, as its own reference)."""
     ptrs = {p.data_ptr() for p in a.parameters() if p.numel()}
     return any(p.numel() and p.data_ptr() in ptrs for p in b.parameters())
-
 
 # ------------------------------------------------------------------------------------------ trainer
 
@@ -417,7 +302,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self._signature_columns = [*self._signature_columns, "confidence"]
 
     def compute_ref_log_probs(self, model, inputs):
-        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in _EXTRA_KEYS})
+        return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in EXTRA_KEYS})
 
     # ------------------------------------------------------------------------------------- loss
 
@@ -444,7 +329,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         inputs = dict(inputs)
-        extra = {key: inputs.pop(key, None) for key in _EXTRA_KEYS}
+        extra = {key: inputs.pop(key, None) for key in EXTRA_KEYS}
         if self.model.training:
             self._count_compute(inputs["attention_mask"])
         mode_confidence = self.args.confidence
@@ -635,96 +520,3 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self.reward_optimizer.load_state_dict(state["optimizer"])
             self.probe_steps = int(state.get("probe_steps", 0))
 
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class DPOScriptArguments:
-    """`rbrm dpo` options besides DPOConfig / ConfidenceDPOConfig and TRL's ModelConfig (LoRA) ones."""
-
-    pairs: str = field(metadata={"help": "TRL preference jsonl (prompt, chosen, rejected[, confidence]) or any "
-                                         "pair format rbrm.data reads"})
-    model: str | None = field(default=None, metadata={
-        "help": "policy: alias, folder, .gguf or hub id (default: --model_name_or_path, else smollm2-135m-instruct)"})
-    reward: str | None = field(default=None, metadata={"help": "hybrid reward model folder (rbrm probe train)"})
-    ref_model: str | None = field(default=None, metadata={
-        "help": "reference model (default: a frozen copy of the initial policy; with LoRA: the base model)"})
-    eval_pairs: str | None = field(default=None, metadata={"help": "held-out pairs for evaluation"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N pairs"})
-    format: str = field(default="auto", metadata={"help": "pair file format (default: detect)"})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "start afresh, deleting the checkpoints in --output_dir (by default a rerun of the same command "
-                "resumes from the last one)"})
-
-
-def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:
-    """The checkpoint a run continues from: the one asked for, else the last in `output_dir` unless `overwrite`
-    (which deletes them), so that rerunning a killed `rbrm dpo` resumes as `rbrm sample` and `rbrm eval` do."""
-    if requested:
-        return requested
-    if not os.path.isdir(output_dir):
-        return None
-    if overwrite:
-        for name in os.listdir(output_dir):
-            if name.startswith(PREFIX_CHECKPOINT_DIR + "-"):
-                shutil.rmtree(os.path.join(output_dir, name))
-        return None
-    last = get_last_checkpoint(output_dir)
-    if last is not None:
-        logger.warning("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
-    return last
-
-
-def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = "auto"):
-    """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it)."""
-    rows = []
-    for pair in load_pairs(path, format=format, limit=limit):
-        prompt_text, chosen = render(tokenizer, pair.prompt, pair.chosen)
-        _, rejected = render(tokenizer, pair.prompt, pair.rejected)
-        rows.append({"prompt": prompt_text, "chosen": chosen, "rejected": rejected,
-                     "confidence": pair.meta.get("confidence")})
-    if all(row["confidence"] is None for row in rows):
-        for row in rows:
-            del row["confidence"]
-    elif any(row["confidence"] is None for row in rows):
-        raise ValueError(f"{path}: some pairs carry a `confidence` and some do not")
-    return Dataset.from_list(rows)
-
-
-def run_dpo(argv: list[str] | None = None) -> int:
-    """`rbrm dpo`: parse with TrlParser (so `--config file.yaml` works), load, train, save policy + probe."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((DPOScriptArguments, ConfidenceDPOConfig, ModelConfig), prog="rbrm dpo")
-    if not torch.cuda.is_available():
-        # Defaults only (a --config YAML and flags still override): DPOConfig turns bf16 on, which on a machine
-        # without a GPU needs use_cpu; plain fp32 is the default there (--bf16 asks for bf16 autocast on CPU).
-        parser.set_defaults(use_cpu=True, bf16=False)
-    script, config, model_args = parser.parse_args_and_config(argv)
-    name = script.model or model_args.model_name_or_path or DEFAULT_MODEL
-    path = resolve_model(name)
-    dtype = resolve_dtype(model_args.dtype, "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
-    load_kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
-    if model_args.attn_implementation:
-        load_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_causal_lm(path, **load_kwargs)
-    ref_model = None
-    if script.ref_model:
-        ref_model = load_causal_lm(resolve_model(script.ref_model), **load_kwargs)
-    tokenizer = load_tokenizer(path)
-    train = pairs_dataset(script.pairs, tokenizer, script.limit, script.format)
-    evaluation = pairs_dataset(script.eval_pairs, tokenizer, None, script.format) if script.eval_pairs else None
-    trainer = ConfidenceDPOTrainer(model, ref_model=ref_model, args=config, train_dataset=train,
-                                   eval_dataset=evaluation, processing_class=tokenizer,
-                                   peft_config=get_peft_config(model_args), reward_model=script.reward)
-    resume = checkpoint_to_resume(config.output_dir, config.resume_from_checkpoint, script.overwrite_output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
-    if trainer.accelerator.is_main_process:
-        write_json(os.path.join(config.output_dir, "dpo_log.json"), trainer.state.log_history)
-        counts = trainer.pair_counts.get("train", {})
-        print(f"saved the policy to {config.output_dir}"
-              + (f" and the probe to {os.path.join(config.output_dir, REWARD_DIR)}" if script.reward else "")
-              + f"; {len(trainer.train_dataset)} training pairs"
-              + (" (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) + ")" if counts else ""))
-    return 0

@@ -1,0 +1,105 @@
+"""`rbrm dpo`: DPO with per-pair confidence from the hybrid reward, with TRL's options (TRL's `scripts/dpo.py`).
+
+Options parse with `TrlParser` from `DPOScriptArguments`, `ConfidenceDPOConfig` and TRL's `ModelConfig` (LoRA), so
+`--config file.yaml` works as in TRL. For launching on GPUs see `rbrm.dpo.trainer`'s docstring.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from ..data import write_json
+from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
+from ..models import (
+    DEFAULT_MODEL,
+    cpu_has_fast_bf16,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOScriptArguments:
+    """`rbrm dpo` options besides DPOConfig / ConfidenceDPOConfig and TRL's ModelConfig (LoRA) ones."""
+
+    pairs: str = field(metadata={"help": "TRL preference jsonl (prompt, chosen, rejected[, confidence]) or any "
+                                         "pair format rbrm.data reads"})
+    model: str | None = field(default=None, metadata={
+        "help": "policy: alias, folder, .gguf or hub id (default: --model_name_or_path, else smollm2-135m-instruct)"})
+    reward: str | None = field(default=None, metadata={"help": "hybrid reward model folder (rbrm probe train)"})
+    ref_model: str | None = field(default=None, metadata={
+        "help": "reference model (default: a frozen copy of the initial policy; with LoRA: the base model)"})
+    eval_pairs: str | None = field(default=None, metadata={"help": "held-out pairs for evaluation"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N pairs"})
+    format: str = field(default="auto", metadata={"help": "pair file format (default: detect)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh, deleting the checkpoints in --output_dir (by default a rerun of the same command "
+                "resumes from the last one)"})
+
+
+def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:
+    """The checkpoint a run continues from: the one asked for, else the last in `output_dir` unless `overwrite`
+    (which deletes them), so that rerunning a killed `rbrm dpo` resumes as `rbrm sample` and `rbrm eval` do."""
+    if requested:
+        return requested
+    if not os.path.isdir(output_dir):
+        return None
+    if overwrite:
+        for name in os.listdir(output_dir):
+            if name.startswith(PREFIX_CHECKPOINT_DIR + "-"):
+                shutil.rmtree(os.path.join(output_dir, name))
+        return None
+    last = get_last_checkpoint(output_dir)
+    if last is not None:
+        logger.warning("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+    return last
+
+
+def run_dpo(argv: list[str] | None = None) -> int:
+    """`rbrm dpo`: parse with TrlParser (so `--config file.yaml` works), load, train, save policy + probe."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((DPOScriptArguments, ConfidenceDPOConfig, ModelConfig), prog="rbrm dpo")
+    if not torch.cuda.is_available():
+        # Defaults only (a --config YAML and flags still override): use_cpu, and bf16 autocast where the CPU has
+        # native bf16 instructions (as the pipeline does), plain fp32 elsewhere.
+        parser.set_defaults(use_cpu=True, bf16=cpu_has_fast_bf16())
+    script, config, model_args = parser.parse_args_and_config(argv)
+    name = script.model or model_args.model_name_or_path or DEFAULT_MODEL
+    path = resolve_model(name)
+    dtype = resolve_dtype(model_args.dtype, "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+    load_kwargs = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_causal_lm(path, **load_kwargs)
+    ref_model = None
+    if script.ref_model:
+        ref_model = load_causal_lm(resolve_model(script.ref_model), **load_kwargs)
+    tokenizer = load_tokenizer(path)
+    train = pairs_dataset(script.pairs, tokenizer, script.limit, script.format)
+    evaluation = pairs_dataset(script.eval_pairs, tokenizer, None, script.format) if script.eval_pairs else None
+    trainer = ConfidenceDPOTrainer(model, ref_model=ref_model, args=config, train_dataset=train,
+                                   eval_dataset=evaluation, processing_class=tokenizer,
+                                   peft_config=get_peft_config(model_args), reward_model=script.reward)
+    resume = checkpoint_to_resume(config.output_dir, config.resume_from_checkpoint, script.overwrite_output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_json(os.path.join(config.output_dir, "dpo_log.json"), trainer.state.log_history)
+        counts = trainer.pair_counts.get("train", {})
+        print(f"saved the policy to {config.output_dir}"
+              + (f" and the probe to {os.path.join(config.output_dir, REWARD_DIR)}" if script.reward else "")
+              + f"; {len(trainer.train_dataset)} training pairs"
+              + (" (" + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()) + ")" if counts else ""))
+    return 0

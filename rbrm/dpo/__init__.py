@@ -1,0 +1,12 @@
+"""DPO with per-pair preference confidence from the hybrid reward (docs/method.md §4), laid out as TRL lays out
+its trainers: `config.py` (the config dataclass), `data.py` (pairs rendered, tokenised and collated with the token
+contract of `rbrm.render`), `lm_head.py` (completion log-probs on CPUs), `trainer.py` (the `DPOTrainer` subclass).
+The command, `rbrm dpo`, is `rbrm.commands.dpo`, as TRL's is `trl/scripts/dpo.py`.
+"""
+
+from .config import CONFIDENCE_MODES, ConfidenceDPOConfig
+from .data import pairs_dataset, render_and_tokenize
+from .trainer import CONFIDENCE_FILE, REWARD_DIR, ConfidenceDPOTrainer
+
+__all__ = ["CONFIDENCE_FILE", "CONFIDENCE_MODES", "REWARD_DIR", "ConfidenceDPOConfig", "ConfidenceDPOTrainer",
+           "pairs_dataset", "render_and_tokenize"]

@@ -1,0 +1,57 @@
+"""`ConfidenceDPOConfig`: TRL's `DPOConfig` plus the confidence and online-probe settings (docs/method.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from ..rerank import PAPER_ALPHA
+
+CONFIDENCE_MODES = ("online", "static", "none")
+
+
+@dataclass
+class ConfidenceDPOConfig(DPOConfig):
+    """`DPOConfig` plus the preference-confidence and online-probe settings of docs/method.md §4."""
+
+    confidence: str = field(default="online", metadata={
+        "help": "online: gamma from the hybrid reward on the policy's hidden states in the same forward; static: "
+                "the pairs' `confidence` column (from `rbrm rerank`); none: plain DPO (TRL's sigmoid loss)",
+        "choices": list(CONFIDENCE_MODES)})
+    confidence_scale: str = field(default="calibrated", metadata={
+        "help": "calibrated: gamma = sigmoid(a (r_c - r_r)) with the probe's calibrated scale a (fitted by `rbrm "
+                "probe train` on rewards it did not train on), a probability that varies across pairs; alpha: the "
+                "paper's fixed confidence_alpha", "choices": ["calibrated", "alpha"]})
+    confidence_alpha: float = field(default=PAPER_ALPHA, metadata={
+        "help": "gamma = sigmoid(alpha (r_c - r_r)) when confidence_scale=alpha (the paper: 7.5)"})
+    confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
+    confidence_batch_mean: bool = field(default=False, metadata={
+        "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
+    reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
+    reward_optimizer: str = field(default="sgd", metadata={
+        "help": "sgd or adam (the paper's). Adam's steps have the same size however small the gradient, so on pairs "
+                "the probe already separates it keeps inflating the reward scale (and gamma saturates); SGD's "
+                "steps shrink with the loss", "choices": ["sgd", "adam"]})
+    reward_margin: float = field(default=1.0, metadata={"help": "margin m of the probe's pairwise loss"})
+    reward_update: bool = field(default=True, metadata={
+        "help": "keep training the hybrid reward during DPO (one probe step per optimiser step)"})
+    reward_layer_loss_weight: float = field(default=0.0, metadata={
+        "help": "also train each layer's probe on its own score with this weight, as `rbrm probe train` does "
+                "(the paper updates the hybrid reward only: 0)"})
+    compact_lm_head: bool = field(default=True, metadata={
+        "help": "on devices without Triton (CPUs), score only the completion tokens with one log-softmax instead of "
+                "TRL's tiled kernel over every position, prompt and padding included (rbrm.dpo.lm_head)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.confidence not in CONFIDENCE_MODES:
+            raise ValueError(f"confidence={self.confidence!r}: choose one of {CONFIDENCE_MODES}")
+        if not 0.0 <= self.confidence_floor <= 1.0:
+            raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
+        if self.reward_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"reward_optimizer={self.reward_optimizer!r}: choose adam or sgd")
+        if self.confidence_scale not in ("calibrated", "alpha"):
+            raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
+        if self.confidence_alpha <= 0:
+            raise ValueError(f"confidence_alpha={self.confidence_alpha} must be positive")
