@@ -424,16 +424,17 @@ class Pipeline:
     def dpo_settings_of(self, method: str) -> dict:
         """The `dpo` settings that can change this method's training, for its stage key: plain DPO ignores the
         confidence and probe-update ones, so an RBRM ablation does not retrain the methods beside it."""
+        precision = {"bf16": self.dpo_bf16()}  # resolved: the same config trains differently on another CPU
         if METHODS[method].confidence != "none":  # the optimiser named even when defaulted: its default was adam before
-            return {**self.config.dpo,
+            return {**self.config.dpo, **precision,
                     "reward_optimizer": self.config.dpo.get("reward_optimizer", ConfidenceDPOConfig.reward_optimizer)}
-        return {k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))}
+        return {**{k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))},
+                **precision}
 
     def train_model(self, method: str, pairs_path: str, after: list[str]) -> dict:
         """DPO (or RBRM) from the base policy on `pairs_path`; the merged policy goes to `<method>/model`."""
         inputs = {**self._base_inputs(), "method": method, "dpo": self.dpo_settings_of(method),
-                  "lora": self.config.lora, "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed,
-                  "bf16": self.dpo_bf16()}
+                  "lora": self.config.lora, "pairs": file_digest(pairs_path), "after": after, "seed": self.config.seed}
 
         def body(directory: str) -> dict:
             train_dir = os.path.join(directory, "train")
@@ -480,7 +481,7 @@ class Pipeline:
             inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
                       **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}
                          if scorer != "probe" else {}),
-                      "rerank": self.config.rerank, "dpo": self.config.dpo, "bf16": self.dpo_bf16(), "lora": self.config.lora,
+                      "rerank": self.config.rerank, "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
                       "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed}
             records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
                                        self._online_round(d, r, chosen, prev, steps)))

@@ -125,6 +125,25 @@ def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_mod
     assert plain.dpo_settings_of("dpo_rerank") != faster.dpo_settings_of("dpo_rerank")
 
 
+def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stage_key(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    import rbrm.pipeline
+    from rbrm.pipeline import Pipeline, load_config
+
+    path = tiny_config(tmp_path, tiny_model_dir)
+    seen = {}
+    for fast in (True, False):
+        monkeypatch.setattr(rbrm.pipeline, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        pipeline = Pipeline(load_config(path, {"device": "cpu"}))
+        assert pipeline.dpo_args("rbrm", str(tmp_path / "out")).bf16 is fast
+        seen[fast] = {m: pipeline.dpo_settings_of(m) for m in ("rbrm", "dpo_rerank", "online")}
+        forced = Pipeline(load_config(path, {"device": "cpu", "set": ["dpo.bf16=false"]}))
+        assert forced.dpo_args("rbrm", str(tmp_path / "out")).bf16 is False
+        assert forced.dpo_settings_of("rbrm")["bf16"] is False
+    for method in ("rbrm", "dpo_rerank", "online"):  # another precision is another stage
+        assert seen[True][method] != seen[False][method]
+
+
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
