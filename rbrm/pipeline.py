@@ -409,9 +409,9 @@ class Pipeline:
         return ConfidenceDPOConfig(output_dir=output_dir, confidence=METHODS[method].confidence, **values)
 
     def dpo_bf16(self) -> bool | None:
-        """On a CPU, DPO runs under bf16 autocast unless `dpo.bf16` says otherwise where the CPU has native bf16
-        instructions (AVX512-BF16, AMX): a step 1.4x faster (benchmarks/bench_dpo_step.py); elsewhere autocast
-        is emulated. On CUDA: `dpo.bf16`, else TRL's default (None here)."""
+        """`dpo.bf16` when set. Else, on a CPU: bf16 autocast where it has native bf16 instructions (AVX512-BF16,
+        AMX; a step 1.4x faster, benchmarks/bench_dpo_step.py), fp32 where autocast would be emulated; on CUDA,
+        TRL's default (None here)."""
         if "bf16" in self.config.dpo:
             return bool(self.config.dpo["bf16"])
         return cpu_has_fast_bf16() if not torch.cuda.is_available() or self.device == "cpu" else None

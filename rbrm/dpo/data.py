@@ -92,4 +92,3 @@ def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = 
     elif any(row["confidence"] is None for row in rows):
         raise ValueError(f"{path}: some pairs carry a `confidence` and some do not")
     return Dataset.from_list(rows)
-

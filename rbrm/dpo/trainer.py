@@ -519,4 +519,3 @@ class ConfidenceDPOTrainer(DPOTrainer):
             state = torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
             self.reward_optimizer.load_state_dict(state["optimizer"])
             self.probe_steps = int(state.get("probe_steps", 0))
-
