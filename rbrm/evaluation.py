@@ -381,12 +381,32 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     return summary, judged
 
 
+def within_prompt_auc(scores: Sequence[float], safe: Sequence[bool], groups: Sequence) -> tuple[float | None, int]:
+    """(AUC over the pairs of samples of one group that the labels tell apart, number of such pairs).
+
+    Re-ranking only ever compares answers to the same prompt; an AUC over all samples also credits a score for
+    knowing which prompts draw unsafe answers, which picks no pair. Ties count a half. None when no group
+    holds both a safe and an unsafe sample.
+    """
+    scores, safe = np.asarray(scores, dtype=float), np.asarray(safe, dtype=bool)
+    groups = np.asarray([str(g) for g in groups])
+    concordant, n_pairs = 0.0, 0
+    for group in np.unique(groups):
+        rows = groups == group
+        good, bad = scores[rows & safe], scores[rows & ~safe]
+        diff = good[:, None] - bad[None, :]
+        concordant += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+        n_pairs += diff.size
+    return (concordant / n_pairs if n_pairs else None), n_pairs
+
+
 def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> dict:
     """How well the hybrid reward ranks the policy's own samples, judged by `judge`.
 
     samples: rank.jsonl rows (prompt, response, score, prompt_id); pairs: pairs.jsonl rows (prompt, chosen,
     rejected as one assistant message each). Reports the AUC of the reward against the judge's safe verdict,
-    and for the pairs DPO trains on how often the judge calls the chosen answer safer, the same, or less safe,
+    the same AUC within a prompt (`within_prompt_auc`: what re-ranking uses), and for the pairs DPO trains on
+    how often the judge calls the chosen answer safer, the same, or less safe,
     and how often the judge's own unsafe score orders the pair as the reward does. Samples of benign pool
     prompts (prompt_id `benign:...`) and their pairs are left out: no answer to them is unsafe.
     """
@@ -403,9 +423,11 @@ def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> di
     verdicts = dict(zip(items, judge.judge([p for p, _ in items], [r for _, r in items])))
     safe = np.array([not verdicts[(prompt_key(r["prompt"]), r["response"])].unsafe for r in samples])
     score = np.array([r["score"] for r in samples], dtype=float)
+    within, mixed = within_prompt_auc(score, safe, [prompt_key(r["prompt"]) for r in samples])
     out: dict = {"judge": getattr(judge, "name", "judge"), "samples": len(samples),
                  "judged_unsafe_rate": float(1 - safe.mean()) if len(safe) else None,
-                 "auc": float(roc_auc_score(safe, score)) if 0 < safe.sum() < len(safe) else None}
+                 "auc": float(roc_auc_score(safe, score)) if 0 < safe.sum() < len(safe) else None,
+                 "within_prompt_auc": within, "within_prompt_pairs": mixed}
     if pairs:
         chosen = [verdicts[(prompt_key(r["prompt"]), text(r["chosen"]))] for r in pairs]
         rejected = [verdicts[(prompt_key(r["prompt"]), text(r["rejected"]))] for r in pairs]

@@ -458,6 +458,9 @@ def render_markdown(report: dict, pipeline) -> str:
     if rq:
         auc = f"AUC {rq['auc']:.3f} of the reward against the judge's safe verdict" if rq.get("auc") is not None \
             else "no AUC (the judge gives one verdict to all)"
+        if rq.get("within_prompt_auc") is not None:
+            auc += (f", {rq['within_prompt_auc']:.3f} within a prompt (over the {rq['within_prompt_pairs']} pairs of "
+                    f"one prompt's samples it tells apart; re-ranking compares only these)")
         lines.append(f"- re-ranking, judged by {rq['judge']} on the {rq['samples']} samples ({rq['judged_unsafe_rate']:.0%} "
                      f"unsafe): {auc}" + (f"; of the {rq['pairs']} pairs the judge calls the chosen answer safer in "
                                          f"{rq['chosen_safer']:.0%}, the same in {rq['same_verdict']:.0%} and less "

@@ -283,7 +283,9 @@ def format_summary(summary: dict) -> str:
     rq = summary.get("ranking_quality")
     if rq:
         auc = "n/a" if rq["auc"] is None else f"{rq['auc']:.3f}"
-        lines.append(f"against the {rq['judge']} judge: AUC {auc}; chosen judged safer {rq.get('chosen_safer', 0):.0%}, "
+        within = "n/a" if rq.get("within_prompt_auc") is None else f"{rq['within_prompt_auc']:.3f}"
+        lines.append(f"against the {rq['judge']} judge: AUC {auc}, within a prompt {within}; "
+                     f"chosen judged safer {rq.get('chosen_safer', 0):.0%}, "
                      f"same {rq.get('same_verdict', 0):.0%}, less safe {rq.get('chosen_less_safe', 0):.0%}")
     return "\n".join(lines)
 

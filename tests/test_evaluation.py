@@ -400,6 +400,8 @@ def test_ranking_quality_against_a_judge():
     result = ranking_quality(samples, pairs, ResponseJudge())
     # safe = a0, b0: their scores 2.0 and 0.5 against the unsafe 1.0, 0.7, 0.0, -1.0: 6 of 8 orderings right
     assert result["auc"] == pytest.approx(6 / 8)
+    # within a prompt only a (safe 2.0 over unsafe -1.0: right) and b (safe 0.5 under unsafe 0.7: wrong) count
+    assert result["within_prompt_auc"] == pytest.approx(1 / 2) and result["within_prompt_pairs"] == 2
     assert result["judged_unsafe_rate"] == pytest.approx(4 / 6) and result["pairs"] == 3
     assert result["chosen_safer"] == pytest.approx(1 / 3) and result["chosen_less_safe"] == pytest.approx(1 / 3)
     assert result["same_verdict"] == pytest.approx(1 / 3)  # c: both unsafe, but the judge's score agrees
@@ -409,3 +411,15 @@ def test_ranking_quality_against_a_judge():
     pair = {"prompt": "harmful request d", "chosen": [{"role": "assistant", "content": "Sure, step one"}],
             "rejected": [{"role": "assistant", "content": "No."}]}
     assert ranking_quality(samples + benign, pairs + [pair], ResponseJudge()) == result
+
+
+def test_within_prompt_auc_counts_only_pairs_of_one_prompt():
+    from rbrm.evaluation import within_prompt_auc
+
+    # p: safe 3 and 1 against unsafe 2 -> 1 right, 1 wrong; q: safe 0 tied with unsafe 0 -> a half;
+    # r: all unsafe -> no pair. An AUC over all samples would also compare p's and q's answers.
+    scores = [3.0, 1.0, 2.0, 0.0, 0.0, 9.0]
+    safe = [True, True, False, True, False, False]
+    groups = ["p", "p", "p", "q", "q", "r"]
+    assert within_prompt_auc(scores, safe, groups) == (pytest.approx(1.5 / 3), 3)
+    assert within_prompt_auc([1.0, 2.0], [True, True], ["p", "p"]) == (None, 0)
