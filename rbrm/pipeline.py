@@ -482,7 +482,9 @@ class Pipeline:
                       **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}
                          if scorer != "probe" else {}),
                       "rerank": self.config.rerank, "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
-                      "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed}
+                      "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed,
+                      "sample_dtype": str(resolve_dtype(self.config.sample.get("dtype", "auto"), self.device,
+                                                        inference=True))}
             records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
                                        self._online_round(d, r, chosen, prev, steps)))
             policy_dir = self.path("online_rounds", f"round_{r}", "policy")
@@ -502,17 +504,28 @@ class Pipeline:
         # The rounds live in online_rounds/; the merged final policy and the summed compute in online/.
         return self._stage("online", {"after": after}, finish)
 
+    def sampling_policy(self, previous: str | None):
+        """The current online policy in the precision the sample stage uses (bf16 on CPUs with native bf16): the
+        base policy in round 0, then the base with the previous round's LoRA adapter merged in (or the previous
+        round's full weights). Sampling from the fp32 training copy took ~1.5x as long on such CPUs."""
+        dtype = self.config.sample.get("dtype", "auto")
+        if previous is None:
+            return self.inference_model(dtype)[0]
+        if not self.config.lora:
+            return load_model(previous, dtype=dtype, device=self.device)[0]
+        base = load_causal_lm(self.model_path, dtype=resolve_dtype(dtype, self.device, inference=True))
+        return PeftModel.from_pretrained(base, previous).merge_and_unload().to(self.device).eval()
+
     def _online_round(self, directory: str, r: int, prompts: list, previous: str | None, steps: int) -> dict:
         tokenizer = load_tokenizer(self.model_path)
+        compute = self._sample_into(self.sampling_policy(previous), tokenizer, prompts,
+                                    os.path.join(directory, "samples.jsonl"), self.config.seed + 1000 * (r + 1))
         if previous is None:
             policy = self.training_model()
         elif self.config.lora:
             policy = self.training_model(previous)
         else:
             policy = _load_full(previous)
-        policy.eval()
-        compute = self._sample_into(policy, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
-                                    self.config.seed + 1000 * (r + 1))
         scorer = self.config.online.get("scorer", "probe")
         scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"), scorer)
         if not scored["pairs"]:

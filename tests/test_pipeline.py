@@ -144,6 +144,36 @@ def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stag
         assert seen[True][method] != seen[False][method]
 
 
+def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_path, tiny_model_dir):
+    """Round 0 samples from the shared inference model; later rounds from the base with the previous round's
+    adapter merged in, in `sample.dtype`: the same function as the trainable policy, in another precision."""
+    import torch
+    from peft import get_peft_model
+
+    from rbrm.pipeline import Pipeline, load_config
+
+    pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "float32"}),
+                                    {"device": "cpu"}))
+    assert pipeline.sampling_policy(None) is pipeline.inference_model("float32")[0]
+    trained = get_peft_model(pipeline.training_model(), pipeline.lora_config())
+    with torch.no_grad():
+        for name, weight in trained.named_parameters():
+            if "lora_B" in name:  # B starts at 0; a non-zero B makes the adapter change the function
+                weight.normal_(0, 0.5)
+    adapter = str(tmp_path / "adapter")
+    trained.save_pretrained(adapter)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        merged = pipeline.sampling_policy(adapter)
+        assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+        want = pipeline.training_model(adapter).eval()(ids).logits
+        base = pipeline.inference_model("float32")[0](ids).logits
+        assert torch.allclose(merged(ids).logits, want, atol=1e-4)
+        assert not torch.allclose(base, want, atol=1e-2)  # the adapter matters, so the check above means something
+    bf16 = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "bfloat16"}), {"device": "cpu"}))
+    assert bf16.sampling_policy(adapter).dtype == torch.bfloat16
+
+
 def test_shipped_configs_load():
     from rbrm.pipeline import load_config
 
