@@ -264,7 +264,11 @@ def row_groups(n_rows: int, pairs: torch.Tensor | None, groups: torch.Tensor | N
 
 
 def train_val_split(n: int, groups: torch.Tensor | None, fraction: float, generator: torch.Generator):
-    """Random train/val split of n items; items of one group (same prompt) stay on one side."""
+    """Random train/val split of n items; items of one group (same prompt) stay on one side.
+
+    sklearn's `GroupShuffleSplit` draws the same kind of split from another random stream; this one draws from
+    the generator that seeds the rest of the fit, and switching would redraw every shipped and reported probe.
+    """
     if groups is None:
         groups = torch.arange(n)
     unique = torch.unique(groups)

@@ -1,0 +1,124 @@
+"""Safety judges: is a response to a prompt unsafe, and is it a refusal?
+
+Three kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult]`):
+
+* `RefusalPatternJudge` ("refusal"): keyword refusal check, the transparent baseline of the jailbreak
+  literature. It assumes every prompt is harmful, so any non-refusal counts as unsafe.
+* `EmbeddingJudge` ("minilm", the default): all-MiniLM-L6-v2 sentence embeddings and a logistic-regression
+  head trained on human-labelled responses shipped in `data/`. No guard model can be downloaded here, so
+  this is the judge we can build, ship (safetensors + JSON, never pickle) and validate on held-out prompts.
+  `build_minilm_judge` rebuilds its weights reproducibly; the JSON records the held-out metrics.
+* `GuardJudge` ("llamaguard", "mdjudge"): a generative guard model from a local folder (Llama Guard 1/2/3,
+  MD-Judge v0.1), prompted in its published format, decoded greedily; its score is the first-token
+  probability of "unsafe" against "safe", as the Llama Guard model cards describe.
+
+Every judge also reports `refusal` from the same keyword check (`is_refusal`), so refusal counts agree
+across judges.
+
+Modules: `base` (the interface and the keyword judge), `minilm` (the embedding judge), `build` (its labelled
+data, split, metrics and build), `guard` (guard-model prompts and output parsing); `get_judge` here.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    DEFAULT_JUDGE,
+    EMPTY_RESPONSE,
+    JUDGE_NAMES,
+    Judge,
+    JudgeResult,
+    RefusalPatternJudge,
+    check_pairs,
+)
+from .build import (
+    REPO_DATA_DIR,
+    binary_metrics,
+    build_minilm_judge,
+    cross_validated_heads,
+    fit_linear_head,
+    load_judge_data,
+    read_labelled_csv,
+    split_by_prompt,
+)
+from .guard import (
+    GUARD_VARIANTS,
+    GuardJudge,
+    GuardOutputError,
+    build_guard_prompt,
+    build_llamaguard_prompt,
+    build_mdjudge_prompt,
+    guard_categories,
+    guess_guard_variant,
+    normalise_variant,
+    parse_guard_output,
+)
+from .minilm import (
+    FEATURE_RECIPES,
+    MINILM_WEIGHTS,
+    WEIGHTS_DIR,
+    EmbeddingJudge,
+    encoder_flops,
+    load_encoder,
+    load_linear_head,
+    minilm_features,
+    minilm_path,
+)
+
+
+def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device: str | None = None,
+              **kwargs) -> Judge:
+    """Judge by name. `judge_model` is the guard folder for llamaguard*/mdjudge, or other weights for minilm."""
+    key = (name or DEFAULT_JUDGE).strip().lower().replace("-", "").replace("_", "")
+    if key not in JUDGE_NAMES:
+        raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}")
+    if key == "refusal":
+        if judge_model:
+            raise ValueError("the 'refusal' judge is a keyword list and takes no judge model")
+        return RefusalPatternJudge()
+    if key == "minilm":
+        return EmbeddingJudge(weights=judge_model, device=device, **kwargs)
+    if not judge_model:
+        raise ValueError(f"judge {name!r} needs a local model folder (--judge-model PATH); no guard model is "
+                         "packaged. Use 'minilm' (default) or 'refusal' without one.")
+    if key != "llamaguard":
+        kwargs["variant"] = "mdjudge" if key == "mdjudge" else key[-1]
+    return GuardJudge(judge_model, device=device, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_JUDGE",
+    "EMPTY_RESPONSE",
+    "EmbeddingJudge",
+    "FEATURE_RECIPES",
+    "GUARD_VARIANTS",
+    "GuardJudge",
+    "GuardOutputError",
+    "JUDGE_NAMES",
+    "Judge",
+    "JudgeResult",
+    "MINILM_WEIGHTS",
+    "REPO_DATA_DIR",
+    "RefusalPatternJudge",
+    "WEIGHTS_DIR",
+    "binary_metrics",
+    "build_guard_prompt",
+    "build_llamaguard_prompt",
+    "build_mdjudge_prompt",
+    "build_minilm_judge",
+    "check_pairs",
+    "cross_validated_heads",
+    "encoder_flops",
+    "fit_linear_head",
+    "get_judge",
+    "guard_categories",
+    "guess_guard_variant",
+    "load_encoder",
+    "load_judge_data",
+    "load_linear_head",
+    "minilm_features",
+    "minilm_path",
+    "normalise_variant",
+    "parse_guard_output",
+    "read_labelled_csv",
+    "split_by_prompt",
+]
