@@ -584,8 +584,9 @@ def time_note(shares: list[dict]) -> str:
                 "stage, so these are speed figures for this machine.")
     parts = []
     if shared:
-        parts.append(f"`*`: other processes took {min(shared):.0%}–{max(shared):.0%} of the machine's CPU while the "
-                     "stage ran, so its wall seconds are not a speed figure")
+        low, high = f"{min(shared):.0%}", f"{max(shared):.0%}"
+        parts.append(f"`*`: other processes took {low if low == high else f'{low}–{high}'} of the machine's CPU while "
+                     "the stage ran, so its wall seconds are not a speed figure")
     if unmeasured:
         parts.append("`?`: not measured (a stage from before the counter, or no /proc/stat)")
     return "; ".join(parts) + "."

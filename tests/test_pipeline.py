@@ -268,6 +268,7 @@ def test_run_stage_records_the_cpu_others_took_and_the_report_marks_it(tmp_path)
     assert time_note([{"a": 0.0, "b": 0.02}]).startswith("Nothing else ran")
     note = time_note([{"a": 0.2, "b": 0.6}, {"c": None}])
     assert "20%–60%" in note and "not a speed figure" in note and "`?`" in note
+    assert "took 9% of" in time_note([{"a": 0.09, "b": 0.0}])  # one shared stage: one figure, not "9%–9%"
 
 
 def test_paired_difference_and_verdict():
