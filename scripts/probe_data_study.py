@@ -29,17 +29,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
-from rbrm.data import LabelledResponse, atomic_path, load_examples, read_jsonl, write_json
+from rbrm.data import LabelledResponse, atomic_path, load_examples, write_json
 from rbrm.evaluation import within_prompt_auc
 from rbrm.features import examples_to_rows, extract_features, resolve_layers
-from rbrm.judges import get_judge
+from rbrm.judges import get_judge, load_judge_data
 from rbrm.models import load_model
 from rbrm.render import prompt_key
 from rbrm.rerank import load_samples
 from rbrm.reward_model import TrainSettings, drop_too_long, train_reward_model
 
 XSTEST = "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"
-SOURCES = {  # name -> (file, row limit); salad_qa is read by `salad_qa` below
+SOURCES = {  # name -> (file, row limit); salad_qa's file is read by `salad_qa` below
     "xstest160": (XSTEST, 160), "xstest_all": (XSTEST, None),
     "dev_harm": ("data/rbrm_labels/smollm2_dev.jsonl", None),  # its harmful-prompt rows; benign rows give none
     "hh400": ("data/hh_rlhf_harmless_test/derived_pku_format.jsonl", 400),
@@ -50,10 +50,10 @@ CANDIDATES = ["xstest160", "xstest_all", "dev_harm", "hh400", "salad_qa", "xstes
 JUDGES = ("minilm", "refusal")
 
 
-def salad_qa(path: str) -> list[LabelledResponse]:
-    """Salad-Bench's labelled QA (label 1 = unsafe), a layout the data loader does not read."""
-    return [LabelledResponse(r["question"], r["answer"], not bool(r["label"]), f"{path}:{i}")
-            for i, r in enumerate(read_jsonl(path), 1)]
+def salad_qa() -> list[LabelledResponse]:
+    """Salad-Bench's labelled QA, read as the `minilm` judge's build reads it (a layout the data loader does not)."""
+    return [LabelledResponse(r["prompt"], r["response"], not r["unsafe"], f"salad_qa:{i}")
+            for i, r in enumerate((r for r in load_judge_data() if r["source"] == "salad_qa"), 1)]
 
 
 class Study:
@@ -75,7 +75,7 @@ class Study:
 
     def source(self, name: str) -> dict:
         path, limit = SOURCES[name]
-        pairs, labelled = ([], salad_qa(path)) if name == "salad_qa" else load_examples(path, limit=limit)
+        pairs, labelled = ([], salad_qa()) if name == "salad_qa" else load_examples(path, limit=limit)
         pairs, labelled, _ = drop_too_long(self.model, self.tokenizer, pairs, labelled)
         rows, labels, pair_index = examples_to_rows(pairs, labelled)
         return {"features": self.features(name, rows),
