@@ -309,7 +309,10 @@ def generate_set(model, tokenizer, prompts: list, settings, directory: str, batc
     try:
         rows = generate_responses(model, tokenizer, prompts, n=1, settings=settings,
                                   out_path=os.path.join(directory, GENERATIONS_FILE), batch_prompts=batch_prompts,
-                                  seed=seed, progress=progress, stats=stats)
+                                  seed=seed, progress=progress, stats=stats,
+                                  # one sequence per prompt: the prompt count is the sequence count; at most 64
+                                  # keeps the layout (so the resume) of earlier runs with batch_prompts <= 64
+                                  max_sequences=max(batch_prompts, 64))
     except SamplingSettingsError as err:
         raise ConfigError(f"{err}\n(or delete {directory} to evaluate from scratch)") from None
     stats["totals"] = _add_compute(directory, stats)

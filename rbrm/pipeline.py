@@ -402,6 +402,8 @@ class Pipeline:
     def dpo_args(self, method: str, output_dir: str, **overrides):
         values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
                   "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
+                  # the reference's log-probs once per pair before training, not once per pair and epoch
+                  "precompute_ref_log_probs": True,
                   "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
         if not torch.cuda.is_available() or self.device == "cpu":
             values.setdefault("use_cpu", True)

@@ -137,6 +137,27 @@ class TopKSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
+@contextlib.contextmanager
+def contiguous_head_input(model):
+    """Hands the output head a contiguous input while generating.
+
+    `generate` computes logits for the last position only, a strided slice of the hidden states. PyTorch's CPU
+    matmul folds such a 3-d input into one matrix product only if the weight requires grad; for a frozen bf16
+    head (a merged or PEFT-loaded policy) it runs a batched product that first copies the head once per
+    sequence (pytorch/pytorch#151934): 1.07 s instead of 0.008 s per step for SmolLM2's head at 16 sequences,
+    and online round 1 sampled at 98 instead of 266 tokens/s. The copy of the slice costs one hidden vector.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
     """Batched `model.generate`: every prompt of a call repeated for its samples, left-padded, one call."""
     stops = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
@@ -156,7 +177,7 @@ def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
         prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         ids, mask = pad([p for p, c in zip(prompt_ids, counts) for _ in range(c)], pad_id, device, side="left")
         rng_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode(), contiguous_head_input(model):
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                  logits_processor=processors)

@@ -19,6 +19,7 @@ from rbrm.evaluation import (
     aggregate,
     bootstrap_ci,
     evaluate,
+    generate_set,
     judge_rows,
     parse_prompt_set,
 )
@@ -423,3 +424,13 @@ def test_within_prompt_auc_counts_only_pairs_of_one_prompt():
     groups = ["p", "p", "p", "q", "q", "r"]
     assert within_prompt_auc(scores, safe, groups) == (pytest.approx(1.5 / 3), 3)
     assert within_prompt_auc([1.0, 2.0], [True, True], ["p", "p"]) == (None, 0)
+
+
+@pytest.mark.parametrize("batch_prompts, calls", [(80, 1), (40, 2)])
+def test_an_evaluation_batch_above_64_prompts_is_one_call(tiny_model, tokenizer, tmp_path, batch_prompts, calls):
+    """One response per prompt, so a batch of 80 prompts is 80 sequences: sampling's default cap of 64 sequences
+    per call must not split it (it once halved configs/compare.yaml's batch of 128)."""
+    prompts = [PromptRecord(f"p{i}", f"question {i}") for i in range(80)]
+    rows, stats = generate_set(tiny_model, tokenizer, prompts, SETTINGS, str(tmp_path), batch_prompts=batch_prompts,
+                               progress=False)
+    assert len(rows) == 80 and stats["calls"] == calls

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import pytest
 import torch
 
+from rbrm import sampling
 from rbrm.data import PromptRecord, read_jsonl
 from rbrm.errors import ConfigError
 from rbrm.sampling import (
@@ -19,6 +21,7 @@ from rbrm.sampling import (
     split_generated,
     stop_token_ids,
 )
+from tests.conftest import make_tiny_model
 
 SETTINGS = GenerationSettings(max_new_tokens=5)
 
@@ -142,8 +145,6 @@ def test_other_settings_are_refused(tiny_model, tokenizer, tmp_path):
 
 
 def test_other_model_is_refused(tokenizer, tiny_model, tmp_path):
-    from tests.conftest import make_tiny_model
-
     out = str(tmp_path / "s.jsonl")
     _run(tiny_model, tokenizer, out=out, n=1)
     with pytest.raises(SamplingSettingsError, match="model"):
@@ -173,6 +174,24 @@ def test_greedy(tiny_model, tokenizer):
     assert a == b
     with pytest.raises(ValueError, match="greedy"):
         generate_responses(tiny_model, tokenizer, _prompts(3), n=2, settings=greedy, progress=False)
+
+
+def test_a_frozen_head_gets_a_contiguous_input_and_the_same_answers(tokenizer, monkeypatch):
+    """A frozen bf16 head fed the strided last-position slice takes PyTorch's slow batched matmul; the backend
+    hands it a contiguous copy instead, which changes no token, and leaves no hook behind."""
+    model = make_tiny_model(tokenizer).requires_grad_(False)
+    head, seen = model.get_output_embeddings(), []
+    # a forward hook sees the arguments the forward got, after every pre-hook (the fix's included)
+    spy = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    fixed = generate_responses(model, tokenizer, _prompts(3), n=2, settings=SETTINGS, seed=3, progress=False)
+    assert len(seen) > 1 and all(seen)
+    assert not head._forward_pre_hooks
+    seen.clear()
+    monkeypatch.setattr(sampling, "contiguous_head_input", lambda _model: contextlib.nullcontext())
+    plain = generate_responses(model, tokenizer, _prompts(3), n=2, settings=SETTINGS, seed=3, progress=False)
+    spy.remove()
+    assert not seen[0]  # without it the head sees the prompt's strided last-position slice
+    assert fixed == plain
 
 
 def test_duplicate_prompt_ids_are_refused(tiny_model, tokenizer):

@@ -467,19 +467,25 @@ def test_accumulated_probe_step_equals_one_big_batch(tokenizer, tmp_path):
         torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precompute", [False, True])
-def test_forward_tokens_count_policy_and_reference(tokenizer, tmp_path, precompute):
-    """One epoch of 8 pairs: every pair's prompt+chosen and prompt+rejected tokens, twice unless precomputed."""
+def test_forward_tokens_count_policy_and_reference(tokenizer, tmp_path):
+    """Two epochs of 8 pairs: every pair's prompt+chosen and prompt+rejected tokens through the policy twice, and
+    through the reference twice, or once in TRL's precompute pass (which the ledger counts too)."""
     from rbrm.dpo import ConfidenceDPOTrainer
+    from rbrm.flops import ModelShape, forward_flops
 
-    trainer = ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(
-        tmp_path, max_steps=4, confidence="static", precompute_ref_log_probs=precompute),
-        train_dataset=dataset(tokenizer, 8), processing_class=tokenizer)
-    trainer.train()
-    data = trainer.train_dataset
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
-                                                                  data["rejected_ids"]))
-    assert trainer.forward_tokens == (1 if precompute else 2) * tokens
+    trainers = {}
+    for precompute in (False, True):
+        trainers[precompute] = ConfidenceDPOTrainer(make_tiny_model(tokenizer), args=config(
+            tmp_path, max_steps=8, confidence="static", precompute_ref_log_probs=precompute),
+            train_dataset=dataset(tokenizer, 8), processing_class=tokenizer)
+        trainers[precompute].train()
+    data = trainers[True].train_dataset
+    lengths = [len(p) + len(c) for p, c in zip(data["prompt_ids"], data["chosen_ids"])] + [
+        len(p) + len(r) for p, r in zip(data["prompt_ids"], data["rejected_ids"])]
+    assert trainers[False].forward_tokens == 4 * sum(lengths)
+    assert trainers[True].forward_tokens == 3 * sum(lengths)
+    one_pass = forward_flops(ModelShape.of(trainers[True].model), lengths)
+    assert trainers[False].flops - trainers[True].flops == one_pass > 0
 
 
 def test_checkpoint_and_resume_restore_probe_and_optimizer(tokenizer, tmp_path):

@@ -176,6 +176,11 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
         self._context_length = context_length(model) if isinstance(model, nn.Module) else None
         self.pair_counts: dict[str, dict[str, int]] = {}  # per dataset: pairs dropped or truncated, and why
+        # Set before TRL's __init__, whose precompute pass (precompute_ref_log_probs) already counts.
+        self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
+        self.flops = 0  # and their FLOPs: policy forward + backward, reference forward, probe (rbrm.flops)
+        self._shape: ModelShape | None = None
+        self._adapters: int | None = None
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
@@ -190,10 +195,6 @@ class ConfidenceDPOTrainer(DPOTrainer):
         self.reward_model = reward_model
         self.reward_optimizer = None
         self.probe_steps = 0
-        self.forward_tokens = 0  # this rank's training tokens through the policy and reference (compute ledger)
-        self.flops = 0  # and their FLOPs: policy forward + backward, reference forward, probe (rbrm.flops)
-        self._shape: ModelShape | None = None
-        self._adapters: int | None = None
         self.last_confidence: torch.Tensor | None = None  # per pair, last batch (for inspection)
         self.confidence_history: list[float] = []  # every training pair's gamma, in order (rank 0's gather)
         self.confidence_scale = (reward_model.calibration["scale"] if reward_model is not None
@@ -302,6 +303,10 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self._signature_columns = [*self._signature_columns, "confidence"]
 
     def compute_ref_log_probs(self, model, inputs):
+        if self.precompute_ref_logps:  # TRL's precompute pass; the in-loss call in _compute_loss runs with it off
+            lengths = inputs["attention_mask"].sum(1).tolist()
+            self.forward_tokens += int(sum(lengths))
+            self.flops += forward_flops(ModelShape.of(self.accelerator.unwrap_model(model)), lengths)
         return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k not in EXTRA_KEYS})
 
     # ------------------------------------------------------------------------------------- loss
