@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 run: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/quick.yaml
 
-# The paper's comparison at small scale (5 methods; 49 minutes on 2 idle AVX512-BF16 cores), in runs/compare/.
+# The paper's comparison at small scale (5 methods; 39 minutes on 2 AVX512-BF16 cores with rbrm 0.4.2), in runs/compare/.
 compare: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/compare.yaml
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rbrm.data import write_jsonl
     from rbrm.errors import RbrmError
-    from rbrm.rerank import chosen_rows, format_summary, rejected_rows, rerank_file, write_outputs
+    from rbrm.rerank import chosen_rows, format_summary, rejected_rows, rerank_file, write_rerank_outputs
 
     try:
         result = rerank_file(args.model_path, args.mos_path, args.data_path, top_k=args.top_k, alpha=args.alpha,
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(args.accept_path, chosen_rows(result))
     write_jsonl(reject_path, rejected_rows(result))
     if args.out_dir:
-        write_outputs(result, args.out_dir, args.alpha)
+        write_rerank_outputs(result, args.out_dir, args.alpha)
     print(format_summary(result.summary))
     print(f"wrote {args.accept_path} and {reject_path}")
     return 0

@@ -40,14 +40,11 @@ def result(proc: subprocess.Popen) -> dict:
 def worker(threads: int | None) -> None:
     """Set up once, then one round per line read from stdin; one JSON line per round on stdout."""
     import torch
-    from bench_dpo_overhead import build_probe, training_rows
-    from datasets import Dataset
-    from peft import LoraConfig
+    from bench_dpo_overhead import build_probe, pipeline_trainer, training_rows
 
     from rbrm.data import load_prompts
-    from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer
     from rbrm.memory import keep_freed_memory
-    from rbrm.models import cpu_has_fast_bf16, load_model, resolve_model
+    from rbrm.models import load_model, resolve_model
     from rbrm.sampling import GenerationSettings, hf_backend, render_prompt
 
     took = keep_freed_memory()
@@ -59,14 +56,7 @@ def worker(threads: int | None) -> None:
     probe = build_probe(model, tokenizer, rest, list(range(1, model.config.num_hidden_layers + 1)))
     del model
     policy, _ = load_model(path, dtype="float32", device="cpu")
-    args = ConfidenceDPOConfig(output_dir="/tmp/bench_allocator", confidence="online", per_device_train_batch_size=4,
-                               max_length=128, max_steps=1, learning_rate=5e-4, beta=0.1, use_cpu=True,
-                               bf16=cpu_has_fast_bf16(), report_to="none", save_strategy="no", logging_steps=1,
-                               disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = ConfidenceDPOTrainer(policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                   peft_config=LoraConfig(r=16, lora_alpha=32,
-                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-                                   reward_model=probe)
+    trainer = pipeline_trainer(policy, tokenizer, rows, probe, "/tmp/bench_allocator")
     sampler, _ = load_model(path, dtype="auto", device="cpu")
     generate = hf_backend(sampler, tokenizer, GenerationSettings.greedy(48, 1.0))
     texts = [render_prompt(tokenizer, p.prompt) for p in load_prompts(ROOT / "data/advbench/harmful_behaviors.csv", limit=32)]

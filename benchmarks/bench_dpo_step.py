@@ -26,13 +26,10 @@ import sys
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dpo_overhead import StepTimer, build_probe, training_rows  # noqa: E402
+from bench_dpo_overhead import StepTimer, build_probe, pipeline_trainer, training_rows  # noqa: E402
 
-from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer  # noqa: E402
 from rbrm.machine import machine_summary  # noqa: E402
 from rbrm.models import cpu_has_fast_bf16, load_model, resolve_model  # noqa: E402
 
@@ -69,18 +66,11 @@ def main() -> None:
     rows, rest = training_rows(tokenizer, options.pairs, 128)
     probe = build_probe(model, tokenizer, rest, list(range(1, model.config.num_hidden_layers + 1)))
     del model
-    dataset = Dataset.from_list(rows)
     trainers = {}
     for name, (compact, bf16) in VARIANTS.items():
         policy, _ = load_model(path, dtype="float32", device="cpu")
-        args = ConfidenceDPOConfig(output_dir=f"/tmp/bench_dpo_step/{name}", confidence="online",
-                                   compact_lm_head=compact, per_device_train_batch_size=4, max_length=128,
-                                   max_steps=1, learning_rate=5e-4, beta=0.1, use_cpu=True, bf16=bf16,
-                                   report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-                                   dataloader_num_workers=0)
-        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        trainer = ConfidenceDPOTrainer(policy, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                       peft_config=lora, reward_model=probe)
+        trainer = pipeline_trainer(policy, tokenizer, rows, probe, f"/tmp/bench_dpo_step/{name}",
+                                   compact_lm_head=compact, bf16=bf16)
         timer = TokenTimer(lambda t=trainer: t.forward_tokens)
         trainer.add_callback(timer)
         trainers[name] = (trainer, timer)

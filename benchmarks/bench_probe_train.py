@@ -25,7 +25,7 @@ import torch
 
 from rbrm.features import save_features
 from rbrm.machine import machine_summary
-from rbrm.reward_model import ProbeTrainConfig, run_probe_train
+from rbrm.probe_train import ProbeTrainConfig, run_probe_train
 
 
 def synthetic_features(rows: int, layers: int, hidden: int, seed: int = 0):

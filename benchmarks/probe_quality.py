@@ -18,11 +18,11 @@ import torch
 from rbrm.data import load_pairs, write_json
 from rbrm.features import FeatureSet, examples_to_rows, extract_features, load_features, save_features
 from rbrm.models import load_model
+from rbrm.probe_train import logistic_baseline
 from rbrm.render import prompt_key
 from rbrm.reward_model import (
     TrainSettings,
-    evaluate,
-    logistic_baseline,
+    probe_metrics,
     row_groups,
     train_reward_model,
     train_val_split,
@@ -89,14 +89,14 @@ def main() -> None:
         for src, dst in (("hh", "xstest"), ("xstest", "hh")):
             model, _ = trained[(src, dtype)]
             _, fs = trained[(dst, dtype)]
-            results[f"{src}_to_{dst}_{dtype}"] = evaluate(model, fs.features, fs.pair_index)["pair_accuracy"]
+            results[f"{src}_to_{dst}_{dtype}"] = probe_metrics(model, fs.features, fs.pair_index)["pair_accuracy"]
     # A probe trained on bf16 features applied to fp32 states (DPO on CPU runs in fp32).
     for name in ("hh", "xstest") if {"bfloat16", "float32"} <= set(args.dtypes) else ():
         model, _ = trained[(name, "bfloat16")]
         _, fs32 = trained[(name, "float32")]
-        results[f"{name}_bf16_probe_on_fp32_all_pairs"] = evaluate(model, fs32.features, fs32.pair_index)["pair_accuracy"]
+        results[f"{name}_bf16_probe_on_fp32_all_pairs"] = probe_metrics(model, fs32.features, fs32.pair_index)["pair_accuracy"]
         _, fs16 = trained[(name, "bfloat16")]
-        results[f"{name}_bf16_probe_on_bf16_all_pairs"] = evaluate(model, fs16.features, fs16.pair_index)["pair_accuracy"]
+        results[f"{name}_bf16_probe_on_bf16_all_pairs"] = probe_metrics(model, fs16.features, fs16.pair_index)["pair_accuracy"]
     write_json(os.path.join(args.out, "probe_quality.json"), results)
     print(f"{'set':<16}{'hybrid val acc':>16}{'hard acc':>10}{'best layer':>12}{'logreg (layer)':>18}{'n val':>7}")
     for key, value in results.items():

@@ -21,7 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
                            "convert the model once to a local safetensors folder and print its path"),
     ("features",): ("rbrm.features:FeaturesConfig", "rbrm.features:run_features",
                     "hidden states at the response end for every layer, as safetensors"),
-    ("probe", "train"): ("rbrm.reward_model:ProbeTrainConfig", "rbrm.reward_model:run_probe_train",
+    ("probe", "train"): ("rbrm.probe_train:ProbeTrainConfig", "rbrm.probe_train:run_probe_train",
                          "train the hybrid reward model (per-layer probes + vote gate)"),
     ("probe", "plot"): ("rbrm.plots:ProbePlotConfig", "rbrm.plots:run_probe_plot",
                         "PCA of safe/unsafe representations per layer (PNG)"),
@@ -36,7 +36,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
                        "compare `rbrm eval` runs: unsafe rate and over-refusal per model (PNG)"),
     ("judge",): ("rbrm.commands.evaluate:JudgeConfig", "rbrm.commands.evaluate:run_judge",
                  "judge (prompt, response) rows: add unsafe, score and refusal"),
-    ("pipeline",): (None, "rbrm.pipeline:main",
+    ("pipeline",): (None, "rbrm.commands.pipeline:main",
                     "stages 1-4 for each method in a YAML config (cached, resumable), then report.md/json"),
 }
 

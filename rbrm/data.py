@@ -31,6 +31,7 @@ from .render import Prompt, prompt_key
 
 log = logging.getLogger(__name__)
 
+REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the datasets shipped in the repository, with licences
 FORMATS = ("pku", "hh", "trl", "paper_samples", "labelled", "answer_labels", "prompts")
 PROMPT_FIELDS = ("prompt", "question", "instruction", "goal", "Behavior", "behavior", "input", "text")
 CATEGORY_FIELDS = ("category", "1-category", "SemanticCategory", "type", "risk_area")

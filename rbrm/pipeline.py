@@ -13,19 +13,12 @@ run of the stage that ended) and summed per method over the stages that method n
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import logging
 import os
-import re
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
-import yaml
 from accelerate.utils import is_peft_model
 from peft import LoraConfig, PeftModel
 from transformers.trainer_utils import get_last_checkpoint
@@ -33,14 +26,12 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import __version__
 from .data import atomic_dir, load_pairs, load_prompts, read_jsonl, write_json, write_jsonl
 from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
-from .errors import RbrmError
 from .evaluation import evaluate, judge_loader, load_set, over_refusal_set, parse_prompt_set, set_dir
 from .flops import ModelShape, generation_flops
 from .helpfulness import HelpfulnessJudge
 from .judges import JUDGE_NAMES, get_judge
 from .methods import METHODS
 from .models import (
-    DEFAULT_MODEL,
     cpu_has_fast_bf16,
     default_device,
     load_causal_lm,
@@ -49,157 +40,15 @@ from .models import (
     resolve_dtype,
     resolve_model,
 )
+from .probe_train import ProbeTrainConfig, run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
-from .rerank import ClassifierReward, rerank_file, write_outputs
-from .reward_model import ProbeTrainConfig, run_probe_train
+from .rerank import ClassifierReward, rerank_file, write_rerank_outputs
+from .run_config import PipelineConfig, PipelineConfigError
 from .sampling import GenerationSettings, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-# Keys a config section may hold; the rest of each stage's options are set by the pipeline itself.
-PROBE_KEYS = {"data", "limit", "test_data", "test_limit", "layers", "pooling", "dtype", "batch_tokens", "epochs",
-              "lr", "weight_decay", "batch_size", "margin", "layer_loss_weight", "patience", "val_fraction",
-              "seed", "baseline", "cv", "fit", "gate", "inner_folds", "calibration_data"}
-SAMPLE_KEYS = {"prompts", "prompt_field", "where", "skip", "limit", "n", "temperature", "top_k", "top_p",
-               "repetition_penalty", "max_new_tokens", "batch_prompts", "max_sequences", "dtype",
-               "benign_prompts", "benign_prompt_field", "benign_where", "benign_skip", "benign_limit"}
-RERANK_KEYS = {"top_k", "alpha", "min_gap", "batch_tokens", "dtype"}
-STATIC_KEYS = {"data", "limit", "max_prompt_tokens"}
-ONLINE_KEYS = {"rounds", "scorer"}
-EVAL_KEYS = {"prompts", "over_refusal", "over_refusal_limit", "max_new_tokens", "judge", "judge_model",
-             "batch_prompts", "bootstrap", "dtype", "helpfulness", "second_judge", "second_judge_model"}
-
-
-RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-class PipelineConfigError(RbrmError, ValueError):
-    """A pipeline YAML that cannot run; the message names the file, section and key."""
-
-
-@dataclass
-class PipelineConfig:
-    """One YAML file: top-level settings plus one section per stage (see configs/quick.yaml)."""
-
-    name: str
-    model: str = DEFAULT_MODEL
-    out_dir: str = "runs"
-    methods: list[str] = field(default_factory=lambda: ["base", "rbrm"])
-    seed: int = 0
-    seeds: list[int] | None = None  # several seeds: one full run per seed under <run>/seeds/, one report over them
-    # the safety-versus-compute curve: online once per number of rounds, each in <run>/curve/online_r<R>/
-    online_rounds: list[int] | None = None
-    device: str | None = None
-    probe: dict = field(default_factory=dict)
-    sample: dict = field(default_factory=dict)
-    rerank: dict = field(default_factory=dict)
-    dpo: dict = field(default_factory=dict)
-    lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))
-    static_pairs: dict = field(default_factory=dict)
-    online: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> str:
-        return os.path.join(self.out_dir, self.name)
-
-
-def _dpo_keys() -> set[str]:
-    return {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"}
-
-
-def _lora_keys() -> set[str]:
-    return {f.name for f in dataclasses.fields(LoraConfig)}
-
-
-def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
-    """Read and check a pipeline YAML; every unknown key is an error that names the file and section."""
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise PipelineConfigError(f"{path}: cannot read the config: {err}") from None
-    except yaml.YAMLError as err:
-        raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise PipelineConfigError(f"{path}: expected a mapping of settings")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "set"})
-    for item in (overrides or {}).get("set") or []:  # --set SECTION.KEY=VALUE or KEY=VALUE, VALUE read as YAML
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise PipelineConfigError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise PipelineConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as text
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        section, dot, name = key.strip().partition(".")
-        if not dot:
-            values[section] = value
-        elif values.get(section) is None or isinstance(values[section], dict):
-            values[section] = {**(values.get(section) or {}), name: value}
-        else:
-            raise PipelineConfigError(f"--set {item!r}: `{section}` is not a section")
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PipelineConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if not values.get("name"):
-        values["name"] = os.path.splitext(os.path.basename(path))[0]
-    sections = {"probe": PROBE_KEYS, "sample": SAMPLE_KEYS, "rerank": RERANK_KEYS, "dpo": _dpo_keys(),
-                "lora": _lora_keys(), "static_pairs": STATIC_KEYS, "online": ONLINE_KEYS, "eval": EVAL_KEYS}
-    for section, allowed in sections.items():
-        body = values.get(section)
-        if body is None:
-            continue
-        if not isinstance(body, dict):
-            raise PipelineConfigError(f"{path}: `{section}` must be a mapping, got {type(body).__name__}")
-        bad = sorted(set(body) - allowed)
-        if bad:
-            raise PipelineConfigError(f"{path}: `{section}` has unknown key(s) {', '.join(bad)}; "
-                                      f"known: {', '.join(sorted(allowed))}")
-    name = values["name"]
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
-        raise PipelineConfigError(f"{path}: `name` {name!r} must be a plain folder name (letters, digits, '.', "
-                                  "'_', '-'): the run lives in <out_dir>/<name>/ and must not leave it")
-    config = PipelineConfig(**values)
-    if config.seeds is not None and (not isinstance(config.seeds, list) or not config.seeds or len(set(config.seeds))
-                                     != len(config.seeds) or not all(type(x) is int for x in config.seeds)):
-        raise PipelineConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers; got {config.seeds}")
-    bad_methods = [m for m in config.methods if m not in METHODS]
-    if bad_methods or not config.methods:
-        raise PipelineConfigError(f"{path}: `methods` must be a non-empty list of {', '.join(METHODS)}; "
-                                  f"got {config.methods}")
-    trains = [m for m in config.methods if METHODS[m].trains]
-    sources = {METHODS[m].pairs for m in trains}
-    probed = [m for m in trains if "probe" in METHODS[m].stages]
-    if probed and not config.probe.get("data"):
-        raise PipelineConfigError(f"{path}: `probe.data` is needed for {', '.join(probed)}")
-    if sources & {"rerank", "online"} and not config.sample.get("prompts"):
-        raise PipelineConfigError(f"{path}: `sample.prompts` is needed for re-ranking and online sampling")
-    if "static_pairs" in sources and not config.static_pairs.get("data"):
-        raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
-    if not config.eval.get("prompts"):
-        raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
-    if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds
-                                             or not all(type(x) is int for x in config.online_rounds)):
-        raise PipelineConfigError(f"{path}: `online_rounds` must be a list of integers; got {config.online_rounds}")
-    for rounds in ([int(config.online.get("rounds", 1))] if "online" in sources else []) + (config.online_rounds or []):
-        steps = int(config.dpo.get("max_steps", 0))
-        if rounds < 1 or steps < 1 or steps % rounds:
-            raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
-                                      f"of `online.rounds` ({rounds})")
-    if config.online_rounds and not config.probe.get("data"):
-        raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")
-    return config
-
 
 # ---------------------------------------------------------------------------------------- the stages
 
@@ -233,7 +82,8 @@ class Pipeline:
         probe and evaluation sets."""
         runs = []
         for rounds in self.config.online_rounds or []:
-            config = dataclasses.replace(self.config, methods=["online"], online={**self.config.online, "rounds": rounds},
+            config = dataclasses.replace(self.config, methods=["online"],
+                                         online=dataclasses.replace(self.config.online, rounds=rounds),
                                          online_rounds=None, seeds=None, name=f"online_r{rounds}",
                                          out_dir=os.path.join(self.config.run_dir, "curve"))
             runs.append((rounds, Pipeline(config, self.config_path, {"probe": self.path("probe")})))
@@ -276,13 +126,13 @@ class Pipeline:
         s = self.config.sample
         evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
         for prefix in ("", "benign_"):
-            if not s.get(prefix + "prompts"):
+            if not getattr(s, prefix + "prompts"):
                 continue
-            prompts = load_prompts(s[prefix + "prompts"], prompt_field=s.get(prefix + "prompt_field"),
-                                   where=s.get(prefix + "where"))
+            prompts = load_prompts(getattr(s, prefix + "prompts"), prompt_field=getattr(s, prefix + "prompt_field"),
+                                   where=getattr(s, prefix + "where"))
             kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
             self.excluded_training_prompts += len(prompts) - len(kept)
-            skip, limit = s.get(prefix + "skip", 0), s.get(prefix + "limit")
+            skip, limit = getattr(s, prefix + "skip"), getattr(s, prefix + "limit")
             kept = kept[skip:skip + limit] if limit else kept[skip:]
             out += [dataclasses.replace(p, id=f"benign:{p.id}") for p in kept] if prefix else kept
         return out
@@ -292,36 +142,27 @@ class Pipeline:
             self.eval_prompt_keys = {matching_key(p.prompt) for pset in self.eval_sets() for p in load_set(pset)}
         return self.eval_prompt_keys
 
-    def generation_settings(self):
-        s = self.config.sample
-        defaults = GenerationSettings()
-        return GenerationSettings(True, s.get("temperature", defaults.temperature), s.get("top_k", defaults.top_k),
-                                  s.get("top_p", defaults.top_p),
-                                  s.get("repetition_penalty", defaults.repetition_penalty),
-                                  s.get("max_new_tokens", defaults.max_new_tokens))
-
     def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
         """Sample `n` responses per prompt into `out_path` (resumable); exact token counts over the file."""
         s = self.config.sample
-        n = int(s.get("n", 8))
-        rows = generate_responses(model, tokenizer, prompts, n, self.generation_settings(), out_path,
-                                  s.get("batch_prompts", 8), seed, max_sequences=s.get("max_sequences", 64))
+        rows = generate_responses(model, tokenizer, prompts, s.n, s.generation_settings(), out_path,
+                                  s.batch_prompts, seed, max_sequences=s.max_sequences)
         sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
         length = {str(p.id): prompt_length(tokenizer, p.prompt) for p in prompts if str(p.id) in sampled}
         shape = ModelShape.of(model)
-        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * n,
+        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * s.n,
                 "flops": sum(generation_flops(shape, length[str(r["prompt_id"])], int(r["num_tokens"])) for r in rows),
                 "responses": len(rows)}
 
     def sample(self) -> dict:
         s = self.config.sample
         prompts = self.training_prompts()
-        inputs = {**self._base_inputs(), "sample": s, "prompts": file_digest(s["prompts"]),
-                  **({"benign_prompts": file_digest(s["benign_prompts"])} if s.get("benign_prompts") else {}),
+        inputs = {**self._base_inputs(), "sample": dataclasses.asdict(s), "prompts": file_digest(s.prompts),
+                  **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
                   "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed}
 
         def body(directory: str) -> dict:
-            model, tokenizer = self.inference_model(s.get("dtype", "auto"))
+            model, tokenizer = self.inference_model(s.dtype)
             compute = self._sample_into(model, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
                                         self.config.seed)
             compute["excluded_eval_prompts"] = self.excluded_training_prompts
@@ -333,14 +174,13 @@ class Pipeline:
         """Score with the stage-1 hybrid reward on the base policy's states (or with `scorer`, see
         `external_scorer`); write ranking and pairs."""
         r = self.config.rerank
-        alpha = r.get("alpha")
-        if alpha is None and self.config.dpo.get("confidence_scale", ConfidenceDPOConfig.confidence_scale) == "alpha":
-            alpha = self.config.dpo.get("confidence_alpha", ConfidenceDPOConfig.confidence_alpha)
-        result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.get("top_k", 1),
-                             alpha, r.get("min_gap", 0.0), batch_tokens=r.get("batch_tokens", 8192),
-                             loaded=self.inference_model(r.get("dtype", "auto")),
+        alpha = r.alpha
+        if alpha is None and self.config.dpo_setting("confidence_scale") == "alpha":
+            alpha = self.config.dpo_setting("confidence_alpha")
+        result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.top_k,
+                             alpha, r.min_gap, batch_tokens=r.batch_tokens, loaded=self.inference_model(r.dtype),
                              scorer=None if scorer == "probe" else self.external_scorer(scorer))
-        write_outputs(result, out_dir, result.summary["alpha"])
+        write_rerank_outputs(result, out_dir, result.summary["alpha"])
         return {"forward_tokens": result.summary.get("forward_tokens") or 0, "flops": result.summary.get("flops") or 0,
                 "pairs": len(result.pairs)}
 
@@ -367,7 +207,7 @@ class Pipeline:
         return self._scorers[name]
 
     def rerank(self) -> dict:
-        inputs = {"rerank": self.config.rerank, "after": [self.records["probe"]["key"],
+        inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": [self.records["probe"]["key"],
                                                           self.records["sample"]["key"]]}
         return self._stage("rerank", inputs, lambda d: self._score_and_pair(
             os.path.join(self.path("sample"), "samples.jsonl"), d))
@@ -382,20 +222,20 @@ class Pipeline:
 
         def body(directory: str) -> dict:
             tokenizer = load_tokenizer(self.model_path)
-            cap, limit, rows = s.get("max_prompt_tokens"), s.get("limit"), []
-            for pair in load_pairs(s["data"]):
+            cap, limit, rows = s.max_prompt_tokens, s.limit, []
+            for pair in load_pairs(s.data):
                 if cap is not None and len(tokenize(tokenizer, *render(tokenizer, pair.prompt, pair.chosen))[0]) > cap:
                     continue
                 rows.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
                 if limit and len(rows) == limit:
                     break
             if not rows:
-                raise PipelineConfigError(f"static_pairs: no pair of {s['data']} has a prompt of at most {cap} tokens")
+                raise PipelineConfigError(f"static_pairs: no pair of {s.data} has a prompt of at most {cap} tokens")
             write_jsonl(os.path.join(directory, "pairs.jsonl"), rows)
             return {"pairs": len(rows), "flops": 0}  # tokenizing only
 
-        return self._stage("static_pairs", {**self._base_inputs(), "static_pairs": s,
-                                            "data": file_digest(s["data"])}, body)
+        return self._stage("static_pairs", {**self._base_inputs(), "static_pairs": dataclasses.asdict(s),
+                                            "data": file_digest(s.data)}, body)
 
     # ----------------------------------------------------------------------------------- stage 3
 
@@ -428,8 +268,7 @@ class Pipeline:
         confidence and probe-update ones, so an RBRM ablation does not retrain the methods beside it."""
         precision = {"bf16": self.dpo_bf16()}  # resolved: the same config trains differently on another CPU
         if METHODS[method].confidence != "none":  # the optimiser named even when defaulted: its default was adam before
-            return {**self.config.dpo, **precision,
-                    "reward_optimizer": self.config.dpo.get("reward_optimizer", ConfidenceDPOConfig.reward_optimizer)}
+            return {**self.config.dpo, **precision, "reward_optimizer": self.config.dpo_setting("reward_optimizer")}
         return {**{k: v for k, v in self.config.dpo.items() if not k.startswith(("confidence_", "reward_"))},
                 **precision}
 
@@ -466,10 +305,10 @@ class Pipeline:
 
     def online(self) -> dict:
         """R rounds of: sample from the current policy, score and pair with the frozen hybrid reward, DPO."""
-        rounds = int(self.config.online.get("rounds", 1))
+        rounds = self.config.online.rounds
         steps = int(self.config.dpo["max_steps"]) // rounds
-        per_step = (int(self.config.dpo.get("per_device_train_batch_size", 8))
-                    * int(self.config.dpo.get("gradient_accumulation_steps", 1)))
+        per_step = (int(self.config.dpo_setting("per_device_train_batch_size"))
+                    * int(self.config.dpo_setting("gradient_accumulation_steps")))
         prompts = self.training_prompts()
         need = steps * per_step
         if not prompts:
@@ -479,13 +318,13 @@ class Pipeline:
         for r in range(rounds):
             # each round's prompts, cycling through the pool; distinct within a round (DPO takes epochs over fewer)
             chosen = [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))]
-            scorer = self.config.online.get("scorer", "probe")
-            inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample,
+            scorer = self.config.online.scorer
+            inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": dataclasses.asdict(self.config.sample),
                       **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}
                          if scorer != "probe" else {}),
-                      "rerank": self.config.rerank, "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
+                      "rerank": dataclasses.asdict(self.config.rerank), "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
                       "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed,
-                      "sample_dtype": str(resolve_dtype(self.config.sample.get("dtype", "auto"), self.device,
+                      "sample_dtype": str(resolve_dtype(self.config.sample.dtype, self.device,
                                                         inference=True))}
             records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
                                        self._online_round(d, r, chosen, prev, steps)))
@@ -510,7 +349,7 @@ class Pipeline:
         """The current online policy in the precision the sample stage uses (bf16 on CPUs with native bf16): the
         base policy in round 0, then the base with the previous round's LoRA adapter merged in (or the previous
         round's full weights). With the fp32 training copy round 0 of `make compare` took 425 s, with this 350."""
-        dtype = self.config.sample.get("dtype", "auto")
+        dtype = self.config.sample.dtype
         if previous is None:
             return self.inference_model(dtype)[0]
         if not self.config.lora:
@@ -528,7 +367,7 @@ class Pipeline:
             policy = self.training_model(previous)
         else:
             policy = _load_full(previous)
-        scorer = self.config.online.get("scorer", "probe")
+        scorer = self.config.online.scorer
         scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"), scorer)
         if not scored["pairs"]:
             raise PipelineConfigError(f"online round {r}: no pairs, every prompt's samples tie under online.scorer "
@@ -561,10 +400,9 @@ class Pipeline:
 
     def eval_sets(self) -> list:
         e = self.config.eval
-        specs = e["prompts"] if isinstance(e["prompts"], list) else [e["prompts"]]
-        sets = [parse_prompt_set(spec) for spec in specs]
-        if e.get("over_refusal", True):
-            sets.append(over_refusal_set(e.get("over_refusal_limit")))
+        sets = [parse_prompt_set(spec) for spec in e.prompts]
+        if e.over_refusal:
+            sets.append(over_refusal_set(e.over_refusal_limit))
         return sets
 
     def evaluate(self, method: str) -> dict:
@@ -572,24 +410,24 @@ class Pipeline:
         sets = self.eval_sets()
         model_dir = self.model_path if method == "base" else self.path(method, "model")
         after = [self.records[method]["key"]] if method != "base" else []
-        inputs = {**self._base_inputs(), "eval": e, "after": after,
+        inputs = {**self._base_inputs(), "eval": dataclasses.asdict(e), "after": after,
                   "sets": {s.name: file_digest(s.path) for s in sets},
                   "measures": self.eval_measures()}
 
         def body(directory: str) -> dict:
-            model, tokenizer = (self.inference_model(e.get("dtype", "auto")) if method == "base" else
-                                load_model(model_dir, dtype=e.get("dtype", "auto"), device=self.device))
-            settings = GenerationSettings.greedy(e.get("max_new_tokens", 128))
-            loader = judge_loader(e.get("judge", "minilm"), e.get("judge_model"))
+            model, tokenizer = (self.inference_model(e.dtype) if method == "base" else
+                                load_model(model_dir, dtype=e.dtype, device=self.device))
+            settings = GenerationSettings.greedy(e.max_new_tokens)
+            loader = judge_loader(e.judge, e.judge_model)
             summaries = evaluate(model, tokenizer, sets, loader,
                                  directory, settings, model_info={"name": method, "path": model_dir},
-                                 batch_prompts=e.get("batch_prompts", 16), seed=self.config.seed,
-                                 resamples=e.get("bootstrap", 1000), plot=False,
+                                 batch_prompts=e.batch_prompts, seed=self.config.seed,
+                                 resamples=e.resamples, plot=False,
                                  helpfulness=self.eval_measures()["helpfulness"],
                                  second_judge=self.second_judge())
             return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values()),
                     **self._eval_flops(model, tokenizer, sets, directory,
-                                       loader() if e.get("judge", "minilm") in ("minilm", "refusal") else None)}
+                                       loader() if e.judge in ("minilm", "refusal") else None)}
 
         return self._stage(f"{method}/eval", inputs, body)
 
@@ -620,14 +458,13 @@ class Pipeline:
         """What the evaluation measures beside the main judge: helpfulness on benign sets (default on) and the
         independent second judge (default the keyword judge; None when it would be the main judge again)."""
         e = self.config.eval
-        name = e.get("second_judge", "refusal")
-        return {"helpfulness": e.get("helpfulness", True),
-                "second_judge": None if not name or name == e.get("judge", "minilm") else name}
+        name = e.second_judge
+        return {"helpfulness": e.helpfulness, "second_judge": None if not name or name == e.judge else name}
 
     def second_judge(self):
         """The second judge of `eval_measures`, built, or None."""
         name = self.eval_measures()["second_judge"]
-        return get_judge(name, self.config.eval.get("second_judge_model")) if name else None
+        return get_judge(name, self.config.eval.second_judge_model) if name else None
 
     # -------------------------------------------------------------------------------------- driver
 
@@ -721,33 +558,3 @@ def _save_merged(model, tokenizer, out_dir: str) -> None:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rbrm pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="pipeline YAML (configs/quick.yaml, compare.yaml, ...)")
-    parser.add_argument("--name", help="run name (default: the config's `name`, else its file name)")
-    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", help="parent folder of runs (default: runs)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="override the config's methods")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one setting (the "
-                        "value is read as YAML, e.g. --set dpo.learning_rate=1e-4 --set seeds=[0,1]); repeatable")
-    parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
-                        help="only redraw report.md/json and figures from the finished stages")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
-                                       "device": args.device, "set": args.set})
-    start = time.perf_counter()
-    if config.seeds:
-        report = run_seeds(config, args.config, args.report_only)
-    else:
-        pipeline = Pipeline(config, args.config)
-        report = pipeline.report_only() if args.report_only else pipeline.run()
-    print(open(os.path.join(config.run_dir, "report.md")).read().split("\n## Figures")[0])
-    print(f"rbrm pipeline: {config.run_dir} done in {time.perf_counter() - start:.0f} s "
-          f"(report.md, report.json; {len(report['methods'])} methods)")
-    return 0

@@ -43,7 +43,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
     sets = pipeline.eval_sets()
     several = len(sets) > 1
     eval_dir = pipeline.path(method, "eval")
-    resamples = pipeline.config.eval.get("bootstrap", 1000)
+    resamples = pipeline.config.eval.resamples
     harmful_rows: dict[str, dict] = {}
     benign_rows: list[dict] = []
     figure_sets: dict[str, dict] = {}
@@ -96,7 +96,7 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
         row["training"] = _training_summary(log)
     history = _read_confidence(pipeline, method)
     if history:
-        row["confidence"] = confidence_summary(history, pipeline.config.dpo.get("confidence_floor", 0.5))
+        row["confidence"] = confidence_summary(history, pipeline.config.dpo_setting("confidence_floor"))
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
     flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
     helped = {matching_key(r["prompt"]): bool(r["helpful"])
@@ -257,7 +257,7 @@ def _count(n) -> str:
 def write_report(pipeline) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
     config = pipeline.config
-    resamples = config.eval.get("bootstrap", 1000)
+    resamples = config.eval.resamples
     methods, figure_sets, flags = {}, {}, {}
     for method in config.methods:
         methods[method], figure_sets[method], flags[method] = method_results(pipeline, method)
@@ -293,13 +293,13 @@ def write_report(pipeline) -> dict:
     ranking = None
     rank_path, pairs_path = pipeline.path("rerank", "rank.jsonl"), pipeline.path("rerank", "pairs.jsonl")
     if os.path.exists(rank_path) and os.path.exists(pairs_path):  # the re-ranked samples, judged like answers
-        judge = make_judge(config.eval.get("judge", "minilm"), config.eval.get("judge_model"))
+        judge = make_judge(config.eval.judge, config.eval.judge_model)
         ranking = ranking_quality(read_jsonl(rank_path), read_jsonl(pairs_path), judge)
     report = {
         "name": config.name, "config": pipeline.config_path,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "model": config.model,
-        "judge": config.eval.get("judge", "minilm"),
+        "judge": config.eval.judge,
         "eval_sets": [s.name for s in pipeline.eval_sets()],
         "excluded_training_prompts": getattr(pipeline, "excluded_training_prompts", None),
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
@@ -328,7 +328,7 @@ def _seven_b_scoring_flops(run) -> int:
     """What scoring every online sample with a 7B reward model (LLAMA_7B) would cost: one forward per sample over
     its prompt and response, by formula."""
     tokenizer, lengths = load_tokenizer(run.model_path), []
-    rounds = int(run.config.online.get("rounds", 1))
+    rounds = run.config.online.rounds
     for k in range(rounds):
         for r in read_jsonl(run.path("online_rounds", f"round_{k}", "samples.jsonl")):
             lengths.append(prompt_length(tokenizer, r["prompt"]) + int(r["num_tokens"]))
@@ -347,7 +347,7 @@ def curve_rows(pipeline, methods: dict) -> list[dict]:
                      "seven_b_scoring_flops": _seven_b_scoring_flops(run)})
     for name, row in methods.items():
         if name != "base":
-            rows.append({"method": name, "rounds": int(pipeline.config.online.get("rounds", 1)) if name == "online"
+            rows.append({"method": name, "rounds": pipeline.config.online.rounds if name == "online"
                          else None, "seed": seed, "flops": row["flops"],
                          "construction_flops": _construction_flops(row, name), "unsafe_rate": row["unsafe_rate"],
                          "helpfulness_rate": row.get("helpfulness_rate")})
@@ -523,7 +523,7 @@ def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict
     histories = {m: h["gamma"] for m in pipeline.config.methods if (h := _read_confidence(pipeline, m)) and h["gamma"]}
     if histories:
         out["Confidence gamma of the training pairs"] = plot_confidence(
-            histories, pipeline.config.dpo.get("confidence_floor", 0.5), os.path.join(fig_dir, "confidence.png"))
+            histories, pipeline.config.dpo_setting("confidence_floor"), os.path.join(fig_dir, "confidence.png"))
     out["Unsafe rate and over-refusal per method"] = plot_rates(figure_sets, os.path.join(fig_dir, "rates.png"))
     if methods and any(row.get("helpfulness_rate") is not None for row in methods.values()):
         out["Unsafe rate against helpfulness per method"] = plot_safety_vs_helpfulness(
@@ -614,7 +614,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
-    resamples = config.eval.get("bootstrap", 2000)
+    resamples = config.eval.seed_resamples
     methods, flags = {}, {}
     for method in config.methods:
         rows, flags[method] = [], []
@@ -682,7 +682,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
         {name: [(r["unsafe_rate"], r["helpfulness_rate"]) for r in row["seeds"] if r["helpfulness_rate"] is not None]
          for name, row in methods.items()}, os.path.join(config.run_dir, "figures", "safety_helpfulness_seeds.png"))
     report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "model": config.model, "judge": config.eval.get("judge", "minilm"),
+              "machine": machine(), "model": config.model, "judge": config.eval.judge,
               "seeds": [p.config.seed for p in pipelines], "methods": methods, "against_base": against_base,
               "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(pipelines, times)},
               "stage_cpu_shares": {str(p.config.seed): c for p, c in zip(pipelines, shares)},

@@ -290,7 +290,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: RerankResult, out_dir: str, alpha: float = PAPER_ALPHA) -> None:
+def write_rerank_outputs(result: RerankResult, out_dir: str, alpha: float = PAPER_ALPHA) -> None:
     """rank.jsonl, chosen.jsonl, rejected.jsonl, pairs.jsonl and summary.json in `out_dir` (each atomic)."""
     os.makedirs(out_dir, exist_ok=True)
     write_jsonl(os.path.join(out_dir, "rank.jsonl"), rank_rows(result))

@@ -16,40 +16,23 @@ Two ways to fit it (`TrainSettings.fit`):
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import GroupKFold, cross_val_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import GroupKFold
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataError, atomic_path, load_examples, read_json_file, write_json
-from .errors import ConfigError, RbrmError
-from .features import (
-    FeatureSet,
-    context_length,
-    examples_to_rows,
-    extract_features,
-    feature_metadata,
-    load_features,
-    rendered_lengths,
-    resolve_layers,
-    save_features,
-)
-from .models import DEFAULT_MODEL, load_model, model_fingerprint
-from .render import prompt_key
+from .data import DataError, atomic_path, read_json_file, write_json
+from .errors import RbrmError
+from .models import model_fingerprint
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
 GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
@@ -298,7 +281,7 @@ def _rows_of(pairs: torch.Tensor | None, labelled_rows: torch.Tensor | None) -> 
 
 
 @torch.no_grad()
-def evaluate(model: HybridRewardModel, features: torch.Tensor, pairs: torch.Tensor | None = None,
+def probe_metrics(model: HybridRewardModel, features: torch.Tensor, pairs: torch.Tensor | None = None,
              labelled_rows: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
     """Pair accuracy (r_c > r_r), hard accuracy, labelled accuracy, per-layer accuracy, the uniform mean of the
     probes, gate weights; only the rows that the pairs and labelled rows name are scored."""
@@ -332,7 +315,7 @@ def evaluate(model: HybridRewardModel, features: torch.Tensor, pairs: torch.Tens
     return metrics
 
 
-def _primary(metrics: dict) -> float:
+def primary_metric(metrics: dict) -> float:
     return metrics.get("pair_accuracy", metrics.get("accuracy", float("nan")))
 
 
@@ -376,7 +359,7 @@ def train_reward_model(features: torch.Tensor, pairs: torch.Tensor | None, label
                "n_train_pairs": len(train_pairs), "n_val_pairs": len(val_pairs),
                "n_train_labelled": len(train_lab), "n_val_labelled": len(val_lab)}
     if len(val_pairs) + len(val_lab):
-        val = evaluate(model, features, val_pairs, val_lab, labels[val_lab])
+        val = probe_metrics(model, features, val_pairs, val_lab, labels[val_lab])
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["per_layer_accuracy"] = val.get("per_layer_accuracy")
         metrics["val_best_probe_accuracy"] = val["per_layer_accuracy"][info["best_probe_index"]]
@@ -593,7 +576,7 @@ def _fit_joint(model: HybridRewardModel, features, train_pairs, val_pairs, train
         model.eval()
         with torch.no_grad():
             val_loss = _losses(model, features, val_pairs, val_lab, labels[val_lab], settings).item()
-        metric = _primary(evaluate(model, features, val_pairs, val_lab, labels[val_lab]))
+        metric = primary_metric(probe_metrics(model, features, val_pairs, val_lab, labels[val_lab]))
         history.append({"epoch": epoch, "val_loss": val_loss, "val_metric": metric})
         bar.set_postfix(val_loss=f"{val_loss:.3f}", val_acc=f"{metric:.3f}")
         if (metric, -val_loss) > (best[0], -best[1]):
@@ -602,7 +585,7 @@ def _fit_joint(model: HybridRewardModel, features, train_pairs, val_pairs, train
         elif epoch - best_epoch >= settings.patience:
             break
     model.load_state_dict(best_state)
-    train = evaluate(model, features, train_pairs, train_lab, labels[train_lab])
+    train = probe_metrics(model, features, train_pairs, train_lab, labels[train_lab])
     best_probe = max(range(model.num_layers), key=train["per_layer_accuracy"].__getitem__)
     calibration = {"scale": 1.0, "offset": 0.0, "fitted_on": "nothing (no validation split)"}
     if has_val:  # the split it early-stopped on: the only rows the joint fit did not train on
@@ -700,252 +683,3 @@ def calibration_report(model: HybridRewardModel, features, pairs, labelled_rows,
         probability = torch.sigmoid(scale * model(features[labelled_rows]) + offset)
         report["ece"], report["reliability"] = reliability(probability, labels)
     return report
-
-
-# ------------------------------------------------------------------------------ validation and the baseline
-
-
-def cross_validate(features, pairs, labels, settings: TrainSettings, k: int, groups=None,
-                   baseline: bool = True) -> dict:
-    """K-fold accuracy of the hybrid, and of the best-single-layer baseline on the same folds.
-
-    Each fold is held out once; the hybrid's own choices (penalties, gate, early stopping) use the other folds.
-    """
-    n_rows = features.shape[0]
-    row_group = row_groups(n_rows, pairs, groups)
-    unique = torch.unique(row_group)
-    unique = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(settings.seed))]
-    folds = torch.chunk(unique, k)
-    all_labels = labels if labels is not None else torch.full((n_rows,), -1, dtype=torch.long)
-    scores, baseline_scores = [], []
-    for i, fold in enumerate(folds):
-        held = torch.isin(row_group, fold)
-        keep_pairs = pairs[~held[pairs[:, 0]]] if pairs is not None else None
-        test_pairs = pairs[held[pairs[:, 0]]] if pairs is not None else None
-        train_labels = torch.where(held, -1, all_labels)
-        test_labels = torch.where(held, all_labels, -1)
-        model, _ = train_reward_model(features, keep_pairs, train_labels, settings, groups, progress=False)
-        lab_rows = torch.nonzero(test_labels >= 0).flatten()
-        result = evaluate(model, features, test_pairs, lab_rows, test_labels[lab_rows])
-        scores.append(_primary(result))
-        line = f"fold {i + 1}/{k}: hybrid {scores[-1]:.3f}"
-        if baseline:
-            baseline_scores.append(logistic_baseline(features, pairs, all_labels, ~held)["baseline_val_accuracy"])
-            line += f", best-layer logistic regression {baseline_scores[-1]:.3f}"
-        print(line)
-    result = {"cv_accuracy": _mean(scores), "cv_std": _std(scores), "cv_folds": scores}
-    if baseline:
-        result.update({"baseline_cv_accuracy": _mean(baseline_scores), "baseline_cv_std": _std(baseline_scores),
-                       "baseline_cv_folds": baseline_scores})
-    return result
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _std(values: list[float]) -> float:
-    mean = _mean(values)
-    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-
-
-def logistic_baseline(features, pairs, labels, train_mask_rows: torch.Tensor, seed: int = 0) -> dict:
-    """scikit-learn logistic regression on the best single layer (chosen by CV on the train side)."""
-    paired = pairs is not None and len(pairs) > 0
-
-    def design(layer: int, rows_mask: torch.Tensor):
-        x = features[:, layer].float().numpy()
-        if paired:
-            p = pairs[rows_mask[pairs[:, 0]]].numpy()
-            diff = x[p[:, 0]] - x[p[:, 1]]
-            return np.concatenate([diff, -diff]), np.concatenate([np.ones(len(p)), np.zeros(len(p))])
-        rows = torch.nonzero(rows_mask & (labels >= 0)).flatten().numpy()
-        return x[rows], labels[rows].numpy()
-
-    def classifier():  # pair differences have no offset: no centring, no intercept
-        return make_pipeline(StandardScaler(with_mean=not paired),
-                             LogisticRegression(C=0.1, max_iter=2000, fit_intercept=not paired))
-
-    best_layer, best_cv = 0, -1.0
-    for layer in range(features.shape[1]):
-        x, y = design(layer, train_mask_rows)
-        cv = cross_val_score(classifier(), x, y, cv=3).mean()
-        if cv > best_cv:
-            best_layer, best_cv = layer, cv
-    x_train, y_train = design(best_layer, train_mask_rows)
-    x_test, y_test = design(best_layer, ~train_mask_rows)
-    clf = classifier().fit(x_train, y_train)
-    accuracy = float((clf.predict(x_test) == y_test).mean()) if len(y_test) else float("nan")
-    return {"baseline_layer_index": best_layer, "baseline_train_cv_accuracy": float(best_cv),
-            "baseline_val_accuracy": accuracy}
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class ProbeTrainConfig:
-    out: str = field(metadata={"help": "output directory for the reward model"})
-    data: str | None = field(default=None, metadata={"help": "pairs or labelled responses (needs --model)"})
-    features: str | None = field(default=None, metadata={"help": "a features .safetensors file instead of --data"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model whose hidden states are used"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N pairs/rows of --data"})
-    test_data: str | None = field(default=None, metadata={"help": "another data set to test on (needs --model)"})
-    test_features: str | None = field(default=None, metadata={"help": "another features file to test on"})
-    test_limit: int | None = field(default=None, metadata={"help": "use only the first N rows of --test-data"})
-    calibration_data: str | None = field(default=None, metadata={
-        "help": "labelled answers of the policy itself (e.g. data/rbrm_labels/smollm2_dev.jsonl for SmolLM2) to "
-                "calibrate the reward scale on, instead of the probe's own cross-fitted rewards: the confidence "
-                "is applied to the policy's answers, which the probe data may separate far more easily"})
-    layers: list[int] | None = field(default=None, metadata={"help": "1-based layers (default: all)"})
-    pooling: str = field(default="last", metadata={"help": "last (end-of-turn token) or mean"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of the model forward"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda"})
-    batch_tokens: int = field(default=4096, metadata={"help": "at most this many padded tokens per forward"})
-    features_out: str | None = field(default=None, metadata={"help": "also save the computed features here"})
-    fit: str = field(default="staged", metadata={"help": "staged (penalised probes chosen by cross-validation, then "
-                                                          "the gate on their out-of-fold scores) or joint (the "
-                                                          "paper's: AdamW on everything)"})
-    gate: str = field(default="vote_bias", metadata={"help": "vote_bias (g = sigmoid(V s + c)), vote (the paper's "
-                                                             "g = sigmoid(V s)) or mean (g = 1/2: no gate)"})
-    inner_folds: int = field(default=3, metadata={"help": "staged fit: cross-validation folds on the train side"})
-    epochs: int = field(default=300, metadata={"help": "joint fit: epochs (and lr ... patience below)"})
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 256
-    margin: float = field(default=1.0, metadata={"help": "joint fit: pairwise margin m"})
-    layer_loss_weight: float = field(default=1.0, metadata={"help": "joint fit: weight of each probe's own loss"})
-    patience: int = field(default=25, metadata={"help": "joint fit: early-stopping patience in epochs"})
-    val_fraction: float = 0.2
-    seed: int = 0
-    cv: int = field(default=0, metadata={"help": "K for K-fold cross-validated accuracy (0: off)"})
-    baseline: bool = field(default=True, metadata={"help": "also fit the sklearn best-single-layer baseline"})
-    metrics_out: str | None = field(default=None, metadata={"help": "write metrics JSON here"})
-    model_name: str | None = field(default=None, metadata={"help": "a label recorded in the saved config"})
-
-
-def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict,
-                  stats: dict | None = None):
-    """Compute (FeatureSet, groups) for a data file with the configured model."""
-    pairs, labelled = load_examples(data, limit=limit)
-    if "model" not in model_cache:
-        model_cache["model"] = load_model(config.model, dtype=config.dtype, device=config.device)
-    model, tokenizer = model_cache["model"]
-    pairs, labelled, dropped = drop_too_long(model, tokenizer, pairs, labelled)
-    if stats is not None:
-        stats["skipped_too_long"] = stats.get("skipped_too_long", 0) + len(dropped)
-    rows, labels, pair_index = examples_to_rows(pairs, labelled)
-    layers = resolve_layers(model, config.layers)
-    feats = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens, stats=stats)
-    keys: dict[str, int] = {}
-    groups = torch.tensor([keys.setdefault(prompt_key(p), len(keys)) for p, _ in rows], dtype=torch.long)
-    meta = feature_metadata(model, tokenizer, layers, config.pooling)
-    return FeatureSet(feats, labels, pair_index, meta), groups
-
-
-def drop_too_long(model, tokenizer, pairs: list, labelled: list) -> tuple[list, list, list[str]]:
-    """Pairs and labelled rows that fit the model's context window, and the sources of those that do not.
-
-    Hidden states past the context window are not what the model computes on real input; a probe trained on
-    them learns noise.
-    """
-    limit = context_length(model)
-    if limit is None:
-        return pairs, labelled, []
-    pair_lengths = rendered_lengths(tokenizer, [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)])
-    long_pair = [max(pair_lengths[2 * i:2 * i + 2]) > limit for i in range(len(pairs))]
-    long_item = [n > limit for n in rendered_lengths(tokenizer, [(x.prompt, x.response) for x in labelled])]
-    dropped = [x.source for x, bad in zip(pairs, long_pair) if bad] + [x.source for x, bad in zip(labelled, long_item)
-                                                                       if bad]
-    if dropped:
-        logging.getLogger(__name__).warning(
-            "skipping %d example(s) longer than the model's context of %d tokens: %s%s", len(dropped), limit,
-            ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
-    return ([x for x, bad in zip(pairs, long_pair) if not bad], [x for x, bad in zip(labelled, long_item) if not bad],
-            dropped)
-
-
-def _load_feature_file(path: str):
-    fs = load_features(path)
-    groups = None
-    if "groups" in fs.metadata:
-        groups = torch.tensor(fs.metadata["groups"], dtype=torch.long)
-    return fs, groups
-
-
-def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict:
-    """Train, test, save; returns the metrics. `stats` receives the tokens run through the model (compute)."""
-    if bool(config.data) == bool(config.features):
-        raise ConfigError("give exactly one of --data or --features")
-    model_cache: dict = {}
-    stats = {} if stats is None else stats
-    if config.features:
-        fs, groups = _load_feature_file(config.features)
-    else:
-        fs, groups = _features_for(config, config.data, config.limit, model_cache, stats)
-        if config.features_out:
-            save_features(config.features_out, fs.features, {**fs.metadata, "groups": groups.tolist()},
-                          fs.labels, fs.pair_index)
-    settings = TrainSettings(config.epochs, config.lr, config.weight_decay, config.batch_size, config.margin,
-                             config.layer_loss_weight, config.patience, config.val_fraction, config.seed,
-                             config.fit, config.gate, config.inner_folds)
-    meta = fs.metadata
-    probe_config = {"model": meta.get("model"), "layers": meta.get("layers"),
-                    "pooling": meta.get("pooling", config.pooling), "end_of_turn": meta.get("end_of_turn"),
-                    "train_source": config.data or config.features, "model_name": config.model_name}
-    model, metrics = train_reward_model(fs.features, fs.pair_index, fs.labels, settings, groups, probe_config)
-    if config.baseline:
-        generator = torch.Generator().manual_seed(settings.seed)
-        train_rows, _ = train_val_split(fs.features.shape[0], row_groups(fs.features.shape[0], fs.pair_index, groups),
-                               settings.val_fraction, generator)
-        train_mask = torch.zeros(fs.features.shape[0], dtype=torch.bool)
-        train_mask[train_rows] = True
-        labels = fs.labels if fs.labels is not None else torch.full((fs.features.shape[0],), -1)
-        metrics.update(logistic_baseline(fs.features, fs.pair_index, labels, train_mask, settings.seed))
-        layers = meta.get("layers") or list(range(1, fs.features.shape[1] + 1))
-        metrics["baseline_layer"] = layers[metrics.pop("baseline_layer_index")]
-    if "skipped_too_long" in stats:
-        metrics["skipped_too_long"] = stats["skipped_too_long"]
-    if config.cv:
-        metrics.update(cross_validate(fs.features, fs.pair_index, fs.labels, settings, config.cv, groups,
-                                      baseline=config.baseline))
-    if config.test_data or config.test_features:
-        if config.test_features:
-            test_fs, _ = _load_feature_file(config.test_features)
-        else:
-            test_fs, _ = _features_for(config, config.test_data, config.test_limit, model_cache)
-        lab_rows = torch.nonzero(test_fs.labels >= 0).flatten() if test_fs.labels is not None else None
-        test = evaluate(model, test_fs.features, test_fs.pair_index, lab_rows,
-                        test_fs.labels[lab_rows] if lab_rows is not None else None)
-        metrics.update({f"test_{k}": v for k, v in test.items()})
-    if config.calibration_data:
-        calibration_fs, _ = _features_for(config, config.calibration_data, None, model_cache)
-        metrics.update(recalibrate(model, calibration_fs, config.calibration_data))
-    if "model" in model_cache:
-        model.check_model(model_cache["model"][0])
-    model.config["train_metrics"] = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
-    model.save(config.out)
-    if config.metrics_out:
-        write_json(config.metrics_out, metrics)
-    _print_metrics(metrics, config.out)
-    return metrics
-
-
-def _print_metrics(metrics: dict, out: str) -> None:
-    print(f"saved hybrid reward model to {out}")
-    side = [("hybrid", "val_pair_accuracy", "val_accuracy"), ("mean of probes", "val_mean_probe_accuracy", None),
-            ("best probe", "val_best_probe_accuracy", None), ("sklearn best layer", "baseline_val_accuracy", None)]
-    found = [(name, metrics.get(a, metrics.get(b) if b else None)) for name, a, b in side]
-    if any(v is not None for _, v in found):
-        print("  held-out accuracy: " + ", ".join(f"{name} {v:.3f}" for name, v in found if v is not None))
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            print(f"  {key:<28} {value:.4f}")
-        elif isinstance(value, int):
-            print(f"  {key:<28} {value}")
-    per_layer = metrics.get("val_per_layer_accuracy")
-    if per_layer:
-        print("  per-layer val accuracy      " + " ".join(f"{a:.2f}" for a in per_layer))
-    gate = metrics.get("val_gate_share")
-    if gate:
-        print("  gate share (val mean)       " + " ".join(f"{g:.2f}" for g in gate))

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rbrm.pipeline import Pipeline, load_config, seed_configs
+from rbrm.pipeline import Pipeline, seed_configs
 from rbrm.report import compare_across_runs, method_results
+from rbrm.run_config import load_config
 
 
 def pipelines(config_path: str, out_dir: str | None, run: str, method: str) -> list[Pipeline]:

@@ -34,9 +34,10 @@ from rbrm.evaluation import within_prompt_auc
 from rbrm.features import examples_to_rows, extract_features, resolve_layers
 from rbrm.judges import get_judge, load_judge_data
 from rbrm.models import load_model
+from rbrm.probe_train import drop_too_long
 from rbrm.render import prompt_key
 from rbrm.rerank import load_samples
-from rbrm.reward_model import TrainSettings, drop_too_long, train_reward_model
+from rbrm.reward_model import TrainSettings, train_reward_model
 
 XSTEST = "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"
 SOURCES = {  # name -> (file, row limit); salad_qa's file is read by `salad_qa` below

@@ -18,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
                                    "methods", "refusal", "memory"}),
-    ("method", {"features", "reward_model", "sampling", "rerank", "dpo"}),
+    ("method", {"features", "reward_model", "probe_train", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
-    ("pipeline", {"report", "pipeline"}),
+    ("pipeline", {"report", "run_config", "pipeline"}),
     ("commands", {"cli", "commands"}),
 ]
 

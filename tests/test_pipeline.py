@@ -45,7 +45,7 @@ def tiny_config(tmp_path, model_dir: str, **changes) -> str:
 
 
 def run(path: str, *flags: str) -> dict:
-    from rbrm.pipeline import main
+    from rbrm.commands.pipeline import main
 
     assert main(["--config", path, *flags]) == 0
     with open(os.path.join(yaml.safe_load(open(path))["out_dir"], "tiny", "report.json")) as f:
@@ -67,6 +67,11 @@ def stage_records(run_dir) -> dict[str, str]:
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 3}, "unknown setting(s) epochs"),
     ({"dpo": {"max_stepz": 3}}, "`dpo` has unknown key(s) max_stepz"),
+    ({"rerank": {"top_kk": 1}}, "`rerank` has unknown key(s) top_kk; known: alpha"),
+    ({"probe": {"out": "elsewhere"}}, "`probe` has unknown key(s) out"),  # the pipeline sets it
+    ({"sample": {"n": "eight"}}, "`sample.n` must be int, got 'eight'"),
+    ({"sample": {"temperature": True}}, "`sample.temperature` must be float"),
+    ({"eval": {"over_refusal": "no"}}, "`eval.over_refusal` must be bool"),
     ({"methods": ["base", "ppo"]}, "`methods` must be"),
     ({"online": {"rounds": 3}}, "multiple of `online.rounds` (3)"),
     ({"eval": {"prompts": []}}, "`eval.prompts`"),
@@ -75,7 +80,7 @@ def stage_records(run_dir) -> dict[str, str]:
     ({"seeds": "0,1"}, "`seeds` must be"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, change, message):
-    from rbrm.pipeline import PipelineConfigError, load_config
+    from rbrm.run_config import PipelineConfigError, load_config
 
     path = tiny_config(tmp_path, "unused", **change)
     with pytest.raises(PipelineConfigError) as err:
@@ -84,12 +89,15 @@ def test_config_errors_name_the_file_and_key(tmp_path, change, message):
 
 
 def test_set_overrides_one_setting(tmp_path):
-    from rbrm.pipeline import PipelineConfigError, load_config
+    from rbrm.run_config import PipelineConfigError, load_config
 
     path = tiny_config(tmp_path, "unused")
     config = load_config(path, {"set": ["dpo.learning_rate=2e-4", "seeds=[3, 4]", "eval.over_refusal=false"]})
     assert config.dpo["learning_rate"] == 2e-4 and config.dpo["max_steps"] == 4  # the rest of the section stays
-    assert config.seeds == [3, 4] and config.eval["over_refusal"] is False
+    assert config.seeds == [3, 4] and config.eval.over_refusal is False
+    assert config.eval.judge == "refusal" and config.eval.batch_prompts == 16  # the file's value, and the default
+    assert load_config(path, {"set": ["eval.prompts=data/advbench/harmful_behaviors.csv"]}).eval.prompts == [
+        "data/advbench/harmful_behaviors.csv"]  # one set may be given without a list
     with pytest.raises(PipelineConfigError, match="`dpo` has unknown key"):
         load_config(path, {"set": ["dpo.learning_rat=1"]})
     with pytest.raises(PipelineConfigError, match="expected KEY=VALUE"):
@@ -97,7 +105,8 @@ def test_set_overrides_one_setting(tmp_path):
 
 
 def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tmp_path, tiny_model_dir):
-    from rbrm.pipeline import Pipeline, load_config
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
 
     benign = "data/refusal_direction/harmless_val.json"
     path = tiny_config(tmp_path, tiny_model_dir, sample={"benign_prompts": benign, "benign_skip": 1, "benign_limit": 3},
@@ -113,7 +122,8 @@ def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tm
 
 
 def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_model_dir):
-    from rbrm.pipeline import Pipeline, load_config
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
 
     path = tiny_config(tmp_path, tiny_model_dir)
     plain = Pipeline(load_config(path))
@@ -128,7 +138,8 @@ def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_mod
 def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stage_key(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
     import rbrm.pipeline
-    from rbrm.pipeline import Pipeline, load_config
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
 
     path = tiny_config(tmp_path, tiny_model_dir)
     seen = {}
@@ -150,7 +161,8 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
     import torch
     from peft import get_peft_model
 
-    from rbrm.pipeline import Pipeline, load_config
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
 
     pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "float32"}),
                                     {"device": "cpu"}))
@@ -175,7 +187,7 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
 
 
 def test_shipped_configs_load():
-    from rbrm.pipeline import load_config
+    from rbrm.run_config import load_config
 
     for name in ("quick", "compare", "paper", "seeds", "tune", "compute"):
         config = load_config(f"configs/{name}.yaml")
@@ -185,7 +197,7 @@ def test_shipped_configs_load():
     assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
     assert load_config("configs/compute.yaml").online_rounds == [1, 2, 4, 8, 16, 32]
     paper = load_config("configs/paper.yaml")
-    assert (paper.sample["n"], paper.sample["max_new_tokens"], paper.sample["limit"], paper.dpo["beta"]) == (
+    assert (paper.sample.n, paper.sample.max_new_tokens, paper.sample.limit, paper.dpo["beta"]) == (
         8, 256, 4000, 0.15)
 
 
@@ -382,7 +394,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     from rbrm.data import read_jsonl
-    from rbrm.pipeline import PipelineConfigError
+    from rbrm.run_config import PipelineConfigError
 
     torch.manual_seed(0)
     config = LlamaConfig.from_pretrained(tiny_model_dir)
@@ -524,8 +536,9 @@ def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_
     assert set(report["stage_seconds"]) == {"0", "1"} and report["stage_seconds"]["0"]["rbrm"] > 0
     assert (tmp_path / "runs" / "tiny" / "figures" / "safety_helpfulness_seeds.png").stat().st_size > 1000
     # the same comparison across two runs (here: one run twice) gives the seeds report's verdict
-    from rbrm.pipeline import Pipeline, load_config, seed_configs
+    from rbrm.pipeline import Pipeline, seed_configs
     from rbrm.report import compare_across_runs
+    from rbrm.run_config import load_config
 
     pipelines = []
     for seed_config in seed_configs(load_config(path)):

@@ -172,8 +172,8 @@ def test_sampling_skips_prompts_past_the_context(short_context_model, tokenizer,
 
 def test_probe_and_rerank_skip_rows_past_the_context(short_context_model, tokenizer):
     from rbrm.data import LabelledResponse, PreferencePair
+    from rbrm.probe_train import drop_too_long
     from rbrm.rerank import Sample, unusable
-    from rbrm.reward_model import drop_too_long
 
     pairs = [PreferencePair("Hi", "Hello", "Go away", "a:1"), PreferencePair("word " * 200, "x", "y", "a:2")]
     labelled = [LabelledResponse("Hi", "Hello", True, "b:1"), LabelledResponse("Hi", "long " * 200, False, "b:2")]
@@ -362,7 +362,7 @@ def test_rerunning_rbrm_dpo_resumes(tmp_path, tiny_model_dir, capsys, monkeypatc
 
 
 def test_run_names_cannot_leave_the_runs_folder(tmp_path):
-    from rbrm.pipeline import PipelineConfigError, load_config
+    from rbrm.run_config import PipelineConfigError, load_config
 
     path = tmp_path / "p.yaml"
     path.write_text("name: ../../escaped_run\nmethods: [base]\neval:\n  prompts: [x.jsonl]\n")

@@ -12,7 +12,15 @@ import torch
 
 from rbrm.data import DataError, read_jsonl
 from rbrm.models import model_fingerprint
-from rbrm.rerank import PAPER_INPUT, Sample, rerank, rerank_file, select_pairs, summarize, write_outputs
+from rbrm.rerank import (
+    PAPER_INPUT,
+    Sample,
+    rerank,
+    rerank_file,
+    select_pairs,
+    summarize,
+    write_rerank_outputs,
+)
 from rbrm.reward_model import HybridRewardModel, ModelMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +121,7 @@ def test_rerank_end_to_end(tiny_model, tokenizer, reward_dir, tmp_path):
     samples = _samples_file(tmp_path / "samples.jsonl")
     result = rerank_file("unused", reward_dir, samples, top_k=1, loaded=(tiny_model, tokenizer), progress=False)
     out = tmp_path / "out"
-    write_outputs(result, str(out))
+    write_rerank_outputs(result, str(out))
 
     rank_rows = read_jsonl(out / "rank.jsonl")
     assert len(rank_rows) == 8
@@ -232,7 +240,7 @@ def test_pairs_load_into_dpo_trainer(tokenizer, reward_dir, tiny_model, tmp_path
 
     samples = _samples_file(tmp_path / "samples.jsonl", n=4)
     result = rerank_file("unused", reward_dir, samples, top_k=2, loaded=(tiny_model, tokenizer), progress=False)
-    write_outputs(result, str(tmp_path / "out"))
+    write_rerank_outputs(result, str(tmp_path / "out"))
     pairs = read_jsonl(tmp_path / "out" / "pairs.jsonl")
     assert len(pairs) == 4 and [p["pair_rank"] for p in pairs] == [0, 1, 0, 1]
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), use_cpu=True, bf16=False, max_steps=1, report_to=[],

@@ -9,12 +9,12 @@ import torch
 
 from rbrm.data import DataError
 from rbrm.models import model_fingerprint
+from rbrm.probe_train import cross_validate
 from rbrm.reward_model import (
     HybridRewardModel,
     ModelMismatchError,
     TrainSettings,
-    cross_validate,
-    evaluate,
+    probe_metrics,
     train_reward_model,
 )
 
@@ -200,7 +200,7 @@ def test_evaluate_hard_accuracy_counts_each_side():
     rm = HybridRewardModel(1, 1)
     rm.weight.data.fill_(1.0)  # gate V = 0 -> g = 0.5, so r = x / 2
     features = torch.tensor([[[2.0]], [[1.0]], [[-1.0]], [[-2.0]]])
-    metrics = evaluate(rm, features, torch.tensor([[0, 1], [2, 3]]))
+    metrics = probe_metrics(rm, features, torch.tensor([[0, 1], [2, 3]]))
     assert metrics["pair_accuracy"] == 1.0  # 1 > 0.5 and -0.5 > -1
     assert metrics["hard_accuracy"] == 0.5  # chosen 1 >= 0 yes, -0.5 no; rejected 0.5 <= 0 no, -1 yes
     assert metrics["gate_weights"] == [0.5] and metrics["gate_share"] == [1.0]

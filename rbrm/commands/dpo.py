@@ -27,7 +27,7 @@ from ..models import (
     resolve_model,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,7 +63,7 @@ def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool
         return None
     last = get_last_checkpoint(output_dir)
     if last is not None:
-        logger.warning("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
+        log.warning("resuming from %s (pass --overwrite_output_dir to start afresh)", last)
     return last
 
 

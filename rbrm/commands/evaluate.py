@@ -6,7 +6,6 @@ import gc
 import json
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates
 from ..render import Prompt, prompt_key
 from ..sampling import GenerationSettings
-from . import parse_config
+from . import merge_repeated, parse_config
 
 
 @dataclass
@@ -106,34 +105,6 @@ def run_eval(config: EvalConfig) -> dict:
                          plot=config.plot, release_model=release, helpfulness=config.helpfulness)
     print(open(os.path.join(config.out, "summary.md")).read(), end="")
     return 0 if summaries else 1
-
-
-def merge_repeated(argv: list[str], flags: Sequence[str]) -> list[str]:
-    """`--prompts A --prompts B` -> `--prompts A B` (argparse would keep only the last list)."""
-    out: list[str] = []
-    collected: dict[str, list[str]] = {}
-    position: dict[str, int] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name, eq, inline = token.partition("=")
-        if name in flags:
-            if name not in position:
-                position[name] = len(out)
-                out.append(name)
-            values = collected.setdefault(name, [])
-            if eq:
-                values.append(inline)
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-            continue
-        out.append(token)
-        i += 1
-    for name in sorted(position, key=position.get, reverse=True):
-        out[position[name] + 1:position[name] + 1] = collected[name]
-    return out
 
 
 def main_eval(argv: list[str]) -> int:

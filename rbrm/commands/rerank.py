@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..evaluation import make_judge, ranking_quality
 from ..models import DEFAULT_MODEL
-from ..rerank import format_summary, pair_rows, rank_rows, rerank_file, write_outputs
+from ..rerank import format_summary, pair_rows, rank_rows, rerank_file, write_rerank_outputs
 
 
 @dataclass
@@ -36,6 +36,6 @@ def run_rerank(config: RerankConfig) -> None:
     if config.judge:
         result.summary["ranking_quality"] = ranking_quality(rank_rows(result), pair_rows(result, result.summary[
             "alpha"]), make_judge(config.judge, config.judge_model))
-    write_outputs(result, config.out_dir, result.summary["alpha"])
+    write_rerank_outputs(result, config.out_dir, result.summary["alpha"])
     print(format_summary(result.summary))
     print(f"wrote {config.out_dir}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

@@ -58,7 +58,7 @@ from .config import ConfidenceDPOConfig
 from .data import EXTRA_KEYS, ConfidenceCollator, render_and_tokenize
 from .lm_head import compact_lm_head, needs_compact_head
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 REWARD_DIR = "reward_model"
 REWARD_OPTIMIZER_FILE = "optimizer.pt"
@@ -280,7 +280,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = dataset.filter(keep, **kwargs)
         if before is not None and len(dataset) < before:
-            logger.warning("%s dataset: dropped %d of %d pairs %s", dataset_name, before - len(dataset), before, why)
+            log.warning("%s dataset: dropped %d of %d pairs %s", dataset_name, before - len(dataset), before, why)
             self.pair_counts.setdefault(dataset_name, {})[f"dropped_{reason}"] = before - len(dataset)
         return dataset
 
@@ -292,7 +292,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
                   for p, c, r in zip(prompt, dataset["chosen_ids"], dataset["rejected_ids"]))
         self.pair_counts.setdefault(dataset_name, {})["endpoint_truncated"] = cut
         if cut > TRUNCATION_WARN_FRACTION * len(prompt):
-            logger.warning("%s dataset: %d of %d pairs (%.0f%%) lose their end-of-turn token to max_length=%d; "
+            log.warning("%s dataset: %d of %d pairs (%.0f%%) lose their end-of-turn token to max_length=%d; "
                            "the probe cannot read them, so their confidence stays 1 and the probe does not learn "
                            "from them. Raise max_length.", dataset_name, cut, len(prompt), 100 * cut / len(prompt),
                            max_length)
@@ -515,7 +515,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
             return
         directory = os.path.join(checkpoint, REWARD_DIR)
         if not os.path.isdir(directory):
-            logger.warning("checkpoint %s holds no %s/: the probe starts from the one given", checkpoint, REWARD_DIR)
+            log.warning("checkpoint %s holds no %s/: the probe starts from the one given", checkpoint, REWARD_DIR)
             return
         saved = HybridRewardModel.load(directory, map_location=self.accelerator.device)
         self.reward_model.load_state_dict(saved.state_dict())

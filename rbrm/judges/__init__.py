@@ -29,6 +29,7 @@ from .base import (
     JudgeResult,
     RefusalPatternJudge,
     check_pairs,
+    judge_key,
 )
 from .build import (
     REPO_DATA_DIR,
@@ -68,7 +69,7 @@ from .minilm import (
 def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device: str | None = None,
               **kwargs) -> Judge:
     """Judge by name. `judge_model` is the guard folder for llamaguard*/mdjudge, or other weights for minilm."""
-    key = (name or DEFAULT_JUDGE).strip().lower().replace("-", "").replace("_", "")
+    key = judge_key(name)
     if key not in JUDGE_NAMES:
         raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}")
     if key == "refusal":
@@ -96,6 +97,7 @@ __all__ = [
     "JUDGE_NAMES",
     "Judge",
     "JudgeResult",
+    "judge_key",
     "MINILM_WEIGHTS",
     "REPO_DATA_DIR",
     "RefusalPatternJudge",

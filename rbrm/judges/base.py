@@ -12,6 +12,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JUDGE = "minilm"
 JUDGE_NAMES = ("minilm", "refusal", "llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "mdjudge")
+
+
+def judge_key(name: str | None) -> str:
+    """A judge name as `JUDGE_NAMES` spells it: case, spaces, '-' and '_' do not matter (`Llama-Guard-3`)."""
+    return (name or DEFAULT_JUDGE).strip().lower().replace("-", "").replace("_", "")
 EMPTY_RESPONSE = "empty_response"  # the category of an empty response, which every judge calls safe
 
 

@@ -16,7 +16,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 
-from ..data import atomic_path, write_json
+from ..data import REPO_DATA_DIR, atomic_path, write_json
 from ..refusal import is_refusal
 from .base import RefusalPatternJudge
 from .minilm import (
@@ -30,9 +30,6 @@ from .minilm import (
     minilm_features,
     minilm_path,
 )
-
-REPO_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-
 
 
 def read_labelled_csv(path: Path) -> list[dict]:

@@ -1,0 +1,301 @@
+"""A pipeline run's YAML: top-level settings plus one typed section per stage, each default stated once here.
+
+The sections are dataclasses read with `HfArgumentParser.parse_dict` (an unknown key is an error); `dpo` holds
+`ConfidenceDPOConfig` options and `lora` `peft.LoraConfig` options, which those classes check and default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+from peft import LoraConfig
+from transformers import HfArgumentParser
+
+from .dpo import ConfidenceDPOConfig
+from .errors import RbrmError
+from .methods import METHODS
+from .models import DEFAULT_MODEL
+from .probe_train import ProbeTrainConfig
+from .sampling import GenerationSettings
+
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+# ProbeTrainConfig options the pipeline sets itself; every other one may be given in `probe`.
+PROBE_SET_BY_PIPELINE = {"out", "features", "test_features", "model", "device", "features_out", "metrics_out",
+                         "model_name"}
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+class PipelineConfigError(RbrmError, ValueError):
+    """A pipeline YAML that cannot run; the message names the file, section and key."""
+
+
+@dataclass
+class SampleSection:
+    """Stage 2: N responses per training prompt from the base policy (and online's rounds, from its policy)."""
+
+    prompts: str | None = None  # harmful training prompts (a file); required by dpo_rerank, rbrm and online
+    prompt_field: str | None = None
+    where: dict | None = None  # keep rows whose fields have these values
+    skip: int = 0
+    limit: int | None = None
+    n: int = 8
+    temperature: float = GenerationSettings.temperature
+    top_k: int = GenerationSettings.top_k
+    top_p: float = GenerationSettings.top_p
+    repetition_penalty: float = GenerationSettings.repetition_penalty
+    max_new_tokens: int = GenerationSettings.max_new_tokens
+    batch_prompts: int = 8  # prompts per generate call
+    max_sequences: int = 64  # and at most this many sequences per call
+    dtype: str = "auto"
+    # benign prompts sampled and re-ranked with the harmful ones (ids prefixed `benign:`)
+    benign_prompts: str | None = None
+    benign_prompt_field: str | None = None
+    benign_where: dict | None = None
+    benign_skip: int = 0
+    benign_limit: int | None = None
+
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+                                  self.max_new_tokens)
+
+
+@dataclass
+class RerankSection:
+    """Stage 2: scores with the hybrid reward and best-vs-worst pairs."""
+
+    top_k: int = 1
+    alpha: float | None = None  # the confidence's scale; default: dpo.confidence_alpha when confidence_scale is alpha
+    min_gap: float = 0.0
+    batch_tokens: int = 8192
+    dtype: str = "auto"
+
+
+@dataclass
+class StaticPairsSection:
+    """dpo_static's fixed pairs: those whose rendered prompt fits in `max_prompt_tokens`, then `limit`."""
+
+    data: str | None = None
+    limit: int | None = None
+    max_prompt_tokens: int | None = None
+
+
+@dataclass
+class OnlineSection:
+    """The online baseline: `rounds` of sampling, scoring with `scorer` and DPO."""
+
+    rounds: int = 1
+    scorer: str = "probe"  # probe, a judge name, or a sequence-classification model folder
+
+
+@dataclass
+class EvalSection:
+    """Stage 4: greedy answers to held-out prompt sets, judged."""
+
+    prompts: list[str] | None = None  # prompt-set specs (`rbrm evaluate --prompts`); required
+    over_refusal: bool = True  # add XSTest's safe prompts
+    over_refusal_limit: int | None = None
+    max_new_tokens: int = 128
+    judge: str = "minilm"
+    judge_model: str | None = None
+    batch_prompts: int = 16
+    bootstrap: int | None = None  # resamples of every interval; default 1000, 2000 for the seed-and-prompt one
+    dtype: str = "auto"
+    helpfulness: bool = True  # the helpfulness measure on benign sets
+    second_judge: str | None = "refusal"  # an independent second judge (None: none)
+    second_judge_model: str | None = None
+
+    @property
+    def resamples(self) -> int:
+        """Of one run's intervals and paired differences."""
+        return self.bootstrap or 1000
+
+    @property
+    def seed_resamples(self) -> int:
+        """Of the two-level (seeds, then prompts) bootstrap over seeds."""
+        return self.bootstrap or 2000
+
+
+SECTIONS = {"sample": SampleSection, "rerank": RerankSection, "static_pairs": StaticPairsSection,
+            "online": OnlineSection, "eval": EvalSection}
+
+
+@dataclass
+class PipelineConfig:
+    """One YAML file: top-level settings plus one section per stage (see configs/quick.yaml)."""
+
+    name: str
+    model: str = DEFAULT_MODEL
+    out_dir: str = "runs"
+    methods: list[str] = field(default_factory=lambda: ["base", "rbrm"])
+    seed: int = 0
+    seeds: list[int] | None = None  # several seeds: one full run per seed under <run>/seeds/, one report over them
+    # the safety-versus-compute curve: online once per number of rounds, each in <run>/curve/online_r<R>/
+    online_rounds: list[int] | None = None
+    device: str | None = None
+    probe: dict = field(default_factory=dict)  # ProbeTrainConfig options (stage 1)
+    sample: SampleSection = field(default_factory=SampleSection)
+    rerank: RerankSection = field(default_factory=RerankSection)
+    dpo: dict = field(default_factory=dict)  # ConfidenceDPOConfig options (stage 3, every method alike)
+    lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))  # peft.LoraConfig options; null: full
+    static_pairs: StaticPairsSection = field(default_factory=StaticPairsSection)
+    online: OnlineSection = field(default_factory=OnlineSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+    def dpo_setting(self, key: str):
+        """A `dpo` option as training sees it: the config's value, else ConfidenceDPOConfig's default."""
+        return self.dpo.get(key, getattr(ConfidenceDPOConfig, key))
+
+
+def dict_keys() -> dict[str, set[str]]:
+    """The keys of the sections that stay mappings (their classes check them)."""
+    return {"probe": {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE,
+            "dpo": {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"},
+            "lora": {f.name for f in dataclasses.fields(LoraConfig)}}
+
+
+def _types(annotation) -> tuple[type, ...]:
+    """The Python types a YAML value of this annotation may have (int for float; None for Optional)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(annotation) for t in _types(arg))
+    if annotation is type(None):
+        return (type(None),)
+    base = origin or annotation
+    return (int, float) if base is float else (base,)
+
+
+def _check_types(path: str, section: str, value) -> None:
+    hints = typing.get_type_hints(type(value))
+    for f in dataclasses.fields(value):
+        item, allowed = getattr(value, f.name), _types(hints[f.name])
+        if not isinstance(item, allowed) or (isinstance(item, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int
+                                or float not in allowed)
+            raise PipelineConfigError(f"{path}: `{section}.{f.name}` must be {names}, got {item!r}")
+
+
+def _parse_section(path: str, section: str, body: dict):
+    cls = SECTIONS[section]
+    if section == "eval" and isinstance(body.get("prompts"), str):
+        body = {**body, "prompts": [body["prompts"]]}
+    try:
+        (value,) = HfArgumentParser(cls).parse_dict(body, allow_extra_keys=False)
+    except ValueError:
+        known = [f.name for f in dataclasses.fields(cls)]
+        raise PipelineConfigError(f"{path}: `{section}` has unknown key(s) {', '.join(sorted(set(body) - set(known)))}"
+                                  f"; known: {', '.join(sorted(known))}") from None
+    _check_types(path, section, value)
+    return value
+
+
+def _apply_sets(values: dict, items: list[str]) -> None:
+    """--set SECTION.KEY=VALUE or KEY=VALUE, VALUE read as YAML."""
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineConfigError(f"--set {item!r}: expected KEY=VALUE or SECTION.KEY=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PipelineConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        section, dot, name = key.strip().partition(".")
+        if not dot:
+            values[section] = value
+        elif values.get(section) is None or isinstance(values[section], dict):
+            values[section] = {**(values.get(section) or {}), name: value}
+        else:
+            raise PipelineConfigError(f"--set {item!r}: `{section}` is not a section")
+
+
+def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
+    """Read and check a pipeline YAML; every unknown key or mistyped value is an error that names the file,
+    section and key."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise PipelineConfigError(f"{path}: cannot read the config: {err}") from None
+    except yaml.YAMLError as err:
+        raise PipelineConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise PipelineConfigError(f"{path}: expected a mapping of settings")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "set"})
+    _apply_sets(values, (overrides or {}).get("set") or [])
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PipelineConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if not values.get("name"):
+        values["name"] = os.path.splitext(os.path.basename(path))[0]
+    for section in [*dict_keys(), *SECTIONS]:
+        body = values.get(section)
+        if body is None:
+            if section in SECTIONS:
+                values.pop(section, None)
+            continue
+        if not isinstance(body, dict):
+            raise PipelineConfigError(f"{path}: `{section}` must be a mapping, got {type(body).__name__}")
+        if section in SECTIONS:
+            values[section] = _parse_section(path, section, body)
+            continue
+        allowed = dict_keys()[section]
+        bad = sorted(set(body) - allowed)
+        if bad:
+            raise PipelineConfigError(f"{path}: `{section}` has unknown key(s) {', '.join(bad)}; "
+                                      f"known: {', '.join(sorted(allowed))}")
+    name = values["name"]
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise PipelineConfigError(f"{path}: `name` {name!r} must be a plain folder name (letters, digits, '.', "
+                                  "'_', '-'): the run lives in <out_dir>/<name>/ and must not leave it")
+    config = PipelineConfig(**values)
+    check(config, path)
+    return config
+
+
+def check(config: PipelineConfig, path: str) -> None:
+    """What the methods need from the sections, and the top-level lists."""
+    if config.seeds is not None and (not isinstance(config.seeds, list) or not config.seeds or len(set(config.seeds))
+                                     != len(config.seeds) or not all(type(x) is int for x in config.seeds)):
+        raise PipelineConfigError(f"{path}: `seeds` must be a non-empty list of distinct integers; got {config.seeds}")
+    bad_methods = [m for m in config.methods if m not in METHODS]
+    if bad_methods or not config.methods:
+        raise PipelineConfigError(f"{path}: `methods` must be a non-empty list of {', '.join(METHODS)}; "
+                                  f"got {config.methods}")
+    trains = [m for m in config.methods if METHODS[m].trains]
+    sources = {METHODS[m].pairs for m in trains}
+    probed = [m for m in trains if "probe" in METHODS[m].stages]
+    if probed and not config.probe.get("data"):
+        raise PipelineConfigError(f"{path}: `probe.data` is needed for {', '.join(probed)}")
+    if sources & {"rerank", "online"} and not config.sample.prompts:
+        raise PipelineConfigError(f"{path}: `sample.prompts` is needed for re-ranking and online sampling")
+    if "static_pairs" in sources and not config.static_pairs.data:
+        raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
+    if not config.eval.prompts:
+        raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
+    if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds
+                                             or not all(type(x) is int for x in config.online_rounds)):
+        raise PipelineConfigError(f"{path}: `online_rounds` must be a list of integers; got {config.online_rounds}")
+    for rounds in ([config.online.rounds] if "online" in sources else []) + (config.online_rounds or []):
+        steps = int(config.dpo.get("max_steps", 0))
+        if rounds < 1 or steps < 1 or steps % rounds:
+            raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
+                                      f"of `online.rounds` ({rounds})")
+    if config.online_rounds and not config.probe.get("data"):
+        raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")
