@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from rbrm.cli import main as rbrm_main
+
 # the paper's flag -> the `rbrm dpo` flag
 FLAGS = {"--data_path": "--pairs", "--model_path": "--model", "--model_ref_path": "--ref_model",
          "--output_dir": "--output_dir", "--hybrid_reward_path": "--reward"}
@@ -26,9 +28,7 @@ def translate(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rbrm.commands.dpo import run_dpo
-
-    return run_dpo(translate(list(sys.argv[1:] if argv is None else argv)))
+    return rbrm_main(["dpo", *translate(list(sys.argv[1:] if argv is None else argv))])
 
 
 if __name__ == "__main__":

@@ -11,8 +11,38 @@ The paper computed the rejected set but never wrote it; here it goes to `--rejec
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from rbrm.data import write_jsonl
+from rbrm.errors import RbrmError
+from rbrm.rerank import (
+    PAPER_ALPHA,
+    chosen_rows,
+    format_summary,
+    rejected_rows,
+    rerank_file,
+    write_rerank_outputs,
+)
+
+
+@dataclass
+class MosTopOneConfig:
+    data_path: str = field(metadata={"help": "sampled responses (.jsonl)"})
+    model_path: str = field(metadata={"help": "the policy: alias, folder, .gguf or hub id"})
+    mos_path: str = field(metadata={"help": "hybrid reward model directory"})
+    accept_path: str = field(metadata={"help": "output: chosen responses (idx, input, output, score)"})
+    reject_path: str | None = field(default=None, metadata={
+        "help": "output: rejected responses (default: next to accept)"})
+    dim: int | None = field(default=None, metadata={"help": "model hidden size, checked against the model"})
+    top_k: int = field(default=1, metadata={"help": "pairs per prompt (i-th best vs i-th worst)"})
+    alpha: float = field(default=PAPER_ALPHA, metadata={"help": "confidence = sigmoid(alpha x score gap)"})
+    out_dir: str | None = field(default=None, metadata={
+        "help": "also write rank/pairs/summary (as `rbrm rerank --out`) here"})
+    dtype: str = "auto"
+    device: str | None = None
 
 
 def default_reject_path(accept_path: str) -> str:
@@ -24,23 +54,8 @@ def default_reject_path(accept_path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_path", required=True, help="sampled responses (.jsonl)")
-    parser.add_argument("--model_path", required=True, help="the policy: alias, folder, .gguf or hub id")
-    parser.add_argument("--mos_path", required=True, help="hybrid reward model directory")
-    parser.add_argument("--accept_path", required=True, help="output: chosen responses (idx, input, output, score)")
-    parser.add_argument("--reject_path", default=None, help="output: rejected responses (default: next to accept)")
-    parser.add_argument("--dim", type=int, default=None, help="model hidden size, checked against the model")
-    parser.add_argument("--top_k", type=int, default=1, help="pairs per prompt (i-th best vs i-th worst)")
-    parser.add_argument("--alpha", type=float, default=7.5, help="confidence = sigmoid(alpha x score gap)")
-    parser.add_argument("--out_dir", default=None, help="also write rank/pairs/summary (as `rbrm rerank`) here")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-
-    from rbrm.data import write_jsonl
-    from rbrm.errors import RbrmError
-    from rbrm.rerank import chosen_rows, format_summary, rejected_rows, rerank_file, write_rerank_outputs
+    parser = HfArgumentParser(MosTopOneConfig, description=__doc__.split("\n")[0])
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
 
     try:
         result = rerank_file(args.model_path, args.mos_path, args.data_path, top_k=args.top_k, alpha=args.alpha,

@@ -45,7 +45,7 @@ def worker(threads: int | None) -> None:
     from rbrm.data import load_prompts
     from rbrm.memory import keep_freed_memory
     from rbrm.models import load_model, resolve_model
-    from rbrm.sampling import GenerationSettings, hf_backend, render_prompt
+    from rbrm.sampling import DecodingConfig, hf_backend, render_prompt
 
     took = keep_freed_memory()
     if threads:
@@ -58,7 +58,7 @@ def worker(threads: int | None) -> None:
     policy, _ = load_model(path, dtype="float32", device="cpu")
     trainer = pipeline_trainer(policy, tokenizer, rows, probe, "/tmp/bench_allocator")
     sampler, _ = load_model(path, dtype="auto", device="cpu")
-    generate = hf_backend(sampler, tokenizer, GenerationSettings.greedy(48, 1.0))
+    generate = hf_backend(sampler, tokenizer, DecodingConfig.greedy(48, 1.0))
     texts = [render_prompt(tokenizer, p.prompt) for p in load_prompts(ROOT / "data/advbench/harmful_behaviors.csv", limit=32)]
     print(MARK + json.dumps({"ready": True, "kept": took}), flush=True)
     for round_index, _ in enumerate(sys.stdin):

@@ -66,11 +66,11 @@ class StepTimer(TrainerCallback):
 def build_probe(model, tokenizer, pairs, layers):
     """A hybrid reward trained briefly on the policy's own states of other pairs (quality is not measured here)."""
     from rbrm.features import examples_to_rows, extract_features, feature_metadata
-    from rbrm.reward_model import TrainSettings, train_reward_model
+    from rbrm.reward_model import RewardTrainConfig, train_reward_model
 
     rows, _, pair_index = examples_to_rows(pairs, [])
     features = extract_features(model, tokenizer, rows, layers, "last", progress=False)
-    probe, _ = train_reward_model(features, pair_index, None, TrainSettings(epochs=30, val_fraction=0.0),
+    probe, _ = train_reward_model(features, pair_index, None, RewardTrainConfig(epochs=30, val_fraction=0.0),
                                   config=feature_metadata(model, tokenizer, layers, "last"), progress=False)
     return probe
 

@@ -25,12 +25,12 @@ from rbrm.models import load_model, model_fingerprint
 from rbrm.render import render_prompt
 from rbrm.rerank import Sample, score_samples
 from rbrm.reward_model import HybridRewardModel
-from rbrm.sampling import GenerationSettings, generate_responses, stop_token_ids
+from rbrm.sampling import DecodingConfig, generate_responses, stop_token_ids
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "advbench", "harmful_behaviors.csv")
 
 
-def one_at_a_time(model, tokenizer, prompts, n: int, settings: GenerationSettings, seed: int) -> int:
+def one_at_a_time(model, tokenizer, prompts, n: int, settings: DecodingConfig, seed: int) -> int:
     """The simple loop: one generate call per prompt with num_return_sequences=N; returns tokens made."""
     from transformers import GenerationConfig
 
@@ -65,12 +65,12 @@ def main() -> None:
 
     model, tokenizer = load_model(None, dtype=args.dtype, device=args.device)
     prompts = load_prompts(DATA, limit=args.prompts)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+    settings = DecodingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     dtype = str(model.dtype).removeprefix("torch.")
     print(f"model {model.config.name_or_path} ({dtype}, {args.device}, {torch.get_num_threads()} threads); "
           f"{len(prompts)} prompts x N {args.n}, {args.max_new_tokens} new tokens, settings {settings}")
 
-    warm = GenerationSettings(max_new_tokens=4)
+    warm = DecodingConfig(max_new_tokens=4)
     generate_responses(model, tokenizer, prompts, args.n, warm, batch_prompts=len(prompts), progress=False)
     one_at_a_time(model, tokenizer, prompts[:1], args.n, warm, args.seed)
 

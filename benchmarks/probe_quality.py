@@ -21,7 +21,7 @@ from rbrm.models import load_model
 from rbrm.probe_train import logistic_baseline
 from rbrm.render import prompt_key
 from rbrm.reward_model import (
-    TrainSettings,
+    RewardTrainConfig,
     probe_metrics,
     row_groups,
     train_reward_model,
@@ -58,7 +58,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     hh = [p for p in load_pairs(HH) if isinstance(p.prompt, str)][: args.hh_pairs]
     xs = load_pairs(XSTEST)
-    settings = TrainSettings(seed=args.seed)
+    settings = RewardTrainConfig(seed=args.seed)
     models: dict = {}
     results: dict = {"n_hh_pairs": len(hh), "n_xstest_pairs": len(xs)}
     trained = {}

@@ -1,7 +1,8 @@
 """`rbrm <command>`: a thin dispatcher over the stage modules.
 
-Each command is a config dataclass and a function that takes it. Options parse with transformers'
-`HfArgumentParser`; `--config FILE.yaml` supplies defaults that command-line flags override, as TRL does.
+Each command is config dataclasses and a function that takes one instance of each, as TRL's scripts are.
+Options parse with TRL's `TrlParser` (`rbrm.commands.parse_config`); `--config FILE.yaml` supplies defaults that
+command-line flags override.
 Imports are lazy so that `rbrm --help` is instant.
 """
 
@@ -14,34 +15,36 @@ import sys
 from .errors import RbrmError
 from .memory import keep_freed_memory
 
-# command words -> ("module:ConfigClass", "module:function", one-line help). A config class of None means the
-# function parses its own options: it is called with the argument list (e.g. `rbrm dpo`, which uses TRL's TrlParser).
-COMMANDS: dict[tuple[str, ...], tuple[str | None, str, str]] = {
-    ("model", "prepare"): ("rbrm.models:PrepareConfig", "rbrm.models:prepare",
+# command words -> (its config classes, "module:Class" joined by spaces; the function "module:name", called with one
+# instance of each class; one-line help).
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("model", "prepare"): ("rbrm.commands.model:PrepareConfig", "rbrm.commands.model:prepare",
                            "convert the model once to a local safetensors folder and print its path"),
-    ("features",): ("rbrm.features:FeaturesConfig", "rbrm.features:run_features",
+    ("features",): ("rbrm.commands.features:FeaturesConfig", "rbrm.commands.features:run_features",
                     "hidden states at the response end for every layer, as safetensors"),
     ("probe", "train"): ("rbrm.probe_train:ProbeTrainConfig", "rbrm.probe_train:run_probe_train",
                          "train the hybrid reward model (per-layer probes + vote gate)"),
-    ("probe", "plot"): ("rbrm.plots:ProbePlotConfig", "rbrm.plots:run_probe_plot",
+    ("probe", "plot"): ("rbrm.commands.model:ProbePlotConfig", "rbrm.commands.model:run_probe_plot",
                         "PCA of safe/unsafe representations per layer (PNG)"),
-    ("sample",): ("rbrm.sampling:SampleConfig", "rbrm.sampling:run_sample",
+    ("sample",): ("rbrm.commands.sample:SampleConfig", "rbrm.commands.sample:run_sample",
                   "sample N responses per prompt from the policy (batched, resumable)"),
     ("rerank",): ("rbrm.commands.rerank:RerankConfig", "rbrm.commands.rerank:run_rerank",
                   "score samples with the hybrid reward; write ranking, chosen/rejected and DPO pairs"),
-    ("dpo",): (None, "rbrm.commands.dpo:run_dpo", "DPO with per-pair confidence from the hybrid reward (TRL options)"),
-    ("eval",): (None, "rbrm.commands.evaluate:main_eval",
+    ("dpo",): ("rbrm.commands.dpo:DPOCommandConfig rbrm.dpo:ConfidenceDPOConfig trl:ModelConfig",
+               "rbrm.commands.dpo:run_dpo", "DPO with per-pair confidence from the hybrid reward (TRL options)"),
+    ("eval",): ("rbrm.commands.evaluate:EvalConfig", "rbrm.commands.evaluate:run_eval",
                 "greedy answers to prompt sets, judged: unsafe / refusal / over-refusal rates with 95% CIs"),
     ("eval", "plot"): ("rbrm.commands.evaluate:EvalPlotConfig", "rbrm.commands.evaluate:run_eval_plot",
                        "compare `rbrm eval` runs: unsafe rate and over-refusal per model (PNG)"),
     ("judge",): ("rbrm.commands.evaluate:JudgeConfig", "rbrm.commands.evaluate:run_judge",
                  "judge (prompt, response) rows: add unsafe, score and refusal"),
-    ("pipeline",): (None, "rbrm.commands.pipeline:main",
+    ("pipeline",): ("rbrm.commands.pipeline:PipelineCommandConfig", "rbrm.commands.pipeline:run_pipeline",
                     "stages 1-4 for each method in a YAML config (cached, resumable), then report.md/json"),
 }
 
 
-def _load(spec: str):
+def load_spec(spec: str):
+    """"module:name" -> the object."""
     module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -53,14 +56,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _run(words: tuple[str, ...], argv: list[str]) -> int:
-    config_spec, func_spec, _ = COMMANDS[words]
-    if config_spec is None:
-        result = _load(func_spec)(argv)
-    else:
-        from .commands import parse_config  # here, not at the top: `rbrm --help` need not import transformers
+def run_command(words: tuple[str, ...], argv: list[str]) -> int:
+    """Parse `argv` into the command's config classes and call its function with them."""
+    from .commands import parse_config  # here, not at the top: `rbrm --help` need not import transformers
 
-        result = _load(func_spec)(parse_config(_load(config_spec), argv, prog="rbrm " + " ".join(words)))
+    config_specs, func_spec, text = COMMANDS[words]
+    classes = [load_spec(spec) for spec in config_specs.split()]
+    configs = parse_config(classes, argv, prog="rbrm " + " ".join(words), description=text)
+    result = load_spec(func_spec)(*configs)
     return int(result) if isinstance(result, int) else 0
 
 
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             prog = "rbrm " + " ".join(words)
             keep_freed_memory()  # page faults otherwise take ~8% of a long run's CPU (rbrm.memory)
             try:
-                return _run(words, argv[n:])
+                return run_command(words, argv[n:])
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
                 return 130

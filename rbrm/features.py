@@ -9,7 +9,6 @@ response runs on top of it (a pair costs prompt + 2 responses, not 2 x (prompt +
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,10 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, DynamicCache
+from trl.trainer.utils import pad as trl_pad
 
-from .data import DataError, atomic_path, check_input_file, load_examples
+from .data import DataError, atomic_path, check_input_file
 from .flops import ModelShape, prefix_forward_flops
-from .models import DEFAULT_MODEL, load_model, model_fingerprint
+from .models import model_fingerprint
 from .render import Prompt, end_of_turn, prompt_key, render, tokenize
 
 POOLINGS = ("last", "mean")
@@ -190,15 +190,10 @@ def plan_batches(groups: list[PromptGroup], batch_tokens: int, batch_size: int) 
 
 
 def pad(seqs: list[list[int]], pad_id: int, device, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) for token lists padded on `side` to the longest."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
+    """(ids, attention mask) for token lists padded on `side` to the longest (TRL's `pad` does both)."""
+    ids = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    return (trl_pad(ids, pad_id, side).to(device),
+            trl_pad([torch.ones_like(t) for t in ids], 0, side).to(device))
 
 
 @torch.inference_mode()
@@ -333,25 +328,6 @@ def load_features(path: str) -> FeatureSet:
                       None if pairs is None else pairs.long(), metadata)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class FeaturesConfig:
-    data: str = field(metadata={"help": "pairs or labelled responses (PKU, HH, TRL, paper samples, labelled)"})
-    out: str = field(metadata={"help": "output .safetensors file"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
-    layers: list[int] | None = field(default=None, metadata={"help": "1-based layers (default: all)"})
-    pooling: str = field(default="last", metadata={"help": "last (end-of-turn token) or mean over response"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    batch_tokens: int = field(default=4096, metadata={"help": "at most this many padded tokens per forward"})
-    batch_size: int = field(default=64, metadata={"help": "at most this many prompts per forward"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N pairs/rows"})
-    format: str = field(default="auto", metadata={"help": "input format (default: detect)"})
-
-
 def examples_to_rows(pairs, labelled) -> tuple[list[tuple[Prompt, str]], torch.Tensor | None, torch.Tensor | None]:
     """Rows to encode, with labels (-1 where unknown) and the pair index into those rows."""
     rows: list[tuple[Prompt, str]] = []
@@ -367,21 +343,3 @@ def examples_to_rows(pairs, labelled) -> tuple[list[tuple[Prompt, str]], torch.T
     label_tensor = torch.tensor(labels, dtype=torch.long) if any(x >= 0 for x in labels) else None
     pair_tensor = torch.tensor(pair_index, dtype=torch.long).reshape(-1, 2) if pair_index else None
     return rows, label_tensor, pair_tensor
-
-
-def run_features(config: FeaturesConfig) -> None:
-    pairs, labelled = load_examples(config.data, format=config.format, limit=config.limit)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    rows, labels, pair_index = examples_to_rows(pairs, labelled)
-    layers = resolve_layers(model, config.layers)
-    start = time.perf_counter()
-    stats: dict = {}
-    features = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens,
-                                config.batch_size, stats=stats)
-    seconds = time.perf_counter() - start
-    meta = feature_metadata(model, tokenizer, layers, config.pooling)
-    meta["source"] = config.data
-    save_features(config.out, features, meta, labels, pair_index)
-    rate = stats["forward_tokens"] / max(seconds, 1e-9)
-    print(f"wrote {config.out}: features {tuple(features.shape)}, {len(pairs)} pairs, "
-          f"{len(labelled)} labelled rows, {seconds:.1f} s ({rate:.0f} tokens/s)")

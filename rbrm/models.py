@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -176,13 +175,3 @@ def model_fingerprint(model) -> dict:
         "vocab_size": int(config.vocab_size),
         "embedding_sha256": digest,
     }
-
-
-@dataclass
-class PrepareConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, local folder, .gguf file or hub id"})
-
-
-def prepare(config: PrepareConfig) -> None:
-    """`rbrm model prepare`: convert once, print the local path."""
-    print(resolve_model(config.model))

@@ -45,7 +45,7 @@ from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
 from .rerank import ClassifierReward, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
-from .sampling import GenerationSettings, generate_responses
+from .sampling import DecodingConfig, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class Pipeline:
         def body(directory: str) -> dict:
             model, tokenizer = (self.inference_model(e.dtype) if method == "base" else
                                 load_model(model_dir, dtype=e.dtype, device=self.device))
-            settings = GenerationSettings.greedy(e.max_new_tokens)
+            settings = DecodingConfig.greedy(e.max_new_tokens)
             loader = judge_loader(e.judge, e.judge_model)
             summaries = evaluate(model, tokenizer, sets, loader,
                                  directory, settings, model_info={"name": method, "path": model_dir},

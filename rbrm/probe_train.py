@@ -33,7 +33,7 @@ from .features import (
 from .models import DEFAULT_MODEL, load_model
 from .render import prompt_key
 from .reward_model import (
-    TrainSettings,
+    RewardTrainConfig,
     primary_metric,
     probe_metrics,
     recalibrate,
@@ -45,7 +45,7 @@ from .reward_model import (
 # ------------------------------------------------------------------------------ validation and the baseline
 
 
-def cross_validate(features, pairs, labels, settings: TrainSettings, k: int, groups=None,
+def cross_validate(features, pairs, labels, settings: RewardTrainConfig, k: int, groups=None,
                    baseline: bool = True) -> dict:
     """K-fold accuracy of the hybrid, and of the best-single-layer baseline on the same folds.
 
@@ -226,7 +226,7 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
         if config.features_out:
             save_features(config.features_out, fs.features, {**fs.metadata, "groups": groups.tolist()},
                           fs.labels, fs.pair_index)
-    settings = TrainSettings(config.epochs, config.lr, config.weight_decay, config.batch_size, config.margin,
+    settings = RewardTrainConfig(config.epochs, config.lr, config.weight_decay, config.batch_size, config.margin,
                              config.layer_loss_weight, config.patience, config.val_fraction, config.seed,
                              config.fit, config.gate, config.inner_folds)
     meta = fs.metadata

@@ -4,7 +4,7 @@
     g   = sigmoid(V s + c),  V in R^{L x L}, c in R^L      (c = 0 frozen: the paper's `vote`; V = c = 0: `mean`)
     r   = sum_l g_l s_l
 
-Two ways to fit it (`TrainSettings.fit`):
+Two ways to fit it (`RewardTrainConfig.fit`):
 - `staged` (default): each probe is an L2-regularised logistic regression (Bradley-Terry on pairs, logistic on
   labelled rows) whose penalty is chosen per layer by grouped cross-validation on the training side; the gate is
   then fitted on the probes' out-of-fold scores, so it learns how far each layer can be trusted on data the
@@ -215,7 +215,7 @@ def pointwise_loss(scores: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class TrainSettings:
+class RewardTrainConfig:
     epochs: int = 300  # joint fit only, like lr ... patience
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -262,7 +262,7 @@ def train_val_split(n: int, groups: torch.Tensor | None, fraction: float, genera
     return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
-def _losses(model: HybridRewardModel, features, pairs, labelled_rows, labels, settings: TrainSettings):
+def _losses(model: HybridRewardModel, features, pairs, labelled_rows, labels, settings: RewardTrainConfig):
     total = features.new_zeros(())
     if pairs is not None and len(pairs):
         s_c, s_r = model.layer_scores(features[pairs[:, 0]]), model.layer_scores(features[pairs[:, 1]])
@@ -320,7 +320,7 @@ def primary_metric(metrics: dict) -> float:
 
 
 def train_reward_model(features: torch.Tensor, pairs: torch.Tensor | None, labels: torch.Tensor | None,
-                       settings: TrainSettings, groups: torch.Tensor | None = None, config: dict | None = None,
+                       settings: RewardTrainConfig, groups: torch.Tensor | None = None, config: dict | None = None,
                        progress: bool = True) -> tuple[HybridRewardModel, dict]:
     """Fit on a train split and report on a validation split (split by prompt group when known).
 
@@ -483,7 +483,7 @@ def _side(held: torch.Tensor, pairs, rows, safe, inside: bool):
     return p, rows[on], safe[on]
 
 
-def _fit_staged(model: HybridRewardModel, features, pairs, labelled, labels, groups, settings: TrainSettings,
+def _fit_staged(model: HybridRewardModel, features, pairs, labelled, labels, groups, settings: RewardTrainConfig,
                 progress: bool) -> dict:
     """Probes, then the gate on their out-of-fold scores, then the probes again on every training row."""
     rows = _rows_of(pairs, labelled)  # training rows, renumbered 0..n-1 below
@@ -550,7 +550,7 @@ def _fit_staged(model: HybridRewardModel, features, pairs, labelled, labels, gro
 
 
 def _fit_joint(model: HybridRewardModel, features, train_pairs, val_pairs, train_lab, val_lab, labels,
-               settings: TrainSettings, generator: torch.Generator, progress: bool) -> dict:
+               settings: RewardTrainConfig, generator: torch.Generator, progress: bool) -> dict:
     """AdamW on every parameter at once (the paper's recipe), early-stopped on the validation split."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                   weight_decay=settings.weight_decay)

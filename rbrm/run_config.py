@@ -23,7 +23,7 @@ from .errors import RbrmError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .probe_train import ProbeTrainConfig
-from .sampling import GenerationSettings
+from .sampling import DecodingConfig
 
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -49,11 +49,11 @@ class SampleSection:
     skip: int = 0
     limit: int | None = None
     n: int = 8
-    temperature: float = GenerationSettings.temperature
-    top_k: int = GenerationSettings.top_k
-    top_p: float = GenerationSettings.top_p
-    repetition_penalty: float = GenerationSettings.repetition_penalty
-    max_new_tokens: int = GenerationSettings.max_new_tokens
+    temperature: float = DecodingConfig.temperature
+    top_k: int = DecodingConfig.top_k
+    top_p: float = DecodingConfig.top_p
+    repetition_penalty: float = DecodingConfig.repetition_penalty
+    max_new_tokens: int = DecodingConfig.max_new_tokens
     batch_prompts: int = 8  # prompts per generate call
     max_sequences: int = 64  # and at most this many sequences per call
     dtype: str = "auto"
@@ -64,8 +64,8 @@ class SampleSection:
     benign_skip: int = 0
     benign_limit: int | None = None
 
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
+    def generation_settings(self) -> DecodingConfig:
+        return DecodingConfig(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
                                   self.max_new_tokens)
 
 

@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -29,14 +29,13 @@ from .data import (
     DataError,
     append_jsonl,
     exclusive_writer,
-    load_prompts,
     read_json_file,
     read_jsonl,
     write_json,
 )
 from .errors import ConfigError, RbrmError
 from .features import context_length, pad
-from .models import DEFAULT_MODEL, load_model, load_tokenizer, model_fingerprint, resolve_model
+from .models import model_fingerprint
 from .render import end_of_turn, render_prompt
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class SamplingSettingsError(RbrmError, ValueError):
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class DecodingConfig:
     """Decoding settings; the defaults are the paper's sampling settings."""
 
     do_sample: bool = True
@@ -67,7 +66,7 @@ class GenerationSettings:
     min_new_tokens: int = 0
 
     @classmethod
-    def greedy(cls, max_new_tokens: int = 256, repetition_penalty: float = 1.0) -> GenerationSettings:
+    def greedy(cls, max_new_tokens: int = 256, repetition_penalty: float = 1.0) -> DecodingConfig:
         """Evaluation-style decoding: argmax at every step."""
         return cls(do_sample=False, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
 
@@ -158,7 +157,7 @@ def contiguous_head_input(model):
         handle.remove()
 
 
-def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
+def hf_backend(model, tokenizer, settings: DecodingConfig) -> Backend:
     """Batched `model.generate`: every prompt of a call repeated for its samples, left-padded, one call."""
     stops = stop_token_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -194,7 +193,7 @@ def hf_backend(model, tokenizer, settings: GenerationSettings) -> Backend:
 # ----------------------------------------------------------------------------------- vLLM backend
 
 
-def vllm_backend(model_path: str, tokenizer, settings: GenerationSettings, dtype: str = "auto") -> Backend:
+def vllm_backend(model_path: str, tokenizer, settings: DecodingConfig, dtype: str = "auto") -> Backend:
     """vLLM generation (GPU only); same rows as the HF backend, not the same samples for a given seed."""
     try:
         from vllm import LLM, SamplingParams
@@ -330,7 +329,7 @@ def _existing_rows(out_path: str, prompts_by_id: dict) -> dict[tuple[str, int], 
     return done
 
 
-def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: GenerationSettings | None = None,
+def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: DecodingConfig | None = None,
                        out_path: str | None = None, batch_prompts: int = 8, seed: int = 0, progress: bool = True,
                        max_sequences: int = 64, backend: Backend | None = None, engine: str = "hf",
                        stats: dict | None = None) -> list[dict]:
@@ -366,7 +365,7 @@ def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None,
 
 def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed, progress,
                         max_sequences, backend, engine, stats) -> list[dict]:
-    settings = settings or GenerationSettings()
+    settings = settings or DecodingConfig()
     if not settings.do_sample and n != 1:
         raise ValueError(f"greedy decoding gives one response per prompt; got n={n}")
     texts = [render_prompt(tokenizer, p.prompt) for p in prompts]
@@ -423,65 +422,3 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
     if missing_keys:  # cannot happen unless the plan is wrong; never hand back a file with gaps silently
         raise RuntimeError(f"sampling left {len(missing_keys)} rows missing, e.g. {missing_keys[:3]}")
     return [done[(pid, i)] for pid in ids for i in range(n)]
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class SampleConfig:
-    prompts: str = field(metadata={"help": "prompts file (.jsonl/.json/.csv; any bundled evaluation set)"})
-    out: str = field(metadata={"help": "output .jsonl; rerun the same command to resume"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "alias, folder, .gguf or hub id"})
-    prompt_field: str | None = field(default=None, metadata={"help": "column holding the prompt (default: detect)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first N prompts"})
-    n: int = field(default=8, metadata={"help": "responses per prompt"})
-    temperature: float = 1.4
-    top_k: int = 8
-    top_p: float = 0.95
-    repetition_penalty: float | None = field(
-        default=None, metadata={"help": "default 1.2 when sampling (paper), 1.0 with --greedy"})
-    max_new_tokens: int = 256
-    greedy: bool = field(default=False, metadata={"help": "argmax decoding (evaluation style); needs --n 1"})
-    seed: int = 0
-    batch_prompts: int = field(default=8, metadata={"help": "prompts per generate call"})
-    max_sequences: int = field(default=64, metadata={"help": "cap on sequences (prompts x N) per generate call"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
-    engine: str = field(default="hf", metadata={"help": "hf (transformers) or vllm (GPU only)"})
-
-
-def settings_from_config(config: SampleConfig) -> GenerationSettings:
-    if config.greedy:
-        return GenerationSettings.greedy(config.max_new_tokens, config.repetition_penalty or 1.0)
-    return GenerationSettings(True, config.temperature, config.top_k, config.top_p,
-                              1.2 if config.repetition_penalty is None else config.repetition_penalty,
-                              config.max_new_tokens)
-
-
-def run_sample(config: SampleConfig) -> None:
-    settings = settings_from_config(config)
-    if config.greedy and config.n != 1:
-        raise ConfigError("--greedy gives one response per prompt; use --n 1")
-    prompts = load_prompts(config.prompts, prompt_field=config.prompt_field, limit=config.limit)
-    if config.engine == "hf":
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-        backend = None
-    elif config.engine == "vllm":
-        path = resolve_model(config.model)
-        tokenizer = load_tokenizer(path)
-        backend = vllm_backend(path, tokenizer, settings, config.dtype)
-        model = path
-    else:
-        raise ConfigError(f"unknown --engine {config.engine!r}; choose hf or vllm")
-    stats: dict = {}
-    rows = generate_responses(model, tokenizer, prompts, config.n, settings, config.out, config.batch_prompts,
-                              config.seed, max_sequences=config.max_sequences, backend=backend,
-                              engine=config.engine, stats=stats)
-    finish = Counter(r["finish_reason"] for r in rows)
-    rate = stats["generated_tokens"] / max(stats["seconds"], 1e-9)
-    skipped = stats["skipped_too_long"]
-    print(f"{config.out}: {len(rows)} responses for {len(prompts) - skipped} prompts ({stats['new_rows']} new, "
-          f"{stats['generated_tokens']} tokens in {stats['seconds']:.1f} s, {rate:.1f} tokens/s); "
-          f"finish: {dict(finish)}" + (f"; skipped {skipped} prompt(s) too long for the context" if skipped else ""))

@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from rbrm.judges import RefusalPatternJudge
     from rbrm.models import resolve_dtype
     from rbrm.rerank import Sample, rerank, score_samples
-    from rbrm.reward_model import TrainSettings, train_reward_model
-    from rbrm.sampling import GenerationSettings, generate_responses
+    from rbrm.reward_model import RewardTrainConfig, train_reward_model
+    from rbrm.sampling import DecodingConfig, generate_responses
 
     device, start_all = args.device, time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="rbrm-gpu-check-"))
@@ -192,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- probe
     config = feature_metadata(model, tokenizer, layers, "last")
     (probe, metrics), seconds = timed("cpu", train_reward_model, features, pair_index, None,
-                                      TrainSettings(epochs=50, patience=10), config=config, progress=False)
+                                      RewardTrainConfig(epochs=50, patience=10), config=config, progress=False)
     report(f"[probe] {len(pair_index)} pairs, {seconds:.1f} s, val pair accuracy "
            f"{metrics.get('val_pair_accuracy', float('nan')):.3f}")
 
     # ---------------------------------------------------------------- sampling: batched vs one prompt at a time
     prompts = load_prompts(SAMPLING_PROMPTS, limit=args.sample_prompts)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    settings = DecodingConfig(max_new_tokens=args.max_new_tokens)
     generate_responses(model, tokenizer, prompts[:1], 2, settings, progress=False)  # warm-up
     batched, batched_s = timed(device, generate_responses, model, tokenizer, prompts, 4, settings,
                                batch_prompts=len(prompts), progress=False)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- evaluation
     sets = [parse_prompt_set(f"advbench={EVAL_PROMPTS}:limit={args.eval_prompts}")]
     summaries, seconds = timed(device, evaluate, model, tokenizer, sets, RefusalPatternJudge(), str(out / "eval"),
-                               GenerationSettings.greedy(args.max_new_tokens), batch_prompts=32, progress=False,
+                               DecodingConfig.greedy(args.max_new_tokens), batch_prompts=32, progress=False,
                                plot=False)
     report(f"[eval] {summaries['advbench']['n']} prompts in {seconds:.1f} s (keyword judge; random weights make the "
            "rates meaningless)")

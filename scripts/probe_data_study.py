@@ -37,7 +37,7 @@ from rbrm.models import load_model
 from rbrm.probe_train import drop_too_long
 from rbrm.render import prompt_key
 from rbrm.rerank import load_samples
-from rbrm.reward_model import TrainSettings, train_reward_model
+from rbrm.reward_model import RewardTrainConfig, train_reward_model
 
 XSTEST = "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl"
 SOURCES = {  # name -> (file, row limit); salad_qa's file is read by `salad_qa` below
@@ -97,7 +97,7 @@ def fit(data: dict, layers: list[int]):
     groups = torch.tensor([keys.setdefault(p, len(keys)) for p in data["prompts"]], dtype=torch.long)
     labels = data["labels"] if bool((data["labels"] >= 0).any()) else None
     pairs = data["pairs"] if len(data["pairs"]) else None
-    probe, metrics = train_reward_model(data["features"], pairs, labels, TrainSettings(), groups,
+    probe, metrics = train_reward_model(data["features"], pairs, labels, RewardTrainConfig(), groups,
                                         {"layers": layers}, progress=False)
     return probe.eval(), metrics.get("val_pair_accuracy", metrics.get("val_accuracy"))
 

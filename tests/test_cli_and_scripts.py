@@ -80,7 +80,7 @@ def test_real_smollm2_features_and_probe(tmp_path):
     from rbrm.data import load_pairs
     from rbrm.features import examples_to_rows, extract_features
     from rbrm.models import load_model
-    from rbrm.reward_model import TrainSettings, train_reward_model
+    from rbrm.reward_model import RewardTrainConfig, train_reward_model
 
     model, tokenizer = load_model(dtype="float32", device="cpu")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
@@ -91,6 +91,45 @@ def test_real_smollm2_features_and_probe(tmp_path):
     plain = extract_features(model, tokenizer, rows[:4], share_prefix=False, progress=False)
     torch.testing.assert_close(shared[:4], plain, atol=2e-3, rtol=1e-3)
     assert shared.shape == (48, 30, 576) and torch.isfinite(shared).all()
-    _, metrics = train_reward_model(shared, pair_index, None, TrainSettings(epochs=30, val_fraction=0.25),
+    _, metrics = train_reward_model(shared, pair_index, None, RewardTrainConfig(epochs=30, val_fraction=0.25),
                                     progress=False)
     assert metrics["val_pair_accuracy"] >= 0.5 and len(metrics["per_layer_accuracy"]) == 30
+
+
+def test_every_command_has_one_shape():
+    """Config dataclasses and a function that takes one instance of each; `--out` names what a command writes."""
+    import dataclasses
+    import inspect
+
+    from rbrm.cli import COMMANDS, load_spec
+
+    for words, (config_specs, func_spec, _) in COMMANDS.items():
+        classes = [load_spec(spec) for spec in config_specs.split()]
+        assert classes and all(dataclasses.is_dataclass(c) for c in classes), words
+        required = [p for p in inspect.signature(load_spec(func_spec)).parameters.values() if p.default is p.empty]
+        assert len(required) == len(classes), words
+        own = {f.name for f in dataclasses.fields(classes[0])}
+        assert not own & {"out_dir", "output_dir", "output", "out_path"} or words == ("pipeline",), words
+
+
+def test_one_parser_merges_repeated_lists_and_applies_machine_defaults(monkeypatch):
+    from rbrm.commands import parse_config
+    from rbrm.commands.dpo import DPOCommandConfig
+    from rbrm.commands.evaluate import EvalConfig
+    from rbrm.commands.pipeline import PipelineCommandConfig
+    from rbrm.dpo import ConfidenceDPOConfig
+
+    config = parse_config(EvalConfig, ["--out", "o", "--prompts", "a", "--where", "x=1", "--prompts", "b", "c"],
+                          prog="rbrm eval")
+    assert config.prompts == ["a", "b", "c"] and config.where == ["x=1"]
+    # rbrm pipeline's --config is its own field (the run YAML), not a file of options to read
+    (args,) = parse_config([PipelineCommandConfig], ["--config", "run.yaml", "--set", "a=1", "--set", "b=2"],
+                           prog="rbrm pipeline")
+    assert args.config == "run.yaml" and args.set == ["a=1", "b=2"]
+    monkeypatch.setattr(DPOCommandConfig, "cli_defaults", staticmethod(lambda: {"use_cpu": True, "beta": 0.25}))
+    script, dpo = parse_config([DPOCommandConfig, ConfidenceDPOConfig], ["--pairs", "p", "--output_dir", "d"],
+                               prog="rbrm dpo")
+    assert script.pairs == "p" and dpo.beta == 0.25 and dpo.use_cpu
+    _, dpo = parse_config([DPOCommandConfig, ConfidenceDPOConfig], ["--pairs", "p", "--output_dir", "d",
+                                                                     "--beta", "0.5"], prog="rbrm dpo")
+    assert dpo.beta == 0.5  # a flag overrides the machine's default

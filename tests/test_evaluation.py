@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from rbrm.cli import main
-from rbrm.commands.evaluate import merge_repeated, read_prompt_responses
+from rbrm.commands import merge_repeated
+from rbrm.commands.evaluate import read_prompt_responses
 from rbrm.data import DataError, PromptRecord, read_jsonl
 from rbrm.evaluation import (
     PromptSet,
@@ -25,10 +26,10 @@ from rbrm.evaluation import (
 )
 from rbrm.judges import Judge, JudgeResult
 from rbrm.plots import plot_categories, plot_rates
-from rbrm.sampling import GenerationSettings
+from rbrm.sampling import DecodingConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = GenerationSettings.greedy(max_new_tokens=4)
+SETTINGS = DecodingConfig.greedy(max_new_tokens=4)
 
 
 class FakeJudge(Judge):

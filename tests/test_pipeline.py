@@ -45,9 +45,9 @@ def tiny_config(tmp_path, model_dir: str, **changes) -> str:
 
 
 def run(path: str, *flags: str) -> dict:
-    from rbrm.commands.pipeline import main
+    from rbrm.cli import run_command
 
-    assert main(["--config", path, *flags]) == 0
+    assert run_command(("pipeline",), ["--config", path, *flags]) == 0
     with open(os.path.join(yaml.safe_load(open(path))["out_dir"], "tiny", "report.json")) as f:
         return json.load(f)
 

@@ -153,7 +153,7 @@ def short_context_model(tokenizer):
 
 
 def test_sampling_skips_prompts_past_the_context(short_context_model, tokenizer, tmp_path, caplog):
-    from rbrm.sampling import GenerationSettings, generate_responses
+    from rbrm.sampling import DecodingConfig, generate_responses
 
     prompts = [PromptRecord("short", "Hi", source="p.jsonl:1"), PromptRecord("long", "word " * 200, source="p.jsonl:2")]
     calls = []
@@ -164,7 +164,7 @@ def test_sampling_skips_prompts_past_the_context(short_context_model, tokenizer,
 
     stats: dict = {}
     with caplog.at_level(logging.WARNING):
-        rows = generate_responses(short_context_model, tokenizer, prompts, 1, GenerationSettings(max_new_tokens=8),
+        rows = generate_responses(short_context_model, tokenizer, prompts, 1, DecodingConfig(max_new_tokens=8),
                                   str(tmp_path / "s.jsonl"), backend=backend, stats=stats, progress=False)
     assert [r["prompt_id"] for r in rows] == ["short"] and stats["skipped_too_long"] == 1
     assert "p.jsonl:2" in caplog.text and "context of 64" in caplog.text
@@ -276,7 +276,7 @@ def test_model_config_that_does_not_fit_its_weights_is_refused(tiny_model_dir, t
 
 
 def test_a_second_writer_is_refused_and_a_killed_one_releases(tmp_path, tiny_model, tokenizer):
-    from rbrm.sampling import GenerationSettings, generate_responses
+    from rbrm.sampling import DecodingConfig, generate_responses
 
     out = tmp_path / "s.jsonl"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rbrm.data import exclusive_writer\n"
@@ -290,13 +290,13 @@ def test_a_second_writer_is_refused_and_a_killed_one_releases(tmp_path, tiny_mod
             return [[("ok", "stop", 1)] * c for c in counts]
 
         with pytest.raises(OutputLockedError, match="another process is writing"):
-            generate_responses(tiny_model, tokenizer, prompts, 2, GenerationSettings(), str(out), backend=backend,
+            generate_responses(tiny_model, tokenizer, prompts, 2, DecodingConfig(), str(out), backend=backend,
                                progress=False)
         assert not out.exists()
     finally:
         holder.kill()  # kill -9: the OS drops the lock with the process
         holder.wait()
-    rows = generate_responses(tiny_model, tokenizer, prompts, 2, GenerationSettings(), str(out), backend=backend,
+    rows = generate_responses(tiny_model, tokenizer, prompts, 2, DecodingConfig(), str(out), backend=backend,
                               progress=False)
     assert len(rows) == 2
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_cli_rerank(tiny_model_dir, reward_dir, tmp_path, capsys):
     samples = _samples_file(tmp_path / "samples.jsonl", n=3)
     out = tmp_path / "out"
     assert main(["rerank", "--model", tiny_model_dir, "--reward", reward_dir, "--samples", samples,
-                 "--out-dir", str(out), "--top-k", "1", "--judge", "refusal"]) == 0
+                 "--out", str(out), "--top-k", "1", "--judge", "refusal"]) == 0
     printed = capsys.readouterr().out
     assert "pairs 2" in printed and "samples/s" in printed and "against the refusal judge" in printed
     quality = json.loads((out / "summary.json").read_text())["ranking_quality"]
@@ -191,6 +192,7 @@ def test_cli_rerank(tiny_model_dir, reward_dir, tmp_path, capsys):
 def test_mos_top_one(tiny_model_dir, reward_dir, tmp_path):
     spec = importlib.util.spec_from_file_location("mos_top_one", os.path.join(ROOT, "mos_top_one.py"))
     mos = importlib.util.module_from_spec(spec)
+    sys.modules["mos_top_one"] = mos  # its dataclass looks its module up there
     spec.loader.exec_module(mos)
     samples = _samples_file(tmp_path / "samples.jsonl", n=3)
     accept = tmp_path / "hybrid-rm-chosen.jsonl"

@@ -13,7 +13,7 @@ from rbrm.probe_train import cross_validate
 from rbrm.reward_model import (
     HybridRewardModel,
     ModelMismatchError,
-    TrainSettings,
+    RewardTrainConfig,
     probe_metrics,
     train_reward_model,
 )
@@ -34,7 +34,7 @@ def synthetic(n_pairs=150, layers=3, hidden=16, seed=0):
 @pytest.mark.parametrize("fit", ["staged", "joint"])
 def test_loss_goes_down_and_every_probe_parameter_changes(fit):
     features, pairs = synthetic()
-    settings = TrainSettings(epochs=40, patience=1000, seed=0, fit=fit)
+    settings = RewardTrainConfig(epochs=40, patience=1000, seed=0, fit=fit)
     untrained = HybridRewardModel(3, 16)
     model, metrics = train_reward_model(features, pairs, None, settings, progress=False)
     # On pairs alone a probe's bias cancels out of r_c - r_r, and on these separable pairs every layer is right, so
@@ -59,7 +59,7 @@ def test_pointwise_training_on_labels(fit):
     features, pairs = synthetic(seed=1)
     labels = torch.zeros(features.shape[0], dtype=torch.long)
     labels[pairs[:, 0]] = 1
-    model, metrics = train_reward_model(features, None, labels, TrainSettings(epochs=60, fit=fit), progress=False)
+    model, metrics = train_reward_model(features, None, labels, RewardTrainConfig(epochs=60, fit=fit), progress=False)
     assert metrics["val_accuracy"] > 0.75
     assert "val_pair_accuracy" not in metrics
 
@@ -67,13 +67,13 @@ def test_pointwise_training_on_labels(fit):
 def test_split_keeps_prompt_groups_apart():
     features, pairs = synthetic(n_pairs=60)
     groups = torch.arange(features.shape[0]) // 8  # 4 pairs share a prompt
-    _, metrics = train_reward_model(features, pairs, None, TrainSettings(epochs=5), groups=groups, progress=False)
+    _, metrics = train_reward_model(features, pairs, None, RewardTrainConfig(epochs=5), groups=groups, progress=False)
     assert metrics["n_val_pairs"] % 4 == 0 and metrics["n_train_pairs"] % 4 == 0
 
 
 def test_cross_validation_reports_each_fold_and_the_baseline_on_the_same_folds():
     features, pairs = synthetic(n_pairs=90, seed=2)
-    result = cross_validate(features, pairs, None, TrainSettings(epochs=30), k=3)
+    result = cross_validate(features, pairs, None, RewardTrainConfig(epochs=30), k=3)
     assert len(result["cv_folds"]) == 3 and result["cv_accuracy"] > 0.75
     assert len(result["baseline_cv_folds"]) == 3 and result["baseline_cv_accuracy"] > 0.6
 
@@ -91,7 +91,7 @@ def some_layers_carry_signal(n_rows=400, layers=6, hidden=24, informative=(3, 4)
 
 def test_the_gate_learns_which_layers_to_trust():
     features, safe = some_layers_carry_signal()
-    model, metrics = train_reward_model(features, None, safe, TrainSettings(), progress=False)
+    model, metrics = train_reward_model(features, None, safe, RewardTrainConfig(), progress=False)
     assert model.gate.abs().max() > 1e-3 and (model.gate_bias - model.gate_bias.mean()).abs().max() > 0.1
     share = torch.tensor(metrics["val_gate_share"])
     assert share[[3, 4]].sum() > 0.6  # uniform would give them 2/6 = 0.33
@@ -105,20 +105,20 @@ def test_the_gate_learns_which_layers_to_trust():
 def test_the_papers_vote_gate_keeps_its_bias_at_zero(tmp_path):
     features, safe = some_layers_carry_signal(n_rows=120)
     for fit in ("staged", "joint"):
-        model, _ = train_reward_model(features, None, safe, TrainSettings(fit=fit, gate="vote", epochs=20),
+        model, _ = train_reward_model(features, None, safe, RewardTrainConfig(fit=fit, gate="vote", epochs=20),
                                       progress=False)
         assert model.gate_kind == "vote" and not model.gate_bias.requires_grad
         assert (model.gate_bias == 0).all() and model.gate.abs().max() > 0
     model.save(str(tmp_path / "vote"))
     assert HybridRewardModel.load(str(tmp_path / "vote")).gate_kind == "vote"
     with pytest.raises(ValueError, match="gate must be one of"):
-        train_reward_model(features, None, safe, TrainSettings(gate="softmax"), progress=False)
+        train_reward_model(features, None, safe, RewardTrainConfig(gate="softmax"), progress=False)
 
 
 def test_the_mean_gate_weighs_every_layer_alike(tmp_path):
     features, safe = some_layers_carry_signal(n_rows=120)
     for fit in ("staged", "joint"):
-        model, metrics = train_reward_model(features, None, safe, TrainSettings(fit=fit, gate="mean", epochs=20),
+        model, metrics = train_reward_model(features, None, safe, RewardTrainConfig(fit=fit, gate="mean", epochs=20),
                                             progress=False)
         assert not model.gate.requires_grad and not model.gate_bias.requires_grad
         assert (model.gate == 0).all() and (model.gate_bias == 0).all()
@@ -170,7 +170,7 @@ def test_the_row_space_fit_is_the_same_probe_as_the_full_width_fit():
 
 def test_save_load_round_trip(tmp_path):
     features, pairs = synthetic(n_pairs=40)
-    model, _ = train_reward_model(features, pairs, None, TrainSettings(epochs=5), progress=False,
+    model, _ = train_reward_model(features, pairs, None, RewardTrainConfig(epochs=5), progress=False,
                                   config={"layers": [2, 4, 6], "pooling": "mean"})
     model.save(str(tmp_path / "rm"))
     loaded = HybridRewardModel.load(str(tmp_path / "rm"))
@@ -238,7 +238,7 @@ def test_the_calibrated_confidence_is_graded(fit):
     rejected = -0.25 * direction + torch.randn(n, layers, hidden, generator=g)
     features = torch.stack([chosen, rejected], 1).reshape(2 * n, layers, hidden)
     pairs = torch.arange(2 * n).reshape(n, 2)
-    model, metrics = train_reward_model(features, pairs, None, TrainSettings(fit=fit), progress=False)
+    model, metrics = train_reward_model(features, pairs, None, RewardTrainConfig(fit=fit), progress=False)
     scale = metrics["calibration_scale"]
     assert 0.01 < scale < 100
     with torch.no_grad():
@@ -278,7 +278,7 @@ def test_recalibration_on_the_policys_answers_tempers_an_overconfident_probe():
     safe = (torch.arange(n) % 2).long()
     sign = (2 * safe - 1).float()[:, None, None]
     easy = 3.0 * sign * direction + 0.3 * torch.randn(n, layers, hidden, generator=g)
-    model, metrics = train_reward_model(easy, None, safe, TrainSettings(), progress=False)
+    model, metrics = train_reward_model(easy, None, safe, RewardTrainConfig(), progress=False)
     fresh = 3.0 * sign * direction + 0.3 * torch.randn(n, layers, hidden, generator=g)
     noisy = torch.where(torch.rand(n, generator=g) < 0.25, 1 - safe, safe)  # a quarter of the labels flipped
     before = metrics["calibration_scale"]

@@ -13,7 +13,7 @@ from rbrm import sampling
 from rbrm.data import PromptRecord, read_jsonl
 from rbrm.errors import ConfigError
 from rbrm.sampling import (
-    GenerationSettings,
+    DecodingConfig,
     SamplingSettingsError,
     TopKSampler,
     generate_responses,
@@ -23,7 +23,7 @@ from rbrm.sampling import (
 )
 from tests.conftest import make_tiny_model
 
-SETTINGS = GenerationSettings(max_new_tokens=5)
+SETTINGS = DecodingConfig(max_new_tokens=5)
 
 
 def _prompts(k: int = 5) -> list[PromptRecord]:
@@ -137,7 +137,7 @@ def test_other_settings_are_refused(tiny_model, tokenizer, tmp_path):
     _run(tiny_model, tokenizer, out=out, n=1)
     assert os.path.exists(out + ".meta.json")
     with pytest.raises(SamplingSettingsError, match="temperature"):
-        _run(tiny_model, tokenizer, out=out, n=1, settings=GenerationSettings(temperature=0.7, max_new_tokens=5))
+        _run(tiny_model, tokenizer, out=out, n=1, settings=DecodingConfig(temperature=0.7, max_new_tokens=5))
     with pytest.raises(SamplingSettingsError, match="seed"):
         _run(tiny_model, tokenizer, out=out, n=1, seed=9)
     with pytest.raises(SamplingSettingsError, match="'n'|n:"):
@@ -168,7 +168,7 @@ def test_changed_prompts_are_refused(tiny_model, tokenizer, tmp_path):
 
 
 def test_greedy(tiny_model, tokenizer):
-    greedy = GenerationSettings.greedy(max_new_tokens=5)
+    greedy = DecodingConfig.greedy(max_new_tokens=5)
     a = generate_responses(tiny_model, tokenizer, _prompts(3), n=1, settings=greedy, seed=1, progress=False)
     b = generate_responses(tiny_model, tokenizer, _prompts(3), n=1, settings=greedy, seed=2, progress=False)
     assert a == b
@@ -232,7 +232,7 @@ def test_vllm_engine_fails_clearly_without_vllm(tiny_model_dir, tmp_path):
         pytest.skip("vllm is installed")
     except ImportError:
         pass
-    from rbrm.sampling import SampleConfig, run_sample
+    from rbrm.commands.sample import SampleConfig, run_sample
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')

@@ -626,14 +626,14 @@ def test_ten_steps_on_smollm2(smollm2_path, tokenizer, tmp_path):
     from rbrm.data import load_pairs
     from rbrm.features import examples_to_rows, extract_features, feature_metadata
     from rbrm.models import load_model
-    from rbrm.reward_model import HybridRewardModel, TrainSettings, train_reward_model
+    from rbrm.reward_model import HybridRewardModel, RewardTrainConfig, train_reward_model
 
     pairs = load_pairs(REPO / "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl", limit=48)
     model, tok = load_model(smollm2_path, dtype="float32", device="cpu")
     layers = [10, 15, 20, 25, 30]
     rows, _, pair_index = examples_to_rows(pairs[20:], [])
     features = extract_features(model, tok, rows, layers, "last", progress=False)
-    probe, _ = train_reward_model(features, pair_index, None, TrainSettings(epochs=60, val_fraction=0.0),
+    probe, _ = train_reward_model(features, pair_index, None, RewardTrainConfig(epochs=60, val_fraction=0.0),
                                   config=feature_metadata(model, tok, layers, "last"), progress=False)
     probe.save(str(tmp_path / "rm"))
     before = probe_state(probe)

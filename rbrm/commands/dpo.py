@@ -1,7 +1,7 @@
 """`rbrm dpo`: DPO with per-pair confidence from the hybrid reward, with TRL's options (TRL's `scripts/dpo.py`).
 
-Options parse with `TrlParser` from `DPOScriptArguments`, `ConfidenceDPOConfig` and TRL's `ModelConfig` (LoRA), so
-`--config file.yaml` works as in TRL. For launching on GPUs see `rbrm.dpo.trainer`'s docstring.
+Options parse with `TrlParser` (`rbrm.commands.parse_config`) from `DPOCommandConfig`, `ConfidenceDPOConfig` and
+TRL's `ModelConfig` (LoRA), so `--config file.yaml` works as in TRL. For launching on GPUs see `rbrm.dpo.trainer`'s docstring.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from ..data import write_json
 from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
@@ -31,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DPOScriptArguments:
-    """`rbrm dpo` options besides DPOConfig / ConfidenceDPOConfig and TRL's ModelConfig (LoRA) ones."""
+class DPOCommandConfig:
+    """`rbrm dpo` options besides DPOConfig / ConfidenceDPOConfig and TRL's ModelConfig (LoRA) ones (TRL's
+    `ScriptArguments`)."""
 
     pairs: str = field(metadata={"help": "TRL preference jsonl (prompt, chosen, rejected[, confidence]) or any "
                                          "pair format rbrm.data reads"})
@@ -47,6 +47,12 @@ class DPOScriptArguments:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "start afresh, deleting the checkpoints in --output_dir (by default a rerun of the same command "
                 "resumes from the last one)"})
+
+    @staticmethod
+    def cli_defaults() -> dict:
+        """Defaults only (a --config YAML and flags still override): without CUDA, use_cpu, and bf16 autocast
+        where the CPU has native bf16 instructions (as the pipeline does), plain fp32 elsewhere."""
+        return {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": cpu_has_fast_bf16()}
 
 
 def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:
@@ -67,15 +73,8 @@ def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool
     return last
 
 
-def run_dpo(argv: list[str] | None = None) -> int:
-    """`rbrm dpo`: parse with TrlParser (so `--config file.yaml` works), load, train, save policy + probe."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((DPOScriptArguments, ConfidenceDPOConfig, ModelConfig), prog="rbrm dpo")
-    if not torch.cuda.is_available():
-        # Defaults only (a --config YAML and flags still override): use_cpu, and bf16 autocast where the CPU has
-        # native bf16 instructions (as the pipeline does), plain fp32 elsewhere.
-        parser.set_defaults(use_cpu=True, bf16=cpu_has_fast_bf16())
-    script, config, model_args = parser.parse_args_and_config(argv)
+def run_dpo(script: DPOCommandConfig, config: ConfidenceDPOConfig, model_args: ModelConfig) -> int:
+    """`rbrm dpo`: load, train, save policy + probe."""
     name = script.model or model_args.model_name_or_path or DEFAULT_MODEL
     path = resolve_model(name)
     dtype = resolve_dtype(model_args.dtype, "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")

@@ -29,8 +29,7 @@ from ..helpfulness import HelpfulnessJudge
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates
 from ..render import Prompt, prompt_key
-from ..sampling import GenerationSettings
-from . import merge_repeated, parse_config
+from ..sampling import DecodingConfig
 
 
 @dataclass
@@ -98,7 +97,7 @@ def run_eval(config: EvalConfig) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    settings = GenerationSettings.greedy(config.max_new_tokens, config.repetition_penalty)
+    settings = DecodingConfig.greedy(config.max_new_tokens, config.repetition_penalty)
     summaries = evaluate(holder["model"], tokenizer, sets, make, config.out, settings,
                          model_info={"name": config.model, "path": resolve_model(config.model)},
                          batch_prompts=config.batch_prompts, seed=config.seed, resamples=config.bootstrap,
@@ -107,10 +106,6 @@ def run_eval(config: EvalConfig) -> dict:
     return 0 if summaries else 1
 
 
-def main_eval(argv: list[str]) -> int:
-    """`rbrm eval`: a repeated --prompts / --where adds to the list instead of replacing it."""
-    config = parse_config(EvalConfig, merge_repeated(argv, ("--prompts", "--where")), prog="rbrm eval")
-    return run_eval(config)
 
 
 # ------------------------------------------------------------------------------------------ rbrm judge

@@ -6,17 +6,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from ..methods import METHODS
 from ..pipeline import Pipeline, run_seeds
 from ..run_config import load_config
-from . import merge_repeated
 
 
 @dataclass
@@ -35,10 +31,7 @@ class PipelineCommandConfig:
                                                                "finished stages"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PipelineCommandConfig, prog="rbrm pipeline", description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=merge_repeated(argv, ("--set",)))
+def run_pipeline(args: PipelineCommandConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = load_config(args.config, {"name": args.name, "out_dir": args.out_dir, "methods": args.methods,
                                        "device": args.device, "set": args.set})

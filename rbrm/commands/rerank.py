@@ -13,7 +13,8 @@ from ..rerank import format_summary, pair_rows, rank_rows, rerank_file, write_re
 class RerankConfig:
     samples: str = field(metadata={"help": "samples .jsonl (from `rbrm sample`, or the paper's idx/input/output)"})
     reward: str = field(metadata={"help": "hybrid reward model directory (from `rbrm probe train`)"})
-    out_dir: str = field(metadata={"help": "directory for rank/chosen/rejected/pairs .jsonl and summary.json"})
+    out: str = field(metadata={"help": "folder for rank/chosen/rejected/pairs .jsonl and summary.json",
+                               "aliases": ["--out-dir", "--out_dir"]})  # the 0.4 spelling still works
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "the policy that produced the samples"})
     top_k: int = field(default=1, metadata={"help": "pairs per prompt: i-th best vs i-th worst, i < k"})
     alpha: float | None = field(default=None, metadata={
@@ -36,6 +37,6 @@ def run_rerank(config: RerankConfig) -> None:
     if config.judge:
         result.summary["ranking_quality"] = ranking_quality(rank_rows(result), pair_rows(result, result.summary[
             "alpha"]), make_judge(config.judge, config.judge_model))
-    write_rerank_outputs(result, config.out_dir, result.summary["alpha"])
+    write_rerank_outputs(result, config.out, result.summary["alpha"])
     print(format_summary(result.summary))
-    print(f"wrote {config.out_dir}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")
+    print(f"wrote {config.out}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

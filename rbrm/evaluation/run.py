@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..helpfulness import HelpfulnessJudge
 from ..plots import plot_categories
 from ..render import prompt_key
-from ..sampling import GenerationSettings, SamplingSettingsError, generate_responses, model_identity
+from ..sampling import DecodingConfig, SamplingSettingsError, generate_responses, model_identity
 from .judging import judge_cache_path, judge_rows
 from .prompt_sets import PromptSet, load_set, set_dir
 from .statistics import aggregate, pct, rate_with_ci
@@ -148,7 +148,7 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
     `second_judge` with its unsafe rate, so a finding can be checked under two judges.
     """
     start = time.perf_counter()
-    settings = settings or GenerationSettings.greedy(128)
+    settings = settings or DecodingConfig.greedy(128)
     if not sets:
         raise ConfigError("nothing to evaluate: give --prompts and/or --over-refusal")
     repeated = sorted(n for n, c in Counter(s.name for s in sets).items() if c > 1)
