@@ -30,6 +30,7 @@ class Method:
     # The shared stages whose compute it spent on alignment, beside its own training (evaluation is apart).
     stages: tuple[str, ...] = ()
     confidence: str = "none"  # ConfidenceDPOConfig.confidence: "online" re-scores each pair on the current policy
+    compared_with: tuple[str, ...] = ()  # the report's paired findings "is it safer than ...?", in this order
 
     @property
     def trains(self) -> bool:
@@ -38,12 +39,18 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("base", "(a) base model", pairs=None),
-    Method("dpo_static", "(b) DPO, static HH pairs", pairs="static_pairs", stages=("static_pairs",)),
-    Method("dpo_rerank", "(c) DPO, re-ranked pairs", pairs="rerank", stages=("probe", "sample", "rerank")),
+    Method("dpo_static", "(b) DPO, static HH pairs", pairs="static_pairs", stages=("static_pairs",),
+           compared_with=("base",)),
+    Method("dpo_rerank", "(c) DPO, re-ranked pairs", pairs="rerank", stages=("probe", "sample", "rerank"),
+           compared_with=("base",)),
     Method("rbrm", "(d) RBRM: re-ranked + online confidence", pairs="rerank", stages=("probe", "sample", "rerank"),
-           confidence="online"),
-    Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",)),
+           confidence="online", compared_with=("base", "dpo_rerank", "dpo_static", "online")),
+    Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",), compared_with=("base",)),
 )}
+
+# The paired comparisons the reports make, (a, b): is a safer than b? The paper's method first.
+COMPARISONS = tuple((m.name, other) for m in sorted(METHODS.values(), key=lambda m: -len(m.compared_with))
+                    for other in m.compared_with)
 
 
 def label(name: str) -> str:

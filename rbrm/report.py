@@ -20,7 +20,7 @@ from .evaluation import aggregate, bootstrap_ci, make_judge, pct, ranking_qualit
 from .features import load_features
 from .flops import LLAMA_7B, forward_flops
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags
-from .methods import METHODS, label
+from .methods import COMPARISONS, METHODS, label
 from .models import load_tokenizer
 from .plots import (
     plot_compute_curve,
@@ -145,11 +145,6 @@ def _training_summary(log: list[dict]) -> dict:
     return out
 
 
-# The paired comparisons the reports make, (a, b): is a safer than b?
-COMPARISONS = (("rbrm", "base"), ("rbrm", "dpo_rerank"), ("rbrm", "dpo_static"), ("rbrm", "online"),
-               ("dpo_rerank", "base"), ("dpo_static", "base"), ("online", "base"))
-
-
 def paired_difference(a: dict[str, bool], b: dict[str, bool], resamples: int, seed: int) -> dict | None:
     """Mean of a - b over shared prompts with a percentile-bootstrap 95% interval."""
     shared = sorted(set(a) & set(b))
@@ -210,7 +205,7 @@ def curve_section(report: dict) -> list[str]:
     lines = ["", "## Safety against compute", "", "| method | rounds | alignment FLOPs | of which preference "
              "construction | unsafe rate | helpfulness | scoring online's samples with a 7B reward model |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"] != "online", r["flops"])):
+    for r in sorted(rows, key=lambda r: (r["method"] != "online", r["rounds"] or 0, r["flops"])):
         lines.append(f"| {r['method']} | {r['rounds'] or '-'} | {_flops(r['flops'])} | "
                      f"{_flops(r.get('construction_flops'))} | {100 * r['unsafe_rate']:.1f}% | "
                      f"{pct(r.get('helpfulness_rate'), None)} | {_flops(r.get('seven_b_scoring_flops'))} |")
@@ -316,12 +311,12 @@ def write_report(pipeline) -> dict:
 
 def _construction_flops(row: dict, method: str) -> int | None:
     """Preference construction (sampling and scoring, no DPO) of a method's alignment FLOPs."""
-    stages = row.get("compute_by_stage", {})
-    if method == "online":
+    stages, source = row.get("compute_by_stage", {}), METHODS[method].pairs
+    if source == "online":
         return stages.get("online", {}).get("construction_flops")
-    if method in ("dpo_rerank", "rbrm"):
+    if source == "rerank":
         return sum(stages.get(s, {}).get("flops", 0) for s in ("sample", "rerank"))
-    return 0 if method == "dpo_static" else None
+    return 0 if source == "static_pairs" else None
 
 
 def _seven_b_scoring_flops(run) -> int:
@@ -354,6 +349,10 @@ def curve_rows(pipeline, methods: dict) -> list[dict]:
     return rows
 
 
+# Online curves whose most and least expensive points differ by less than this factor are flat in compute.
+FLAT_CURVE = 1.25
+
+
 def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict:
     """The compute online needs to reach `target_method`'s unsafe rate, interpolated on its curve (unsafe rate
     linear in log FLOPs between neighbouring points), over the target's compute; for the whole alignment and
@@ -383,9 +382,14 @@ def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict
             return {"ratio": None, "construction_ratio": None, "target_unsafe_rate": goal,
                     "reason": f"online never reaches {target_method}'s unsafe rate {100 * goal:.1f}%: its lowest is "
                               f"{100 * best['unsafe_rate']:.1f}% ({best['rounds']} rounds)"}
+    span = curve[-1]["flops"] / curve[0]["flops"]
+    if len(curve) > 1 and span < FLAT_CURVE:
+        note += (f"; online's FLOPs differ by only {100 * (span - 1):.0f}% across its rounds, so the unsafe rates "
+                 "it interpolates between differ by noise, not by compute: read the ratio as the cost at equal "
+                 "updates")
     return {"ratio": flops / target["flops"], "construction_ratio": (construction / target["construction_flops"]
                                                                         if target.get("construction_flops") else None),
-            "target_unsafe_rate": goal, "online_flops": flops, "reason": note}
+            "target_unsafe_rate": goal, "online_flops": flops, "online_flops_span": span, "reason": note}
 
 
 def _software(info: dict) -> str:

@@ -442,6 +442,21 @@ def test_the_matched_safety_compute_ratio_interpolates_onlines_curve():
     assert never["ratio"] is None and "never reaches" in never["reason"] and "10.0% (4 rounds)" in never["reason"]
     cheap = matched_compute_ratio(curve + [{**rbrm, "unsafe_rate": 0.6}])
     assert cheap["ratio"] == pytest.approx(10.0) and "upper bound" in cheap["reason"]
+    assert "noise" not in m["reason"]
+    # as make compute measured it: more rounds sample at other times, not more, so the FLOPs hardly move
+    flat = matched_compute_ratio([online(2, 400.0, 0.35), online(4, 401.0, 0.1), rbrm])
+    assert flat["ratio"] == pytest.approx(40.04, rel=1e-3) and "differ by only 0%" in flat["reason"]
+
+
+def test_the_compute_table_lists_online_by_rounds_and_comparisons_come_from_the_methods():
+    from rbrm.methods import COMPARISONS, METHODS
+    from rbrm.report import curve_section
+
+    rows = [{"method": "online", "rounds": r, "flops": 4.45e13 - r, "unsafe_rate": 0.2} for r in (1, 2, 32, 4)]
+    lines = curve_section({"compute_curve": rows, "matched_safety_compute_ratio": {"ratio": None, "reason": "x"}})
+    assert [line.split(" | ")[1] for line in lines if line.startswith("| online")] == ["1", "2", "4", "32"]
+    assert COMPARISONS[0] == ("rbrm", "base") and len(COMPARISONS) == 7
+    assert all(a in METHODS and b in METHODS for a, b in COMPARISONS)
 
 
 def test_the_online_curve_runs_each_number_of_rounds_on_the_main_runs_probe(tmp_path, tiny_model_dir):
