@@ -304,7 +304,8 @@ class Pipeline:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
     def online(self) -> dict:
-        """R rounds of: sample from the current policy, score and pair with the frozen hybrid reward, DPO."""
+        """R rounds of: sample from the current policy (the prompts this round's updates need, or every training
+        prompt: `online.samples`), score and pair with the frozen hybrid reward, DPO."""
         rounds = self.config.online.rounds
         steps = int(self.config.dpo["max_steps"]) // rounds
         per_step = (int(self.config.dpo_setting("per_device_train_batch_size"))
@@ -316,8 +317,10 @@ class Pipeline:
         after = [self.records["probe"]["key"], stage_key({"prompt_ids": [str(p.id) for p in prompts]})]
         policy_dir, records = None, []
         for r in range(rounds):
-            # each round's prompts, cycling through the pool; distinct within a round (DPO takes epochs over fewer)
-            chosen = [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))]
+            # each round's prompts: the whole pool (`online.samples: all`), or those its updates need, cycling
+            # through the pool, distinct within a round (DPO takes epochs over fewer)
+            chosen = (prompts if self.config.online.samples == "all" else
+                      [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))])
             scorer = self.config.online.scorer
             inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": dataclasses.asdict(self.config.sample),
                       **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}

@@ -89,12 +89,19 @@ class StaticPairsSection:
     max_prompt_tokens: int | None = None
 
 
+ONLINE_SAMPLES = ("updates", "all")
+
+
 @dataclass
 class OnlineSection:
     """The online baseline: `rounds` of sampling, scoring with `scorer` and DPO."""
 
     rounds: int = 1
     scorer: str = "probe"  # probe, a judge name, or a sequence-classification model folder
+    # Which prompts each round samples: "updates", those its own DPO updates need (per-step on-policy sampling
+    # as TRL's OnlineDPOTrainer, when rounds = steps: the total sampled does not grow with the rounds); "all",
+    # every training prompt (iterative DPO over a prompt pool: sampling grows with the rounds).
+    samples: str = "updates"
 
 
 @dataclass
@@ -297,5 +304,8 @@ def check(config: PipelineConfig, path: str) -> None:
         if rounds < 1 or steps < 1 or steps % rounds:
             raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
                                       f"of `online.rounds` ({rounds})")
+    if config.online.samples not in ONLINE_SAMPLES:
+        raise PipelineConfigError(f"{path}: `online.samples` must be one of {', '.join(ONLINE_SAMPLES)}; "
+                                  f"got {config.online.samples!r}")
     if config.online_rounds and not config.probe.get("data"):
         raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")

@@ -74,6 +74,7 @@ def stage_records(run_dir) -> dict[str, str]:
     ({"eval": {"over_refusal": "no"}}, "`eval.over_refusal` must be bool"),
     ({"methods": ["base", "ppo"]}, "`methods` must be"),
     ({"online": {"rounds": 3}}, "multiple of `online.rounds` (3)"),
+    ({"online": {"samples": "some"}}, "`online.samples` must be one of updates, all; got 'some'"),
     ({"eval": {"prompts": []}}, "`eval.prompts`"),
     ({"sample": "x"}, "`sample` must be a mapping"),
     ({"seeds": [1, 1]}, "`seeds` must be a non-empty list of distinct integers"),
@@ -195,7 +196,7 @@ def test_shipped_configs_load():
     compare = load_config("configs/compare.yaml")
     assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
     assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
-    assert load_config("configs/compute.yaml").online_rounds == [1, 2, 4, 8, 16, 32]
+    assert load_config("configs/compute.yaml").online_rounds == [1, 2, 4, 8]
     paper = load_config("configs/paper.yaml")
     assert (paper.sample.n, paper.sample.max_new_tokens, paper.sample.limit, paper.dpo["beta"]) == (
         8, 256, 4000, 0.15)
@@ -424,6 +425,24 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
         with pytest.raises(PipelineConfigError, match=message):  # the keyword judge ties every sample of these prompts
             run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
                             online={"rounds": 2, "scorer": scorer}))
+
+
+def test_online_samples_the_prompts_its_updates_need_or_the_whole_pool(tmp_path, tiny_model_dir):
+    """One update of one pair per round needs one prompt; `online.samples: all` samples the whole pool (4 training
+    prompts once the evaluation prompts are dropped) every round, and the ledger counts it."""
+    from rbrm.data import read_jsonl
+
+    rows, flops = {}, {}
+    for mode in ("updates", "all"):
+        out = tmp_path / mode
+        report = run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(out),
+                                 online={"rounds": 2, "samples": mode},
+                                 dpo={"max_steps": 2, "per_device_train_batch_size": 1}))
+        rows[mode] = [len(read_jsonl(str(out / "tiny" / "online_rounds" / f"round_{r}" / "samples.jsonl")))
+                      for r in (0, 1)]
+        flops[mode] = report["methods"]["online"]["compute_by_stage"]["online"]["construction_flops"]
+    assert rows == {"updates": [2, 2], "all": [8, 8]}  # prompts x n 2
+    assert flops["all"] > 1.5 * flops["updates"]
 
 
 def test_the_matched_safety_compute_ratio_interpolates_onlines_curve():
