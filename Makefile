@@ -43,8 +43,8 @@ compare: $(STAMP)
 seeds: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/seeds.yaml
 
-# Safety against compute: online at 1-32 rounds against re-ranking and static pairs, in runs/compute/ (not yet
-# timed end to end; estimated about 2 hours on 2 CPU cores).
+# Safety against compute: online at 1-8 rounds against re-ranking and static pairs, seeds 0-2, in runs/compute/
+# (about 27 min per seed on 2 AMD EPYC cores, 4 Dec 2026).
 compute: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/compute.yaml
 
