@@ -26,7 +26,17 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import __version__
 from .data import atomic_dir, load_pairs, load_prompts, read_jsonl, write_json, write_jsonl
 from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
-from .evaluation import evaluate, judge_loader, load_set, over_refusal_set, parse_prompt_set, set_dir
+from .evaluation import (
+    DRIFT_FILE,
+    RESPONSES_FILE,
+    evaluate,
+    judge_loader,
+    load_set,
+    over_refusal_set,
+    parse_prompt_set,
+    per_token_kl,
+    set_dir,
+)
 from .flops import ModelShape, generation_flops
 from .helpfulness import HelpfulnessJudge
 from .judges import JUDGE_NAMES, get_judge
@@ -43,7 +53,7 @@ from .models import (
 from .probe_train import ProbeTrainConfig, run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
-from .rerank import ClassifierReward, rerank_file, write_rerank_outputs
+from .rerank import BENIGN_PREFIX, ClassifierReward, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
 from .sampling import DecodingConfig, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
@@ -102,21 +112,40 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 1
 
     def probe(self) -> dict:
-        section = dict(self.config.probe)
+        return self._probe_stage("probe", self.config.probe)
+
+    def helpfulness_probe(self) -> dict:
+        """A second hybrid reward, trained on helpful answers over deflections and refusals: it ranks the benign
+        pool prompts' samples, so their chosen answer is the most helpful one, not the safest-looking one."""
+        return self._probe_stage("helpfulness_probe", self.config.helpfulness_probe)
+
+    def _probe_stage(self, name: str, options: dict) -> dict:
+        section = dict(options)
         files = {k: file_digest(section[k]) for k in ("data", "test_data", "calibration_data") if section.get(k)}
 
         def body(directory: str) -> dict:
             stats: dict = {}
-            options = {k: v for k, v in section.items() if k != "seed"}
+            settings = {k: v for k, v in section.items() if k != "seed"}
             run_probe_train(ProbeTrainConfig(
                 out=os.path.join(directory, "reward_model"), model=self.model_path, device=self.device,
                 features_out=os.path.join(directory, "features.safetensors"),
                 metrics_out=os.path.join(directory, "metrics.json"), model_name=self.config.model,
-                seed=section.get("seed", self.config.seed), **options), stats)
+                seed=section.get("seed", self.config.seed), **settings), stats)
             return {"forward_tokens": stats.get("forward_tokens", 0), "flops": stats.get("flops", 0)}
 
-        return self._stage("probe", {**self._base_inputs(), "probe": section, "files": files,
-                                     "seed": self.config.seed}, body)
+        return self._stage(name, {**self._base_inputs(), "probe": section, "files": files,
+                                  "seed": self.config.seed}, body)
+
+    def helpfulness_reward(self) -> str | None:
+        """The helpfulness reward's folder when the run has one (it ranks the benign pool prompts)."""
+        return self.path("helpfulness_probe", "reward_model") if self.config.helpfulness_probe else None
+
+    def stages_of(self, method: str) -> tuple[str, ...]:
+        """The shared stages a method needs: its `Method.stages`, and the helpfulness reward where it ranks pairs."""
+        stages = METHODS[method].stages
+        if self.config.helpfulness_probe and "rerank" in stages:
+            stages = (*stages[:stages.index("rerank")], "helpfulness_probe", *stages[stages.index("rerank"):])
+        return stages
 
     # ----------------------------------------------------------------------------------- stage 2
 
@@ -134,12 +163,13 @@ class Pipeline:
             self.excluded_training_prompts += len(prompts) - len(kept)
             skip, limit = getattr(s, prefix + "skip"), getattr(s, prefix + "limit")
             kept = kept[skip:skip + limit] if limit else kept[skip:]
-            out += [dataclasses.replace(p, id=f"benign:{p.id}") for p in kept] if prefix else kept
+            out += [dataclasses.replace(p, id=f"{BENIGN_PREFIX}{p.id}") for p in kept] if prefix else kept
         return out
 
     def evaluation_keys(self) -> set[str]:
         if self.eval_prompt_keys is None:
-            self.eval_prompt_keys = {matching_key(p.prompt) for pset in self.eval_sets() for p in load_set(pset)}
+            held_out = self.eval_sets() + [parse_prompt_set(spec) for spec in self.config.sample.exclude or []]
+            self.eval_prompt_keys = {matching_key(p.prompt) for pset in held_out for p in load_set(pset)}
         return self.eval_prompt_keys
 
     def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
@@ -157,7 +187,7 @@ class Pipeline:
     def sample(self) -> dict:
         s = self.config.sample
         prompts = self.training_prompts()
-        inputs = {**self._base_inputs(), "sample": dataclasses.asdict(s), "prompts": file_digest(s.prompts),
+        inputs = {**self._base_inputs(), "sample": s.key(), "prompts": file_digest(s.prompts),
                   **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
                   "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed}
 
@@ -179,7 +209,8 @@ class Pipeline:
             alpha = self.config.dpo_setting("confidence_alpha")
         result = rerank_file(self.model_path, self.path("probe", "reward_model"), samples_path, r.top_k,
                              alpha, r.min_gap, batch_tokens=r.batch_tokens, loaded=self.inference_model(r.dtype),
-                             scorer=None if scorer == "probe" else self.external_scorer(scorer))
+                             scorer=None if scorer == "probe" else self.external_scorer(scorer),
+                             benign_reward_dir=self.helpfulness_reward())
         write_rerank_outputs(result, out_dir, result.summary["alpha"])
         return {"forward_tokens": result.summary.get("forward_tokens") or 0, "flops": result.summary.get("flops") or 0,
                 "pairs": len(result.pairs)}
@@ -207,8 +238,9 @@ class Pipeline:
         return self._scorers[name]
 
     def rerank(self) -> dict:
-        inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": [self.records["probe"]["key"],
-                                                          self.records["sample"]["key"]]}
+        after = [self.records[name]["key"] for name in ("probe", "sample")
+                 + (("helpfulness_probe",) if self.config.helpfulness_probe else ())]
+        inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": after}
         return self._stage("rerank", inputs, lambda d: self._score_and_pair(
             os.path.join(self.path("sample"), "samples.jsonl"), d))
 
@@ -322,7 +354,7 @@ class Pipeline:
             chosen = (prompts if self.config.online.samples == "all" else
                       [prompts[(r * need + i) % len(prompts)] for i in range(min(need, len(prompts)))])
             scorer = self.config.online.scorer
-            inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": dataclasses.asdict(self.config.sample),
+            inputs = {**self._base_inputs(), "round": r, "of": rounds, "sample": self.config.sample.key(),
                       **({"scorer": scorer, "scorer_files": model_digest(scorer) if os.path.isdir(scorer) else None}
                          if scorer != "probe" else {}),
                       "rerank": dataclasses.asdict(self.config.rerank), "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
@@ -428,11 +460,20 @@ class Pipeline:
                                  resamples=e.resamples, plot=False,
                                  helpfulness=self.eval_measures()["helpfulness"],
                                  second_judge=self.second_judge())
+            if method != "base":
+                write_json(os.path.join(directory, DRIFT_FILE), self._drift(model, sets, directory))
             return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values()),
                     **self._eval_flops(model, tokenizer, sets, directory,
                                        loader() if e.judge in ("minilm", "refusal") else None)}
 
         return self._stage(f"{method}/eval", inputs, body)
+
+    def _drift(self, model, sets: list, directory: str) -> dict:
+        """The per-token KL from the base policy on the method's own answers to the benign sets (None without one)."""
+        base, tokenizer = self.inference_model(self.config.eval.dtype)
+        rows = [(r["prompt"], r["response"]) for pset in sets if pset.benign
+                for r in read_jsonl(os.path.join(set_dir(directory, pset, len(sets) > 1), RESPONSES_FILE))]
+        return {"benign_kl": per_token_kl(model, base, tokenizer, rows) if rows else None}
 
     def _eval_flops(self, model, tokenizer, sets: list, directory: str, judge) -> dict:
         """The evaluation's own compute, apart from alignment: generating the answers, and judging them (the
@@ -479,7 +520,7 @@ class Pipeline:
     def load_records(self, methods: list[str] | None = None) -> None:
         """The finished stages' records of these methods (default: the config's), running nothing."""
         methods = methods or self.config.methods
-        needed = {s for m in methods for s in METHODS[m].stages}
+        needed = {s for m in methods for s in self.stages_of(m)}
         needed |= {m for m in methods if METHODS[m].trains} | {f"{m}/eval" for m in methods}
         for name in sorted(needed):
             record = read_json(os.path.join(self.path(*name.split("/")), "stage.json"))
@@ -500,9 +541,11 @@ class Pipeline:
     def run(self) -> dict:
         methods = self.config.methods
         trains = [m for m in methods if METHODS[m].trains]
-        needed = {s for m in trains for s in METHODS[m].stages}
+        needed = {s for m in trains for s in self.stages_of(m)}
         if "probe" in needed:
             self.probe()
+        if "helpfulness_probe" in needed:
+            self.helpfulness_probe()
         if "rerank" in needed:
             self.sample()
             self.rerank()

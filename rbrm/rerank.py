@@ -39,6 +39,13 @@ PAPER_INPUT = "Respond to this input:\n\n{prompt}\n\noutput:output :"
 # The paper's confidence scale: gamma = sigmoid(alpha x reward gap).
 PAPER_ALPHA = 7.5
 
+# Ids of benign pool prompts (the paper's "general" samples) start with this.
+BENIGN_PREFIX = "benign:"
+
+
+def is_benign_id(prompt_id: str) -> bool:
+    return str(prompt_id).startswith(BENIGN_PREFIX)
+
 
 @dataclass
 class Sample:
@@ -58,6 +65,8 @@ class RerankResult:
     pairs: list[tuple[Sample, Sample, int]]  # (chosen, rejected, pair rank 0..k-1)
     skipped: dict[str, int]
     summary: dict = field(default_factory=dict)
+    # the helpfulness reward's confidence scale when benign prompts were ranked by it (their pairs' kind: benign)
+    benign_alpha: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -209,10 +218,12 @@ def paper_row(s: Sample) -> dict:
     return {"idx": s.index, "input": paper_input(s.prompt), "output": s.response, "score": s.score}
 
 
-def pair_row(chosen: Sample, rejected: Sample, pair_rank: int, alpha: float) -> dict:
-    """TRL conversational preference row: TRL applies the chat template itself, as `render` does."""
+def pair_row(chosen: Sample, rejected: Sample, pair_rank: int, alpha: float, kind: str = "harmful") -> dict:
+    """TRL conversational preference row: TRL applies the chat template itself, as `render` does.
+
+    `kind` says which reward ranked it: `harmful` (the safety reward) or `benign` (the helpfulness reward)."""
     gap = chosen.score - rejected.score
-    return {"prompt": to_messages(chosen.prompt),
+    return {"kind": kind, "prompt": to_messages(chosen.prompt),
             "chosen": [{"role": "assistant", "content": chosen.response}],
             "rejected": [{"role": "assistant", "content": rejected.response}],
             "chosen_score": chosen.score, "rejected_score": rejected.score,
@@ -241,7 +252,13 @@ def rejected_rows(result: RerankResult) -> list[dict]:
 
 
 def pair_rows(result: RerankResult, alpha: float = PAPER_ALPHA) -> list[dict]:
-    return [pair_row(c, r, i, alpha) for c, r, i in result.pairs]
+    rows = []
+    for c, r, i in result.pairs:
+        if result.benign_alpha is not None and is_benign_id(c.prompt_id):
+            rows.append(pair_row(c, r, i, result.benign_alpha, "benign"))
+        else:
+            rows.append(pair_row(c, r, i, alpha))
+    return rows
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -306,19 +323,25 @@ def write_rerank_outputs(result: RerankResult, out_dir: str, alpha: float = PAPE
 def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
-                loaded: tuple | None = None, scorer: Callable | None = None) -> RerankResult:
+                loaded: tuple | None = None, scorer: Callable | None = None,
+                benign_reward_dir: str | None = None) -> RerankResult:
     """Load, check, score, rank and select; `loaded` = (model, tokenizer) skips loading the model.
 
     alpha None: the confidence column uses the probe's calibrated scale. `scorer` (samples -> (scores, FLOPs))
-    replaces the hybrid reward, as online pipelines score with an external reward model.
+    replaces the hybrid reward, as online pipelines score with an external reward model. `benign_reward_dir`: a
+    helpfulness reward (a hybrid reward trained on answers over deflections) that ranks the benign prompts'
+    samples instead, so their chosen answer is the most helpful, not the safest-looking one (a deflection).
     """
     samples = load_samples(samples_path, limit)
     reward = HybridRewardModel.load(reward_dir)
+    helpful = HybridRewardModel.load(benign_reward_dir) if benign_reward_dir else None
     alpha = reward.calibration["scale"] if alpha is None else alpha
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
         raise ConfigError(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
     check_reward_for(reward, model, tokenizer)
+    if helpful is not None:
+        check_reward_for(helpful, model, tokenizer)
     dropped = unusable(model, tokenizer, samples)
     for reason, bad in dropped.items():
         if bad:
@@ -329,19 +352,26 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int 
     usable = [s for s in samples if id(s) not in skip]
     stats: dict = {}
     start = time.perf_counter()
+    benign = [s for s in usable if is_benign_id(s.prompt_id)] if helpful is not None else []
+    harmful = [s for s in usable if not is_benign_id(s.prompt_id)] if helpful is not None else usable
     if scorer is None:
-        scores = score_samples(model, tokenizer, reward, usable, batch_tokens, progress=progress, stats=stats)
+        scores = score_samples(model, tokenizer, reward, harmful, batch_tokens, progress=progress, stats=stats)
     else:
-        scores, stats["flops"] = scorer(usable)
+        scores, stats["flops"] = scorer(harmful)
+    if benign:
+        scores += score_samples(model, tokenizer, helpful, benign, batch_tokens, progress=progress, stats=stats)
     seconds = time.perf_counter() - start
-    for s, score in zip(usable, scores):
+    for s, score in zip(harmful + benign, scores):
         s.score = score
     result = rerank(usable, top_k, min_gap)
+    if helpful is not None:
+        result.benign_alpha = helpful.calibration["scale"]
     result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
     result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k,
                           alpha=alpha, min_gap=min_gap, samples_file=samples_path, reward_model=reward_dir,
-                          layers=reward.layers, pooling=reward.pooling,
+                          layers=reward.layers, pooling=reward.pooling, benign_reward_model=benign_reward_dir,
+                          benign_alpha=result.benign_alpha,
                           scorer=getattr(scorer, "name", "external") if scorer else "hybrid reward")
     return result
 

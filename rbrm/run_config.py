@@ -48,6 +48,9 @@ class SampleSection:
     where: dict | None = None  # keep rows whose fields have these values
     skip: int = 0
     limit: int | None = None
+    # prompt-set specs never sampled for training, beside the evaluation sets (a validation run that evaluates on
+    # other prompts names the test sets here, so it trains on the same prompts as the run it chooses settings for)
+    exclude: list[str] | None = None
     n: int = 8
     temperature: float = DecodingConfig.temperature
     top_k: int = DecodingConfig.top_k
@@ -63,6 +66,10 @@ class SampleSection:
     benign_where: dict | None = None
     benign_skip: int = 0
     benign_limit: int | None = None
+
+    def key(self) -> dict:
+        """The settings in a stage key: `exclude` is left out, as the stage's prompt ids already say what it did."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "exclude"}
 
     def generation_settings(self) -> DecodingConfig:
         return DecodingConfig(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
@@ -150,6 +157,9 @@ class PipelineConfig:
     online_rounds: list[int] | None = None
     device: str | None = None
     probe: dict = field(default_factory=dict)  # ProbeTrainConfig options (stage 1)
+    # ProbeTrainConfig options of a second hybrid reward, trained on helpful answers over deflections and refusals:
+    # it ranks the benign pool prompts' samples (`sample.benign_prompts`); empty: the safety reward ranks them too
+    helpfulness_probe: dict = field(default_factory=dict)
     sample: SampleSection = field(default_factory=SampleSection)
     rerank: RerankSection = field(default_factory=RerankSection)
     dpo: dict = field(default_factory=dict)  # ConfidenceDPOConfig options (stage 3, every method alike)
@@ -170,6 +180,7 @@ class PipelineConfig:
 def dict_keys() -> dict[str, set[str]]:
     """The keys of the sections that stay mappings (their classes check them)."""
     return {"probe": {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE,
+            "helpfulness_probe": {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE,
             "dpo": {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"},
             "lora": {f.name for f in dataclasses.fields(LoraConfig)}}
 
@@ -304,6 +315,10 @@ def check(config: PipelineConfig, path: str) -> None:
         if rounds < 1 or steps < 1 or steps % rounds:
             raise PipelineConfigError(f"{path}: online needs `dpo.max_steps` ({steps}) to be a positive multiple "
                                       f"of `online.rounds` ({rounds})")
+    if config.helpfulness_probe and not config.helpfulness_probe.get("data"):
+        raise PipelineConfigError(f"{path}: `helpfulness_probe.data` is needed when the section is set")
+    if config.helpfulness_probe and not config.sample.benign_prompts:
+        raise PipelineConfigError(f"{path}: `helpfulness_probe` ranks benign pool prompts: set `sample.benign_prompts`")
     if config.online.samples not in ONLINE_SAMPLES:
         raise PipelineConfigError(f"{path}: `online.samples` must be one of {', '.join(ONLINE_SAMPLES)}; "
                                   f"got {config.online.samples!r}")

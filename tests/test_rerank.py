@@ -252,3 +252,52 @@ def test_pairs_load_into_dpo_trainer(tokenizer, reward_dir, tiny_model, tmp_path
     first = trainer.train_dataset[0]
     assert first["prompt_ids"] and first["chosen_ids"] and first["rejected_ids"]
     assert tokenizer.decode(first["chosen_ids"]).startswith(pairs[0]["chosen"][0]["content"])
+
+
+# ------------------------------------------------------------------------- benign prompts, helpfulness reward
+
+
+def _direction_reward(model, tokenizer, prompt, better, worse, layers=(2, 3)) -> HybridRewardModel:
+    """A probe whose every layer points from `worse`'s features to `better`'s (gate 1/2 everywhere)."""
+    from rbrm.features import extract_features
+
+    feats = extract_features(model, tokenizer, [(prompt, better), (prompt, worse)], list(layers), "last",
+                             progress=False)
+    reward = HybridRewardModel(len(layers), model.config.hidden_size,
+                               {"layers": list(layers), "pooling": "last", "model": model_fingerprint(model),
+                                "calibration": {"scale": 3.0, "offset": 0.0}})
+    with torch.no_grad():
+        reward.weight.copy_(feats[0] - feats[1])
+    return reward
+
+
+def test_benign_prompts_are_ranked_by_the_helpfulness_reward(tiny_model, tokenizer, tmp_path):
+    prompt = "How do I bake bread?"
+    helpful = "Mix flour, water, salt and yeast, knead for ten minutes, let it rise, then bake at 220 C."
+    deflection = "I'm glad you're enjoying my help! Baking is a wonderful journey that requires understanding."
+    # the safety reward prefers the deflection (as a safety probe does: it looks safest); the helpfulness one not
+    safety = _direction_reward(tiny_model, tokenizer, prompt, deflection, helpful)
+    helpfulness = _direction_reward(tiny_model, tokenizer, prompt, helpful, deflection)
+    safety.save(str(tmp_path / "safety"))
+    helpfulness.save(str(tmp_path / "helpfulness"))
+    rows = [{"prompt_id": pid, "sample_index": i, "prompt": prompt, "response": text}
+            for pid in ("benign:7", "h1") for i, text in enumerate((deflection, helpful))]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    result = rerank_file("unused", str(tmp_path / "safety"), str(samples), alpha=7.5, loaded=(tiny_model, tokenizer),
+                         progress=False, benign_reward_dir=str(tmp_path / "helpfulness"))
+    write_rerank_outputs(result, str(tmp_path / "out"), 7.5)
+    pairs = {p["prompt_id"]: p for p in read_jsonl(tmp_path / "out" / "pairs.jsonl")}
+    assert pairs["benign:7"]["chosen"][0]["content"] == helpful and pairs["benign:7"]["kind"] == "benign"
+    assert pairs["h1"]["chosen"][0]["content"] == deflection and pairs["h1"]["kind"] == "harmful"
+    gap = pairs["benign:7"]["chosen_score"] - pairs["benign:7"]["rejected_score"]
+    assert pairs["benign:7"]["confidence"] == pytest.approx(1 / (1 + math.exp(-3.0 * gap)))  # its own scale
+    gap = pairs["h1"]["chosen_score"] - pairs["h1"]["rejected_score"]
+    assert pairs["h1"]["confidence"] == pytest.approx(1 / (1 + math.exp(-7.5 * gap)))
+
+    # without a helpfulness reward the safety reward ranks the benign prompt too: the deflection is chosen
+    plain = rerank_file("unused", str(tmp_path / "safety"), str(samples), alpha=7.5, loaded=(tiny_model, tokenizer),
+                        progress=False)
+    chosen = {c.prompt_id: c.response for c, _, _ in plain.pairs}
+    assert chosen["benign:7"] == deflection

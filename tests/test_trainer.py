@@ -666,3 +666,42 @@ if __name__ == "__main__":
         _ddp_worker(sys.argv[2])
     else:
         raise SystemExit(f"usage: {sys.argv[0]} --ddp-worker OUT_DIR")
+
+
+def test_benign_pairs_take_their_own_confidence_and_leave_the_probe_alone(tokenizer, tmp_path):
+    """Pairs ranked by the helpfulness reward (`benign`): gamma is their `confidence` column, floored, not the
+    safety probe's; the safety probe's update and accuracy see only the other pairs."""
+    from datasets import Dataset
+
+    from rbrm.dpo import ConfidenceDPOTrainer
+
+    rows = rendered_rows(tokenizer, 4)
+    for i, row in enumerate(rows):
+        row["benign"] = i in (1, 3)  # "Tell me a joke.", "Name a colour."
+    policy = make_tiny_model(tokenizer, seed=0)
+    probe = make_probe(policy, tokenizer)
+    trainer = ConfidenceDPOTrainer(policy, ref_model=make_tiny_model(tokenizer, seed=1),
+                                   args=config(tmp_path, confidence_floor=0.5, reward_update=True),
+                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                   reward_model=probe)
+    batch = batch_of(trainer, 4)
+    assert batch["benign"].tolist() == [False, True, False, True]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    gamma = trainer.last_confidence
+    assert gamma[1].item() == pytest.approx(CONFIDENCE[1]) and gamma[3].item() == pytest.approx(0.5)  # 0.3 floored
+    # the safety pairs keep the probe's online gamma, and only they reach the probe's loss
+    features = trainer.last_features
+    with torch.no_grad():
+        reward = probe(features)
+    online = torch.sigmoid(7.5 * (reward[:4] - reward[4:])).clamp(min=0.5)
+    torch.testing.assert_close(gamma[[0, 2]], online[[0, 2]], atol=1e-4, rtol=0)
+    loss.backward()
+    grad = probe.weight.grad.clone()
+    probe.weight.grad = None
+    from rbrm.reward_model import pairwise_loss
+
+    safety = torch.tensor([0, 2])
+    s_c, s_r = probe.layer_scores(features[:4][safety]), probe.layer_scores(features[4:][safety])
+    pairwise_loss(probe.reward_from_scores(s_c), probe.reward_from_scores(s_r), 1.0).backward()
+    torch.testing.assert_close(grad, probe.weight.grad, atol=1e-6, rtol=1e-4)

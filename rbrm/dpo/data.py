@@ -19,7 +19,7 @@ from ..data import load_pairs
 from ..render import end_of_turn, render, tokenize
 
 # Keys the collator adds to a batch; the trainer takes them out before anything reaches a model.
-EXTRA_KEYS = ("confidence", "endpoint_kept")
+EXTRA_KEYS = ("confidence", "endpoint_kept", "benign")
 
 
 def _response_text(value: Any) -> str:
@@ -69,6 +69,8 @@ class ConfidenceCollator:
         values = [example.get("confidence") for example in examples]
         if all(v is not None for v in values):
             batch["confidence"] = torch.tensor(values, dtype=torch.float32)
+        if "benign" in examples[0]:
+            batch["benign"] = torch.tensor([bool(e["benign"]) for e in examples], dtype=torch.bool)
         if "prompt_ids" in examples[0]:
             def kept(key: str) -> list[bool]:
                 return [self.max_length is None or self.truncation_mode == "keep_end"
@@ -79,13 +81,17 @@ class ConfidenceCollator:
 
 
 def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = "auto"):
-    """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it)."""
+    """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it,
+    + `benign` when some pairs were ranked by the helpfulness reward: `kind: benign`)."""
     rows = []
     for pair in load_pairs(path, format=format, limit=limit):
         prompt_text, chosen = render(tokenizer, pair.prompt, pair.chosen)
         _, rejected = render(tokenizer, pair.prompt, pair.rejected)
         rows.append({"prompt": prompt_text, "chosen": chosen, "rejected": rejected,
-                     "confidence": pair.meta.get("confidence")})
+                     "confidence": pair.meta.get("confidence"), "benign": pair.meta.get("kind") == "benign"})
+    if not any(row["benign"] for row in rows):
+        for row in rows:
+            del row["benign"]
     if all(row["confidence"] is None for row in rows):
         for row in rows:
             del row["confidence"]

@@ -299,8 +299,9 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if "confidence" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "confidence"]
+        for column in ("confidence", "benign"):
+            if column not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, column]
 
     def compute_ref_log_probs(self, model, inputs):
         if self.precompute_ref_logps:  # TRL's precompute pass; the in-loss call in _compute_loss runs with it off
@@ -347,6 +348,10 @@ class ConfidenceDPOTrainer(DPOTrainer):
         kept = extra["endpoint_kept"]
         kept = torch.ones(2 * n_pairs, dtype=torch.bool) if kept is None else kept.bool()
         pair_kept = (kept[:n_pairs] & kept[n_pairs:]).to(completion_mask.device)
+        # Pairs ranked by the helpfulness reward (benign prompts): the safety probe neither weighs nor learns them.
+        benign = extra["benign"]
+        benign = (torch.zeros(n_pairs, dtype=torch.bool) if benign is None else benign.bool()).to(pair_kept.device)
+        safety_kept = pair_kept & ~benign
 
         layers = probe.layers if probe is not None else []
         layer_modules = decoder_layers(self.accelerator.unwrap_model(model)) if layers else None
@@ -370,9 +375,14 @@ class ConfidenceDPOTrainer(DPOTrainer):
         if probe is not None:
             features = policy.features()
             self.last_features = features
-            reward_gap = self._probe_metrics_and_update(features, pair_kept, metrics)
+            reward_gap = self._probe_metrics_and_update(features, safety_kept, metrics)
         if mode_confidence != "none":
-            gamma = self._confidence(reward_gap, extra["confidence"], pair_kept, n_pairs, completion_mask.device)
+            gamma = self._confidence(reward_gap, extra["confidence"], safety_kept, n_pairs, completion_mask.device)
+            if benign.any():  # their confidence is the helpfulness reward's, from the re-ranking (`rbrm rerank`)
+                if extra["confidence"] is None:
+                    raise ValueError("pairs of kind `benign` need their `confidence` column (written by `rbrm rerank`)")
+                static = extra["confidence"].to(gamma.device, gamma.dtype).clamp(min=self.args.confidence_floor, max=1.0)
+                gamma = torch.where(benign, static, gamma)
             self.last_confidence = gamma
             seq_len = completion_mask.size(1) - 1
             logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
