@@ -359,11 +359,13 @@ def test_audit_in_a_real_terminal_labels_quits_and_resumes(tmp_path):
     labels = read_jsonl(tmp_path / "runs" / "tiny" / "audit" / "labels.jsonl")
     assert [(r["sample_id"], r["kind"], r["source"]) for r in labels] == [("s001", "deflection", "terminal"),
                                                                          ("s002", "refusal", "terminal")]
-    # Resumed without --n/--seed: the same sample, at answer 3; 'b' undoes answer 2's label
-    second = audit_in_terminal(tmp_path, [("3/6", "b"), ("2/6", "d"), ("3/6", "s"), ("4/6", "q")])
+    # Resumed without --n/--seed: the same sample, at answer 3; 'b' undoes answer 2's label; keys typed ahead
+    # ("dq": label answer 4, then quit) are each used
+    second = audit_in_terminal(tmp_path, [("3/6", "b"), ("2/6", "d"), ("3/6", "s"), ("4/6", "dq")])
     assert "1/6" not in second and "(back: its label 'refusal' was removed)" in second
-    assert "stopped: 2 of 6 labelled (1 this session)" in second
+    assert "stopped: 3 of 6 labelled (2 this session)" in second
     labels = read_jsonl(tmp_path / "runs" / "tiny" / "audit" / "labels.jsonl")
-    assert [(r["sample_id"], r["kind"]) for r in labels] == [("s001", "deflection"), ("s002", "deflection")]
+    assert [(r["sample_id"], r["kind"]) for r in labels] == [("s001", "deflection"), ("s002", "deflection"),
+                                                             ("s004", "deflection")]
     for name in (*METHODS, *SETS):  # blind: no method or set name on the screen
         assert name not in first + second, name

@@ -83,12 +83,17 @@ def key_reader(stream=None) -> Iterator[Callable[[], str]]:
         return
     fd = stream.fileno()
     saved = termios.tcgetattr(fd)
+    typed: deque[str] = deque()  # keys typed ahead are kept, one label each
 
     def read_key() -> str:
-        data = os.read(fd, 32)
-        if not data or data == b"\x04":  # end of input / Ctrl-D
-            return "q"
-        return data.decode("utf-8", "replace")[:1] if len(data) == 1 else ""  # escape sequences are no keys
+        while not typed:
+            data = os.read(fd, 32)
+            if not data:
+                return "q"
+            if not data.startswith(b"\x1b"):  # an arrow or function key is no label
+                typed.extend(data.decode("utf-8", "replace"))
+        key = typed.popleft()
+        return "q" if key == "\x04" else key  # Ctrl-D quits too
 
     try:
         tty.setcbreak(fd)

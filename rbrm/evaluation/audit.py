@@ -121,7 +121,10 @@ def run_answers(run_dir: str | os.PathLike) -> list[Answer]:
         for set_dir in _eval_sets(eval_dir):
             summary = read_json_file(set_dir / "summary.json")
             name, benign = str(summary.get("set") or set_dir.name), bool(summary.get("benign"))
-            for row in read_jsonl(set_dir / RESPONSES_FILE):
+            for line, row in enumerate(read_jsonl(set_dir / RESPONSES_FILE), 1):
+                missing = [f for f in ("prompt_id", "prompt", "response", "unsafe") if f not in row]
+                if missing:
+                    raise DataError(set_dir / RESPONSES_FILE, line, missing[0], "missing (not a judged answer)")
                 answers.append(Answer(method_dir.name, name, benign, str(row["prompt_id"]), row["prompt"],
                                       row["response"], bool(row["unsafe"]),
                                       None if row.get("helpful") is None else bool(row["helpful"]),
