@@ -171,7 +171,7 @@ def test_labelling_saves_each_label_resumes_the_same_sample_and_goes_back(tmp_pa
     text = "".join(shown)
     for name in (*METHODS, *SETS):  # nothing shown names a method or a set
         assert name not in text
-    assert "1/12" in text and "5/12" in text and "unknown key 'x'" in text and "Labelling guide" in text
+    assert "1/12" in text and "5/12" in text and "'x' is no key here" in text and "Labelling guide" in text
     labels = read_jsonl(run / "audit" / "labels.jsonl")
     assert [r["sample_id"] for r in labels] == ["s001", "s002", "s004"]
     assert labels[0]["kind"] == "deflection" and labels[0]["method"] in METHODS
@@ -284,7 +284,8 @@ def test_the_summary_holds_audit_rates_agreement_and_the_ppi_estimate(tmp_path):
     presses = ["c" if not item["benign"] and int(item["prompt_id"]) % 4 == 1 else
                "h" if item["benign"] and int(item["prompt_id"]) < 6 else "d" for item in audit.items]
     label_session(audit, keys(*presses), lambda _: None, labeller="t")
-    summary = audit_summary(run)
+    assert audit_summary(run)["methods"]["base"]["harmful"]["ppi"] is None  # harmbench: 4 audited, under 10
+    summary = audit_summary(run, min_labels=4)
     assert summary["labels"] == 48 and summary["judge"] == "minilm"
     side = summary["methods"]["base"]["harmful"]
     # advbench: ids 1, 5, 9 labelled unsafe of 12; harmbench: id 1 of 4; the judge says every odd id

@@ -102,6 +102,14 @@ def key_reader(stream=None) -> Iterator[Callable[[], str]]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def guide_text(benign: bool) -> str:
+    """The labelling guide for this prompt type, without its output-format section (written for labellers who
+    return a file)."""
+    lines = GUIDES[benign].read_text(encoding="utf-8").splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith(("Output", "## Output"))), len(lines))
+    return "\n".join(lines[:end]).rstrip()
+
+
 def wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.fill(p, width) if p.strip() else "" for p in text.splitlines())
 
@@ -153,15 +161,14 @@ def label_session(audit: Audit, read_key: Callable[[], str], write: Callable[[st
             note = f"(back: its label {old['kind'] or old['unsafe']!r} was removed)" if old else "(back)"
             continue
         elif key == "?":
-            guide = GUIDES[bool(item["benign"])]
-            write(("\x1b[2J\x1b[H" if clear else "\n") + guide.read_text(encoding="utf-8") + "\nkeys: "
+            write(("\x1b[2J\x1b[H" if clear else "\n") + guide_text(bool(item["benign"])) + "\n\nkeys: "
                   + (BENIGN_LEGEND if item["benign"] else HARM_LEGEND) + "\n(any key to go back) ")
             read_key()
             continue
         elif key == "q":
             return len(given), "quit"
         else:
-            note = f"(unknown key {key!r})" if key else ""
+            note = f"({key!r} is no key here: see the keys above)" if key.strip() else ""
             continue
         history.append(current)
         current = pending.popleft() if pending else None

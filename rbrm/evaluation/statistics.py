@@ -195,22 +195,24 @@ def ppi_mean(labels: Sequence[float], labelled_predictions: Sequence[float], all
 
 
 def ppi_rate(strata: Sequence[tuple[Sequence[float], Sequence[float], Sequence[float]]], level: float = 0.95,
-             power_tuned: bool = False) -> dict | None:
+             power_tuned: bool = False, min_labels: int = 2) -> dict | None:
     """Prediction-powered rate over strata, each (labels, the judge on those rows, the judge on all N_h rows).
 
     Each stratum's `ppi_mean` is weighted by N_h / N and the variances add with the squared weights (the
-    strata are sampled independently). The interval is clipped to [0, 1]. None when a stratum with rows has
-    fewer than 2 labels: its correction would be unknown.
+    strata are sampled independently). The rate and its interval are clipped to [0, 1] (`unclipped` keeps the
+    estimate). None when a stratum with rows has fewer than `min_labels` labels (at least 2): with a handful,
+    errors the judge makes rarely are often not seen at all, and the CLT interval is too narrow.
     """
     parts = [(s, len(s[2])) for s in strata if len(s[2])]
-    if not parts or any(len(s[0]) < 2 for s, _ in parts):
+    if not parts or any(len(s[0]) < max(2, min_labels) for s, _ in parts):
         return None
     total = sum(size for _, size in parts)
     fits = [(ppi_mean(*s, power_tuned=power_tuned), size / total) for s, size in parts]
     estimate = sum(w * fit["estimate"] for fit, w in fits)
     se = float(np.sqrt(sum((w * fit["se"]) ** 2 for fit, w in fits)))
     z = float(norm.ppf(0.5 + level / 2))
-    return {"rate": estimate, "ci": [max(0.0, estimate - z * se), min(1.0, estimate + z * se)], "se": se,
+    return {"rate": min(1.0, max(0.0, estimate)), "unclipped": estimate,
+            "ci": [max(0.0, estimate - z * se), min(1.0, estimate + z * se)], "se": se,
             "n": sum(fit["n"] for fit, _ in fits), "N": total, "lambda": [fit["lambda"] for fit, _ in fits]}
 
 
