@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from rbrm.cli import main
-from rbrm.commands.audit import label_session
+from rbrm.commands.audit import key_reader, label_session
 from rbrm.data import DataError, read_jsonl
 from rbrm.errors import AuditError
 from rbrm.evaluation.audit import (
@@ -192,6 +193,19 @@ def test_labelling_saves_each_label_resumes_the_same_sample_and_goes_back(tmp_pa
     assert rows == {"s001": "deflection", "s002": "refusal", "s004": "refusal", "s005": "refusal"}
 
 
+def test_without_a_terminal_each_line_is_one_key(tmp_path):
+    with key_reader(io.StringIO("d\n\n  r extra\n")) as read:
+        assert [read(), read(), read(), read()] == ["d", "", "r", "q"]  # end of input quits
+
+
+def test_a_run_without_answers_says_what_to_do(tmp_path):
+    (tmp_path / "multi" / "seeds" / "seed0").mkdir(parents=True)
+    with pytest.raises(AuditError, match="audited one seed at a time: --run .*seeds/seed0"):
+        run_answers(tmp_path / "multi")
+    with pytest.raises(AuditError, match="no such run folder"):
+        run_answers(tmp_path / "nowhere")
+
+
 # -------------------------------------------------------------------------------------------- import
 
 
@@ -297,6 +311,7 @@ def test_the_summary_holds_audit_rates_agreement_and_the_ppi_estimate(tmp_path):
     benign = summary["methods"]["dpo_rerank"]["benign"]
     assert benign["audit"]["rate"] == pytest.approx(6 / 8) and benign["agreement"]["rate"] == pytest.approx(4 / 8)
     assert benign["deflection_recall"] == pytest.approx(1 / 2)  # ids 6, 7: the measure calls 7 helpful
+    assert list(audit_summary(run, methods=["dpo_rerank", "online"])["methods"]) == ["dpo_rerank"]
     table = "\n".join(audit_table(summary))
     assert "| base | unsafe | 16 / 16 | 25.0% [" in table and "| dpo_rerank | helpful | 8 / 8 | 75.0% [" in table
 

@@ -424,8 +424,8 @@ def _side(answers: list[Answer], labels: dict, benign: bool, power_tuned: bool, 
     return out
 
 
-def audit_summary(run_dir: str | os.PathLike, power_tuned: bool = False,
-                  min_labels: int = MIN_PPI_LABELS) -> dict | None:
+def audit_summary(run_dir: str | os.PathLike, power_tuned: bool = False, min_labels: int = MIN_PPI_LABELS,
+                  methods: Sequence[str] | None = None) -> dict | None:
     """Per-method audit results for a run, or None when it has no audit labels.
 
     {"labels": total, "stale_labels": labels whose answer is no longer in the run, "judge": name,
@@ -434,16 +434,18 @@ def audit_summary(run_dir: str | os.PathLike, power_tuned: bool = False,
     count), `instrument_rate` (the judge's or the measure's rate over all answers), `agreement` (with the
     audit: rate, ci, n, says_yes_audit_no, says_no_audit_yes), `ppi` (the prediction-powered rate: rate, ci,
     se, n, N; None while a set has fewer than `min_labels` audited answers), `kinds` and per-set counts.
+    `methods` keeps only those (a report of a run whose folder holds others); by default every method found.
     """
     audit = Audit(run_dir)
     if not audit.labels:
         return None
     answers = run_answers(run_dir)
     current = {a.key for a in answers}
-    methods: dict[str, dict] = {}
-    for method in dict.fromkeys(a.method for a in answers):
+    found = list(dict.fromkeys(a.method for a in answers))
+    results: dict[str, dict] = {}
+    for method in found if methods is None else [m for m in methods if m in found]:
         mine = [a for a in answers if a.method == method]
-        methods[method] = {"harmful": _side([a for a in mine if not a.benign], audit.labels, False, power_tuned,
+        results[method] = {"harmful": _side([a for a in mine if not a.benign], audit.labels, False, power_tuned,
                                        min_labels),
                            "benign": _side([a for a in mine if a.benign], audit.labels, True, power_tuned,
                                       min_labels)}
@@ -452,7 +454,7 @@ def audit_summary(run_dir: str | os.PathLike, power_tuned: bool = False,
             "sample": None if audit.sample is None else {"n": audit.sample["n"], "seed": audit.sample["seed"],
                                                          "drawn": audit.sample["drawn"]},
             "sources": dict(Counter(str(r.get("source", "")).split(":")[0] for r in audit.labels.values())),
-            "power_tuned": power_tuned, "min_labels": min_labels, **judges, "methods": methods}
+            "power_tuned": power_tuned, "min_labels": min_labels, **judges, "methods": results}
 
 
 def _instrument_names(run_dir: str | os.PathLike) -> dict:
