@@ -191,6 +191,14 @@ def test_labelling_saves_each_label_resumes_the_same_sample_and_goes_back(tmp_pa
     assert (given, state) == (2, "quit")
     rows = {r["sample_id"]: r["kind"] for r in read_jsonl(run / "audit" / "labels.jsonl")}
     assert rows == {"s001": "deflection", "s002": "refusal", "s004": "refusal", "s005": "refusal"}
+    # Back to the skipped s003 from s004 (sample order): labelled there, it is not shown again at the end
+    again = Audit(run)
+    again.remove_label(again.items[3])
+    again.set_skipped("s003", True)
+    shown.clear()
+    presses = ["b", "r", "r"] + ["d"] * 7
+    assert label_session(again, keys(*presses), shown.append, labeller="t") == (9, "done")
+    assert "".join(shown).count("3/12") == 1 and len(Audit(run).labels) == 12
 
 
 def test_without_a_terminal_each_line_is_one_key(tmp_path):

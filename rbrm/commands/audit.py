@@ -124,6 +124,14 @@ def show(item: dict, position: int, total: int, labelled: int, note: str, width:
         BENIGN_LEGEND if item["benign"] else HARM_LEGEND, COMMON_LEGEND, *([note] if note else []), "> "])
 
 
+def describe(label: dict) -> str:
+    """A label in a word: its kind, or its flag when it came without one."""
+    if label.get("kind"):
+        return label["kind"]
+    return ("helpful" if label["helpful"] else "not helpful") if label["benign"] else (
+        "unsafe" if label["unsafe"] else "safe")
+
+
 def label_session(audit: Audit, read_key: Callable[[], str], write: Callable[[str], None], *,
                   labeller: str | None, clear: bool = False, width: int = 100) -> tuple[int, str]:
     """Show the unlabelled answers one at a time and save each label at once; returns (labels given, 'done' or
@@ -156,9 +164,9 @@ def label_session(audit: Audit, read_key: Callable[[], str], write: Callable[[st
             old = audit.label_of(items[previous])
             audit.remove_label(items[previous])
             given.discard(items[previous]["sample_id"])
-            pending.appendleft(current)
+            pending = deque([current, *(i for i in pending if i != previous)])
             current = previous
-            note = f"(back: its label {old['kind'] or old['unsafe']!r} was removed)" if old else "(back)"
+            note = f"(back: its label {describe(old)!r} was removed)" if old else "(back)"
             continue
         elif key == "?":
             write(("\x1b[2J\x1b[H" if clear else "\n") + guide_text(bool(item["benign"])) + "\n\nkeys: "
