@@ -38,6 +38,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                        "compare `rbrm eval` runs: unsafe rate and over-refusal per model (PNG)"),
     ("judge",): ("rbrm.commands.evaluate:JudgeConfig", "rbrm.commands.evaluate:run_judge",
                  "judge (prompt, response) rows: add unsafe, score and refusal"),
+    ("audit",): ("rbrm.commands.audit:AuditConfig", "rbrm.commands.audit:run_audit",
+                 "label a blind sample of a run's answers in the terminal (resumable), or --import labels"),
     ("pipeline",): ("rbrm.commands.pipeline:PipelineCommandConfig", "rbrm.commands.pipeline:run_pipeline",
                     "stages 1-4 for each method in a YAML config (cached, resumable), then report.md/json"),
 }

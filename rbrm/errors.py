@@ -18,3 +18,8 @@ class OutputLockedError(RbrmError):
 
 class ConfigError(RbrmError, ValueError):
     """A setting or option, or a combination of them, that cannot work; the message names it."""
+
+
+class AuditError(RbrmError):
+    """A run that cannot be audited as asked (no answers, a sample drawn with other settings, labels that match
+    nothing); the message says what to do."""

@@ -1,4 +1,5 @@
-"""Rates with percentile-bootstrap intervals, and how well a reward ranks the policy's own samples."""
+"""Rates with percentile-bootstrap intervals, Wilson and prediction-powered intervals, and how well a reward ranks
+the policy's own samples."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, norm
 from sklearn.metrics import roc_auc_score
 
 from ..render import prompt_key
@@ -128,6 +129,91 @@ def ranking_quality(samples: Sequence[dict], pairs: Sequence[dict], judge) -> di
                    judge_score_agrees=sum(c.score < r.score for c, r in zip(chosen, rejected)) / len(pairs),
                    judge_score_ties=sum(c.score == r.score for c, r in zip(chosen, rejected)) / len(pairs))
     return out
+
+
+def wilson_ci(successes: float, n: float, level: float = 0.95) -> list[float] | None:
+    """Wilson score interval of a proportion; `n` may be an effective (non-integer) size. Unlike the normal
+    interval it stays informative at 0 of n, the usual audit result for an aligned model."""
+    if n <= 0:
+        return None
+    z = float(norm.ppf(0.5 + level / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def stratified_rate(strata: Sequence[tuple[Sequence[bool], int]], level: float = 0.95) -> dict | None:
+    """Rate over strata of sizes N_h from a sample of each: (flags of the sampled rows, N_h) per stratum.
+
+    The estimate weights each stratum's sample rate by N_h / N, so equal allocation over sets of unequal size
+    does not bias it. The interval is Wilson's at Kish's effective sample size 1 / sum(w_h^2 / n_h) (the plain
+    Wilson interval for one stratum). Strata with no sampled row are left out, and `covered` says what share
+    of the rows the estimate speaks for.
+    """
+    used = [(np.asarray(flags, dtype=float), size) for flags, size in strata if len(flags) and size > 0]
+    total = sum(size for _, size in strata if size > 0)
+    if not used:
+        return None
+    weights = np.array([size for _, size in used], dtype=float)
+    weights /= weights.sum()
+    rate = float(sum(w * x.mean() for w, (x, _) in zip(weights, used)))
+    n_eff = 1.0 / float(sum(w * w / len(x) for w, (x, _) in zip(weights, used)))
+    return {"rate": rate, "ci": wilson_ci(rate * n_eff, n_eff, level), "n": int(sum(len(x) for x, _ in used)),
+            "count": int(sum(x.sum() for x, _ in used)), "effective_n": n_eff,
+            "covered": sum(size for _, size in used) / total}
+
+
+def ppi_mean(labels: Sequence[float], labelled_predictions: Sequence[float], all_predictions: Sequence[float],
+             power_tuned: bool = False) -> dict:
+    """Prediction-powered estimate of a mean (Angelopoulos et al., Science 2023) and its standard error.
+
+    The judge's mean over all N rows, corrected by its mean error on the n labelled rows, which are a random
+    sample of the N: theta = lambda * mean_N(f) + mean_n(y - lambda * f). Its variance has a term from each
+    part and one because the labelled rows are among the N:
+    lambda^2 var_N(f) / N + var_n(y - lambda f) / n + 2 lambda cov_n(f, y - lambda f) / N.
+    lambda = 1 is the original estimator. `power_tuned` takes the lambda that minimises that variance (PPI++'s
+    power tuning; with the labelled rows among the N it is cov(y, f) / var(f)), clipped to [0, 1], so a useless
+    judge costs no more than the labels alone. The interval is the CLT one, estimate +- z * se.
+    """
+    y = np.asarray(labels, dtype=float)
+    f = np.asarray(labelled_predictions, dtype=float)
+    big_f = np.asarray(all_predictions, dtype=float)
+    n, big_n = y.size, big_f.size
+    if f.size != n or n < 2 or big_n < 2:
+        raise ValueError(f"need at least 2 labelled rows with a prediction each and 2 predictions in all; got "
+                         f"{n} labels, {f.size} labelled predictions, {big_n} predictions")
+    var_f = float(big_f.var(ddof=1))
+    lam = 1.0
+    if power_tuned:
+        lam = float(np.clip(np.cov(y, f, ddof=1)[0, 1] / var_f, 0.0, 1.0)) if var_f > 0 else 0.0
+    error = y - lam * f
+    estimate = lam * float(big_f.mean()) + float(error.mean())
+    overlap = float(np.cov(f, error, ddof=1)[0, 1])
+    variance = lam * lam * var_f / big_n + float(error.var(ddof=1)) / n + 2 * lam * overlap / big_n
+    return {"estimate": estimate, "se": float(np.sqrt(max(variance, 0.0))), "lambda": lam, "n": n, "N": big_n}
+
+
+def ppi_rate(strata: Sequence[tuple[Sequence[float], Sequence[float], Sequence[float]]], level: float = 0.95,
+             power_tuned: bool = False, min_labels: int = 2) -> dict | None:
+    """Prediction-powered rate over strata, each (labels, the judge on those rows, the judge on all N_h rows).
+
+    Each stratum's `ppi_mean` is weighted by N_h / N and the variances add with the squared weights (the
+    strata are sampled independently). The rate and its interval are clipped to [0, 1] (`unclipped` keeps the
+    estimate). None when a stratum with rows has fewer than `min_labels` labels (at least 2): with a handful,
+    errors the judge makes rarely are often not seen at all, and the CLT interval is too narrow.
+    """
+    parts = [(s, len(s[2])) for s in strata if len(s[2])]
+    if not parts or any(len(s[0]) < max(2, min_labels) for s, _ in parts):
+        return None
+    total = sum(size for _, size in parts)
+    fits = [(ppi_mean(*s, power_tuned=power_tuned), size / total) for s, size in parts]
+    estimate = sum(w * fit["estimate"] for fit, w in fits)
+    se = float(np.sqrt(sum((w * fit["se"]) ** 2 for fit, w in fits)))
+    z = float(norm.ppf(0.5 + level / 2))
+    return {"rate": min(1.0, max(0.0, estimate)), "unclipped": estimate,
+            "ci": [max(0.0, estimate - z * se), min(1.0, estimate + z * se)], "se": se,
+            "n": sum(fit["n"] for fit, _ in fits), "N": total, "lambda": [fit["lambda"] for fit, _ in fits]}
 
 
 def pct(rate: float | None, ci: list[float] | None) -> str:
