@@ -19,6 +19,9 @@ from .dpo import CONFIDENCE_FILE
 from .evaluation import (
     DRIFT_FILE,
     aggregate,
+    audit_notes,
+    audit_summary,
+    audit_table,
     bootstrap_ci,
     make_judge,
     opening_share,
@@ -356,6 +359,7 @@ def write_report(pipeline) -> dict:
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
         "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(pipeline),
         "stage_cpu_shares": stage_cpu_shares(pipeline),
+        "audit": audit_summary(pipeline.path(), methods=config.methods),
         **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {}),
     }
     write_json(pipeline.path("report.json"), report)
@@ -503,6 +507,12 @@ def render_markdown(report: dict, pipeline) -> str:
     if ratio:
         parts = [f"{k.replace('_', ' ')} {v:.1f}x" for k, v in ratio.items() if v is not None]
         lines += ["", f"**Compute ratio online / RBRM:** {', '.join(parts)}."]
+    if report.get("audit"):
+        lines += ["", "## Human audit (`rbrm audit`)", "", *audit_notes(report["audit"]), "",
+                  *audit_table(report["audit"])]
+    else:
+        lines += ["", "No human audit of this run yet: its rates rest on the offline instruments alone. `rbrm audit "
+                  f"--run {pipeline.path()}` labels a blind sample of its answers (README, \"Auditing a run\")."]
     lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
     if report.get("excluded_training_prompts"):
         lines.append(f"- {report['excluded_training_prompts']} sampling prompts were dropped because they are "

@@ -317,7 +317,13 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
         assert len(row["helpfulness_rate_ci"]) == 2
         assert 0 <= row["second_judge_unsafe_rate"] <= 1 and len(row["second_judge_unsafe_rate_ci"]) == 2
     assert set(methods["rbrm"]["vs_second_judge"]) == set(methods["rbrm"]["vs"])
-    assert all("Second judge (minilm)" in f and "under both judges" in f for f in report["findings"])
+    comparisons = [f for f in report["findings"] if not f.startswith("**FLAG")]
+    assert comparisons and all("Second judge (minilm)" in f and "under both judges" in f for f in comparisons)
+    # every comparison with base says what it cost in helpfulness; flagged methods are the ones keeping < 80%
+    assert all("Helpfulness" in f for f in comparisons if " vs base:" in f)
+    flagged = {m for m, row in methods.items() if row.get("helpfulness_flag")}
+    assert flagged == {m for m, row in methods.items() if m != "base" and row.get("helpfulness_kept", 1.0) < 0.8}
+    assert len(report["findings"]) - len(comparisons) == len(flagged)
     assert methods["base"]["generated_tokens"] == methods["base"]["forward_tokens"] == 0
     assert methods["dpo_static"]["generated_tokens"] == 0 < methods["dpo_static"]["forward_tokens"]
     # Re-ranked methods share stages 1-2 and train on the same pairs for the same steps.
@@ -368,6 +374,11 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
     assert "## Compute ledger" in text and "| FLOPs |" in text
     assert "unsafe, 2nd judge (minilm)" in text
+    # degeneration figures: every method's top-opening share; the KL from base on the benign answers (0 for base)
+    assert all(0 < row["opening_share"] <= 1 and row["opening"] is not None for row in methods.values())
+    assert methods["base"]["benign_kl"] == 0.0
+    assert all(methods[m]["benign_kl"] > 0 for m in ("dpo_static", "dpo_rerank", "rbrm", "online"))
+    assert "| top opening | KL from base |" in text
 
     # Unchanged config: every stage is reused.
     before = stage_records(run_dir)
@@ -597,3 +608,40 @@ def test_seed_and_prompt_bootstrap_carries_seed_variance():
     assert steady["difference"] == pytest.approx(-0.5) and spread["difference"] == pytest.approx(-0.5)
     width = lambda d: d["ci"][1] - d["ci"][0]  # noqa: E731
     assert width(spread) > 2 * width(steady)  # the same mean, but seeds that disagree widen the interval
+
+
+def test_benign_pool_prompts_are_ranked_by_the_helpfulness_reward(tmp_path, tiny_model_dir):
+    from rbrm.data import read_jsonl
+
+    path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"],
+                       sample={"benign_prompts": "data/refusal_direction/harmless_val.json", "benign_skip": 120,
+                               "benign_limit": 3},
+                       helpfulness_probe={"data": "data/rbrm_labels/derived_helpfulness_labelled.jsonl",
+                                          "limit": 24, "baseline": False})
+    report = run(path)
+    run_dir = tmp_path / "runs" / "tiny"
+    pairs = read_jsonl(str(run_dir / "rerank" / "pairs.jsonl"))
+    kinds = {p["prompt_id"]: p["kind"] for p in pairs}
+    assert {k for pid, k in kinds.items() if pid.startswith("benign:")} == {"benign"}
+    assert {k for pid, k in kinds.items() if not pid.startswith("benign:")} == {"harmful"}
+    summary = json.loads((run_dir / "rerank" / "summary.json").read_text())
+    assert summary["benign_reward_model"].endswith(os.path.join("helpfulness_probe", "reward_model"))
+    # the helpfulness reward is its own stage: the re-ranking reads it, and RBRM's compute counts it
+    rerank_key = json.loads((run_dir / "rerank" / "key.json").read_text())["inputs"]
+    helpfulness = json.loads((run_dir / "helpfulness_probe" / "stage.json").read_text())
+    assert helpfulness["key"] in json.dumps(rerank_key)
+    assert "helpfulness_probe" in report["methods"]["rbrm"]["compute_by_stage"]
+
+
+def test_a_method_that_loses_helpfulness_is_flagged():
+    from rbrm.report import helpfulness_cost, helpfulness_flags
+
+    methods = {"base": {"helpfulness_rate": 0.5}, "kept": {"helpfulness_rate": 0.45},
+               "deflects": {"helpfulness_rate": 0.15, "opening": "i'm glad you're enjoying", "opening_share": 0.8,
+                            "benign_kl": 1.234}}
+    flags = helpfulness_flags(methods)
+    assert methods["kept"]["helpfulness_flag"] is False and methods["kept"]["helpfulness_kept"] == pytest.approx(0.9)
+    assert methods["deflects"]["helpfulness_flag"] is True and "helpfulness_flag" not in methods["base"]
+    assert len(flags) == 1 and "FLAG: deflects keeps 30%" in flags[0] and "i'm glad you're enjoying" in flags[0]
+    assert "80%" in flags[0] and "1.234" in flags[0]
+    assert "keeps 30%" in helpfulness_cost(methods, "deflects") and helpfulness_cost(methods, "base") == ""
