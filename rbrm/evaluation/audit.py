@@ -367,8 +367,8 @@ def _import(run_dir: str | os.PathLike, path: str, labeller: str | None, require
 
 def shipped_label_files() -> list[Path]:
     """The labelled answers the project ships (data/rbrm_labels/*.jsonl): an audit of any run whose answers
-    they match, text for text."""
-    return sorted(SHIPPED_LABELS.glob("*.jsonl"))
+    they match, text for text. `derived_*` files are views of these (other layouts), not more labels."""
+    return sorted(p for p in SHIPPED_LABELS.glob("*.jsonl") if not p.name.startswith("derived_"))
 
 
 # ------------------------------------------------------------------------------------------------ summary
