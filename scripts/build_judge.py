@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         from rbrm.helpfulness import build_helpfulness_head
 
         metrics = build_helpfulness_head(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
-        print(json.dumps({k: metrics[k] for k in ("version", "training_data", "selection", "transfer")}, indent=2))
+        print(json.dumps({k: metrics[k] for k in ("version", "heads", "measured")}, indent=2))
         return 0
     metrics = build_minilm_judge(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
     print(json.dumps(metrics, indent=2))
