@@ -161,8 +161,8 @@ def logistic_baseline(features, pairs, labels, train_mask_rows: torch.Tensor, se
     """scikit-learn logistic regression on the best single layer (chosen by CV on the train side).
 
     `fit`: `span` fits each layer in the span of its training rows (`SpanLogistic`, seconds for a 7B model's 32
-    layers); `full` in all the model's dimensions (the same accuracies, ~30x slower at 4,096 dims:
-    benchmarks/bench_probe_cv.py).
+    layers); `full` in all the model's dimensions, the former path (the same accuracies up to solver tolerance,
+    11-16x slower at 4,096 dims on 2 cores: benchmarks/bench_probe_cv.py).
     """
     if fit not in BASELINE_FITS:
         raise ConfigError(f"baseline fit {fit!r}: expected one of {', '.join(BASELINE_FITS)}")
