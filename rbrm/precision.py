@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import time
 
@@ -69,9 +70,9 @@ def matmul_gflops(dtype: torch.dtype, shapes=SHAPES, repeats: int = 3, budget_s:
             best, spent = min(best, took), spent + took
             if spent > budget_s:
                 break
-        out[f"{m}x{k}x{n}"] = round(2 * m * k * n / best / 1e9, 1)
+        out[f"{m}x{k}x{n}"] = float(f"{2 * m * k * n / best / 1e9:.4g}")
         flops, seconds = flops + 2 * m * k * n, seconds + best
-    out["all"] = round(flops / seconds / 1e9, 1)
+    out["all"] = float(f"{flops / seconds / 1e9:.4g}")
     return out
 
 
@@ -105,7 +106,10 @@ def cpu_precision() -> dict:
     cached[digest] = {"choice": choice, "gflops": gflops, "cpu": key["cpu"], "threads": key["threads"],
                       "torch": key["torch"], "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(
                           timespec="seconds")}
-    write_json(path, _read_cache(path) | {digest: cached[digest]})  # another process's entries are kept
+    try:
+        write_json(path, _read_cache(path) | {digest: cached[digest]})  # another process's entries are kept
+    except OSError as err:  # a read-only cache: measured again next time, the choice stands
+        logging.getLogger(__name__).warning("could not cache the CPU precision in %s: %s", path, err)
     return {"choice": choice, "source": "measured", "gflops": gflops}
 
 
