@@ -4,8 +4,8 @@ mallopt cannot be undone inside a process, so two worker processes run the same 
 RBRM_KEEP_FREED_MEMORY=0 (glibc's defaults) and one with the setting, taking turns one round at a time (the
 order reversed every other round), after one warm-up round each. A round is what a pipeline run repeats: one
 confidence-DPO step as the pipeline trains (SmolLM2-135M-Instruct, LoRA r 16 on q/k/v/o, batch 4, max_length
-128, all layers probed; bf16 autocast on CPUs with native bf16) and one batched greedy generation (32 AdvBench
-prompts x 48 tokens, the inference dtype). Each worker reports its wall seconds and page faults per round. The
+128, all layers probed; bf16 autocast where it is the CPU's faster precision) and one batched greedy generation
+(32 AdvBench prompts x 48 tokens, the inference dtype). Each worker reports its wall seconds and page faults per round. The
 last line is `ratio=<defaults / kept, median seconds per round>`.
 
     python benchmarks/bench_allocator.py [--rounds 4] [--threads N]

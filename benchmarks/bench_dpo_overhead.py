@@ -95,15 +95,15 @@ def training_rows(tokenizer, n: int, max_length: int) -> tuple[list[dict], list]
 
 def pipeline_trainer(policy, tokenizer, rows: list[dict], probe, output_dir: str, callbacks=None, **changes):
     """One-step confidence-DPO trainer as configs/compare.yaml trains (LoRA r 16 on q/k/v/o, batch 4,
-    max_length 128, lr 5e-4, beta 0.1; bf16 where the CPU has native bf16), for the step benchmarks."""
+    max_length 128, lr 5e-4, beta 0.1; bf16 where it is the CPU's faster precision), for the step benchmarks."""
     from datasets import Dataset
     from peft import LoraConfig
 
     from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer
-    from rbrm.models import cpu_has_fast_bf16
+    from rbrm.precision import cpu_prefers_bf16
 
     values = dict(confidence="online", per_device_train_batch_size=4, max_length=128, max_steps=1,
-                  learning_rate=5e-4, beta=0.1, use_cpu=True, bf16=cpu_has_fast_bf16(), report_to="none",
+                  learning_rate=5e-4, beta=0.1, use_cpu=True, bf16=cpu_prefers_bf16(), report_to="none",
                   save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, dataloader_num_workers=0)
     args = ConfidenceDPOConfig(output_dir=output_dir, **{**values, **changes})
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

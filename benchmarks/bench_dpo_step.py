@@ -7,8 +7,8 @@ SmolLM2-135M-Instruct, the same XSTest pairs and probe, the pipeline's LoRA (r 1
 * `trl-fp32`: TRL's fused LM head (on a CPU it scores every position), fp32: the pipeline before rbrm 0.4;
 * `trl-bf16`: the same under bf16 autocast (`bf16=True`, torch's CPU autocast);
 * `compact-fp32`: `rbrm.dpo.lm_head` (the completion positions only, one log-softmax), fp32: the default on CPUs
-  without native bf16;
-* `compact-bf16`: both: the default on CPUs with AVX512-BF16 or AMX.
+  where bf16 is not the faster precision (`rbrm.precision`);
+* `compact-bf16`: both: the default on CPUs where bf16 measures faster.
 
 They take turns one optimiser step at a time on the same batch (the order reversed every other round), after one
 warm-up step each, timed inside `trainer.train()` as in `bench_dpo_overhead.py`; each side's tokens per step are
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dpo_overhead import StepTimer, build_probe, pipeline_trainer, training_rows  # noqa: E402
 
 from rbrm.machine import machine_summary  # noqa: E402
-from rbrm.models import cpu_has_fast_bf16, load_model, resolve_model  # noqa: E402
+from rbrm.models import load_model, resolve_model  # noqa: E402
+from rbrm.precision import cpu_prefers_bf16  # noqa: E402
 
 VARIANTS = {"trl-fp32": (False, False), "trl-bf16": (False, True), "compact-fp32": (True, False),
             "compact-bf16": (True, True)}  # name: (compact_lm_head, bf16)
@@ -94,7 +95,7 @@ def main() -> None:
     print("forward tokens counted (policy + reference): " + ", ".join(f"{n} {t}" for n, t in tokens.items()))
     if len(set(tokens.values())) != 1:
         print("WARNING: the variants did not process the same tokens")
-    print(f"machine: {machine_summary()}; native bf16: {cpu_has_fast_bf16()}")
+    print(f"machine: {machine_summary()}; bf16 faster here: {cpu_prefers_bf16()}")
     for name in names[1:]:
         print(f"trl-fp32 / {name}: {median['trl-fp32'] / median[name]:.2f}")
     print(f"ratio={median['trl-fp32'] / min(median['compact-fp32'], median['compact-bf16']):.2f}")

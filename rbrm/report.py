@@ -31,7 +31,7 @@ from .evaluation import (
 )
 from .features import load_features
 from .flops import LLAMA_7B, forward_flops
-from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags
+from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags, precision_summary
 from .methods import COMPARISONS, METHODS, label
 from .models import load_tokenizer
 from .plots import (
@@ -453,12 +453,14 @@ def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict
 
 
 def _software(info: dict) -> str:
-    """`, N threads, AVX512 kernels (avx512_bf16), torch X, transformers Y, ...` for the report's header."""
+    """`, N threads, AVX512 kernels (avx512_bf16), CPU precision .., torch X, ...` for the report's header."""
 
     parts = [f"{info['torch_threads']} threads"] if "torch_threads" in info else []
     if info.get("cpu_capability"):
         flags = matrix_flags(info)
         parts.append(f"{info['cpu_capability']} kernels" + (f" ({', '.join(flags)})" if flags else ""))
+    if info.get("cpu_precision"):
+        parts.append(precision_summary(info["cpu_precision"]))
     parts += [f"{k} {v}" for k, v in info.get("versions", {}).items()]
     return "; " + ", ".join(parts) if parts else ""
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, atomic_path, read_json_file, write_json
 from .errors import RbrmError
+from .machine import torch_threads
 from .models import model_fingerprint
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
@@ -402,7 +403,8 @@ def _minimise(params: list[torch.Tensor], objective, max_iter: int = 100) -> Non
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    with torch_threads(1):  # [L, n]-sized steps
+        optimizer.step(closure)
 
 
 def _row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -414,7 +416,9 @@ def _row_space(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     if z.shape[2] <= z.shape[1]:
         return z, None
-    eigval, eigvec = torch.linalg.eigh(torch.bmm(z, z.transpose(1, 2)).double())  # float64: a small matrix
+    gram = torch.bmm(z, z.transpose(1, 2)).double()  # float64: a small matrix
+    with torch_threads(1):
+        eigval, eigvec = torch.linalg.eigh(gram)
     keep = eigval > eigval[:, -1:].clamp_min(1e-30) * 1e-9  # drop the null space (centering removes a direction)
     root = eigval.clamp_min(1e-30).sqrt() * keep
     inverse = torch.where(keep, 1 / root.clamp_min(1e-30), 0)

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
 
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
-                                   "methods", "refusal", "memory"}),
+                                   "methods", "refusal", "memory", "precision"}),
     ("method", {"features", "reward_model", "probe_train", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "run_config", "pipeline"}),

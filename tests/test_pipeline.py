@@ -145,7 +145,7 @@ def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stag
     path = tiny_config(tmp_path, tiny_model_dir)
     seen = {}
     for fast in (True, False):
-        monkeypatch.setattr(rbrm.pipeline, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(rbrm.pipeline, "cpu_prefers_bf16", lambda fast=fast: fast)
         pipeline = Pipeline(load_config(path, {"device": "cpu"}))
         assert pipeline.dpo_args("rbrm", str(tmp_path / "out")).bf16 is fast
         seen[fast] = {m: pipeline.dpo_settings_of(m) for m in ("rbrm", "dpo_rerank", "online")}
@@ -154,6 +154,36 @@ def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stag
         assert forced.dpo_settings_of("rbrm")["bf16"] is False
     for method in ("rbrm", "dpo_rerank", "online"):  # another precision is another stage
         assert seen[True][method] != seen[False][method]
+
+
+def test_the_inference_stages_keys_hold_the_resolved_precision(tmp_path, tiny_model_dir, monkeypatch):
+    """`auto` is bf16 on one CPU and fp32 on another (measured): the probe, sample, rerank, evaluation and online
+    stages must not reuse outputs made in the other precision; an explicit dtype is the same everywhere."""
+    import rbrm.models
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
+
+    def stage_inputs(fast: bool, **changes) -> dict:
+        monkeypatch.setattr(rbrm.models, "cpu_prefers_bf16", lambda: fast)
+        pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, **changes), {"device": "cpu"}))
+        seen = {}
+
+        def record(name, inputs, body):
+            seen[name] = inputs
+            pipeline.records[name] = {"key": name}
+            return pipeline.records[name]
+
+        monkeypatch.setattr(pipeline, "_stage", record)
+        pipeline.probe(), pipeline.sample(), pipeline.rerank(), pipeline.evaluate("base"), pipeline.online()
+        return seen
+
+    bf16, fp32 = stage_inputs(True), stage_inputs(False)
+    for name in ("probe", "sample", "rerank", "base/eval", "online_rounds/round_0"):
+        assert bf16[name] != fp32[name], name
+    assert bf16["sample"]["dtype"] == "torch.bfloat16" and fp32["sample"]["dtype"] == "torch.float32"
+    fixed = {"dtype": "float32"}
+    explicit = [stage_inputs(fast, probe=fixed, sample=fixed, rerank=fixed, eval=fixed) for fast in (True, False)]
+    assert explicit[0] == explicit[1]
 
 
 def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_path, tiny_model_dir):

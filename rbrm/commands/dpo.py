@@ -19,12 +19,12 @@ from ..data import write_json
 from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
 from ..models import (
     DEFAULT_MODEL,
-    cpu_has_fast_bf16,
     load_causal_lm,
     load_tokenizer,
     resolve_dtype,
     resolve_model,
 )
+from ..precision import cpu_prefers_bf16
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ class DPOCommandConfig:
     @staticmethod
     def cli_defaults() -> dict:
         """Defaults only (a --config YAML and flags still override): without CUDA, use_cpu, and bf16 autocast
-        where the CPU has native bf16 instructions (as the pipeline does), plain fp32 elsewhere."""
-        return {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": cpu_has_fast_bf16()}
+        where bf16 is this CPU's faster precision (measured once per machine, as the pipeline does), else fp32."""
+        return {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": cpu_prefers_bf16()}
 
 
 def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:

@@ -18,7 +18,8 @@ class FeaturesConfig:
     layers: list[int] | None = field(default=None, metadata={"help": "1-based layers (default: all)"})
     pooling: str = field(default="last", metadata={"help": "last (end-of-turn token) or mean over response"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
+        "help": "auto (bf16 on CUDA; on a CPU the faster of fp32 and bf16 there, measured once per machine; "
+                "RBRM_CPU_PRECISION=fp32|bf16 forces it), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     batch_tokens: int = field(default=4096, metadata={"help": "at most this many padded tokens per forward"})
     batch_size: int = field(default=64, metadata={"help": "at most this many prompts per forward"})

@@ -21,7 +21,8 @@ class RerankConfig:
         "help": "confidence = sigmoid(alpha x score gap) (default: the probe's calibrated scale)"})
     min_gap: float = field(default=0.0, metadata={"help": "drop pairs whose score gap is <= this"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
+        "help": "auto (bf16 on CUDA; on a CPU the faster of fp32 and bf16 there, measured once per machine; "
+                "RBRM_CPU_PRECISION=fp32|bf16 forces it), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N sample rows"})

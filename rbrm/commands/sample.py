@@ -30,7 +30,8 @@ class SampleConfig:
     batch_prompts: int = field(default=8, metadata={"help": "prompts per generate call"})
     max_sequences: int = field(default=64, metadata={"help": "cap on sequences (prompts x N) per generate call"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA and on CPUs with native bf16, else fp32), float32, bfloat16"})
+        "help": "auto (bf16 on CUDA; on a CPU the faster of fp32 and bf16 there, measured once per machine; "
+                "RBRM_CPU_PRECISION=fp32|bf16 forces it), float32, bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if available)"})
     engine: str = field(default="hf", metadata={"help": "hf (transformers) or vllm (GPU only)"})
 
