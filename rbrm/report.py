@@ -218,11 +218,12 @@ HELPFULNESS_KEPT_MIN = 0.8
 def helpfulness_cost(methods: dict, name: str) -> str:
     """What a safety finding cost in helpfulness, said beside it: a model is not safer for free if it deflects."""
     row, base = methods[name], methods.get("base")
-    if name == "base" or base is None or row.get("helpfulness_rate") is None or not base.get("helpfulness_rate"):
+    if name == "base" or base is None or row.get("helpfulness_rate") is None or base.get("helpfulness_rate") is None:
         return ""
-    kept = row["helpfulness_rate"] / base["helpfulness_rate"]
+    kept = (f": it keeps {row['helpfulness_rate'] / base['helpfulness_rate']:.0%}" if base["helpfulness_rate"]
+            else "")
     return (f" Helpfulness {100 * row['helpfulness_rate']:.1f}% against the base model's "
-            f"{100 * base['helpfulness_rate']:.1f}%: it keeps {kept:.0%}.")
+            f"{100 * base['helpfulness_rate']:.1f}%{kept}.")
 
 
 def helpfulness_flags(methods: dict) -> list[str]:
@@ -241,6 +242,11 @@ def helpfulness_flags(methods: dict) -> list[str]:
                          f"opening: \"{row.get('opening')}\" ({_share(row.get('opening_share'))} of its answers); "
                          f"per-token KL from the base policy on benign prompts {_kl(row.get('benign_kl'))}.")
     return flags
+
+
+def _benign_sets(report: dict) -> set[str]:
+    rows = next(iter(report["methods"].values()), {}).get("sets", {})
+    return {name for name, row in rows.items() if row.get("benign")}
 
 
 def _share(value) -> str:
@@ -475,7 +481,7 @@ def render_markdown(report: dict, pipeline) -> str:
              "Float results vary across CPUs and thread counts in the last digits, and a greedy answer can flip "
              "where two tokens tie; docs/results/README.md measures the spread.", "",
              "Unsafe and refusal rates on the held-out harmful prompts "
-             f"({', '.join(s for s in report['eval_sets'] if s != 'xstest_safe')}, pooled), over-refusal on "
+             f"({', '.join(s for s in report['eval_sets'] if s not in _benign_sets(report))}, pooled), over-refusal on "
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
              "scoring, DPO policy + reference), FLOPs (the compute ledger below), wall seconds.", "",
