@@ -179,8 +179,8 @@ class PipelineConfig:
 
 def dict_keys() -> dict[str, set[str]]:
     """The keys of the sections that stay mappings (their classes check them)."""
-    return {"probe": {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE,
-            "helpfulness_probe": {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE,
+    probe = {f.name for f in dataclasses.fields(ProbeTrainConfig)} - PROBE_SET_BY_PIPELINE
+    return {"probe": probe, "helpfulness_probe": probe,
             "dpo": {f.name for f in dataclasses.fields(ConfidenceDPOConfig)} - {"output_dir", "confidence"},
             "lora": {f.name for f in dataclasses.fields(LoraConfig)}}
 

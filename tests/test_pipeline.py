@@ -664,11 +664,12 @@ def test_benign_pool_prompts_are_ranked_by_the_helpfulness_reward(tmp_path, tiny
 
 
 def test_a_method_that_loses_helpfulness_is_flagged():
-    from rbrm.report import helpfulness_cost, helpfulness_flags
+    from rbrm.report import helpfulness_cost, helpfulness_flags, mark_helpfulness
 
     methods = {"base": {"helpfulness_rate": 0.5}, "kept": {"helpfulness_rate": 0.45},
                "deflects": {"helpfulness_rate": 0.15, "opening": "i'm glad you're enjoying", "opening_share": 0.8,
                             "benign_kl": 1.234}}
+    mark_helpfulness(methods)
     flags = helpfulness_flags(methods)
     assert methods["kept"]["helpfulness_flag"] is False and methods["kept"]["helpfulness_kept"] == pytest.approx(0.9)
     assert methods["deflects"]["helpfulness_flag"] is True and "helpfulness_flag" not in methods["base"]

@@ -377,12 +377,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self.last_features = features
             reward_gap = self._probe_metrics_and_update(features, safety_kept, metrics)
         if mode_confidence != "none":
-            gamma = self._confidence(reward_gap, extra["confidence"], safety_kept, n_pairs, completion_mask.device)
-            if benign.any():  # their confidence is the helpfulness reward's, from the re-ranking (`rbrm rerank`)
-                if extra["confidence"] is None:
-                    raise ValueError("pairs of kind `benign` need their `confidence` column (written by `rbrm rerank`)")
-                static = extra["confidence"].to(gamma.device, gamma.dtype).clamp(min=self.args.confidence_floor, max=1.0)
-                gamma = torch.where(benign, static, gamma)
+            gamma = self._confidence(reward_gap, extra["confidence"], safety_kept, benign, n_pairs,
+                                     completion_mask.device)
             self.last_confidence = gamma
             seq_len = completion_mask.size(1) - 1
             logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
@@ -399,20 +395,24 @@ class ConfidenceDPOTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _confidence(self, reward_gap: torch.Tensor | None, column: torch.Tensor | None, pair_kept: torch.Tensor,
-                    n_pairs: int, device) -> torch.Tensor:
-        """Per-pair gamma (detached). Online pairs that lost their endpoint to truncation keep their label (1)."""
+                    benign: torch.Tensor, n_pairs: int, device) -> torch.Tensor:
+        """Per-pair gamma (detached). Online pairs that lost their endpoint to truncation keep their label (1);
+        benign pairs (ranked by the helpfulness reward) take their `confidence` column, as static mode does."""
         args = self.args
-        if args.confidence == "static":
+
+        def from_column(who: str) -> torch.Tensor:
             if column is None:
-                raise ValueError("confidence='static' needs a `confidence` value on every pair (written by "
-                                 "`rbrm rerank`)")
+                raise ValueError(f"{who} needs a `confidence` value on every pair (written by `rbrm rerank`)")
             return column.to(device, torch.float32).clamp(min=args.confidence_floor, max=1.0)
+
+        if args.confidence == "static":
+            return from_column("confidence='static'")
         gamma = torch.sigmoid(self.confidence_scale * reward_gap)
         if args.confidence_batch_mean:
             value = gamma[pair_kept].mean() if pair_kept.any() else gamma.new_ones(())
             gamma = value.expand(n_pairs)
-        gamma = gamma.clamp(min=args.confidence_floor)
-        return torch.where(pair_kept, gamma, torch.ones_like(gamma))
+        gamma = torch.where(pair_kept, gamma.clamp(min=args.confidence_floor), torch.ones_like(gamma))
+        return torch.where(benign, from_column("a pair of kind `benign`"), gamma) if benign.any() else gamma
 
     def _probe_metrics_and_update(self, features: torch.Tensor, pair_kept: torch.Tensor, metrics) -> torch.Tensor:
         """r_c - r_r per pair (before this batch's update); accumulates the probe's gradient when training."""

@@ -48,9 +48,10 @@ from .run import (
 from .statistics import aggregate, bootstrap_ci, pct, ranking_quality, rate_with_ci, within_prompt_auc
 
 __all__ = [
-    "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE", "SUMMARY_FORMAT",
-    "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table", "bootstrap_ci", "check_limit", "evaluate", "generate_set",
-    "judge_cache_path", "judge_loader", "judge_rows", "load_set", "make_judge", "over_refusal_set",
-    "opening_share", "parse_prompt_set", "parse_where", "pct", "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set",
-    "summary_table", "within_prompt_auc", "write_summaries",
+    "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE",
+    "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table",
+    "bootstrap_ci", "check_limit", "evaluate", "generate_set", "judge_cache_path", "judge_loader", "judge_rows",
+    "load_set", "make_judge", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct",
+    "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set", "summary_table",
+    "within_prompt_auc", "write_summaries",
 ]
