@@ -53,7 +53,7 @@ from .precision import cpu_prefers_bf16
 from .probe_train import ProbeTrainConfig, run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
-from .rerank import BENIGN_PREFIX, ClassifierReward, rerank_file, write_rerank_outputs
+from .rerank import BENIGN_PREFIX, ClassifierReward, is_benign_id, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
 from .sampling import DecodingConfig, generate_responses
 from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
@@ -178,17 +178,40 @@ class Pipeline:
             self.eval_prompt_keys = {matching_key(p.prompt) for pset in held_out for p in load_set(pset)}
         return self.eval_prompt_keys
 
-    def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int) -> dict:
+    def _sample_into(self, model, tokenizer, prompts: list, out_path: str, seed: int, n: int | None = None,
+                     prefill: str = "", first_index: int = 0) -> dict:
         """Sample `n` responses per prompt into `out_path` (resumable); exact token counts over the file."""
         s = self.config.sample
-        rows = generate_responses(model, tokenizer, prompts, s.n, s.generation_settings(), out_path,
-                                  s.batch_prompts, seed, max_sequences=s.max_sequences)
+        n = s.n if n is None else n
+        rows = generate_responses(model, tokenizer, prompts, n, s.generation_settings(), out_path,
+                                  s.batch_prompts, seed, max_sequences=s.max_sequences, prefill=prefill,
+                                  first_index=first_index)
         sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
-        length = {str(p.id): prompt_length(tokenizer, p.prompt) for p in prompts if str(p.id) in sampled}
+        forced = len(tokenizer(prefill, add_special_tokens=False)["input_ids"]) if prefill else 0
+        length = {str(p.id): prompt_length(tokenizer, p.prompt) + forced for p in prompts if str(p.id) in sampled}
         shape = ModelShape.of(model)
-        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * s.n,
+        return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * n,
                 "flops": sum(generation_flops(shape, length[str(r["prompt_id"])], int(r["num_tokens"])) for r in rows),
                 "responses": len(rows)}
+
+    def _sample_candidates(self, model, tokenizer, prompts: list, directory: str, seed: int) -> dict:
+        """`n` samples per prompt, then one answer per refusal opening to each harmful prompt: the candidates that
+        re-ranking orders (`sample_files`)."""
+        s = self.config.sample
+        files = self.sample_files(directory)
+        compute = self._sample_into(model, tokenizer, prompts, files[0], seed)
+        harmful = [p for p in prompts if not is_benign_id(str(p.id))]
+        for j, (text, path) in enumerate(zip(s.refusal_prefills or [], files[1:])):
+            more = self._sample_into(model, tokenizer, harmful, path, seed + 1 + j, n=1, prefill=text,
+                                     first_index=s.n + j)
+            compute = {k: v + more[k] for k, v in compute.items()}
+        return compute
+
+    def sample_files(self, directory: str) -> list[str]:
+        """The sample stage's files: the policy's own samples, then one file per refusal opening."""
+        prefills = self.config.sample.refusal_prefills or []
+        return [os.path.join(directory, "samples.jsonl")] + [
+            os.path.join(directory, f"prefilled_{j}.jsonl") for j in range(len(prefills))]
 
     def sample(self) -> dict:
         s = self.config.sample
@@ -200,14 +223,13 @@ class Pipeline:
 
         def body(directory: str) -> dict:
             model, tokenizer = self.inference_model(s.dtype)
-            compute = self._sample_into(model, tokenizer, prompts, os.path.join(directory, "samples.jsonl"),
-                                        self.config.seed)
+            compute = self._sample_candidates(model, tokenizer, prompts, directory, self.config.seed)
             compute["excluded_eval_prompts"] = self.excluded_training_prompts
             return compute
 
         return self._stage("sample", inputs, body)
 
-    def _score_and_pair(self, samples_path: str, out_dir: str, scorer: str = "probe") -> dict:
+    def _score_and_pair(self, samples_path: str | list[str], out_dir: str, scorer: str = "probe") -> dict:
         """Score with the stage-1 hybrid reward on the base policy's states (or with `scorer`, see
         `external_scorer`); write ranking and pairs."""
         r = self.config.rerank
@@ -249,8 +271,7 @@ class Pipeline:
                  + (("helpfulness_probe",) if self.config.helpfulness_probe else ())]
         inputs = {"rerank": dataclasses.asdict(self.config.rerank), "after": after,
                   "dtype": self.resolved_dtype(self.config.rerank.dtype)}
-        return self._stage("rerank", inputs, lambda d: self._score_and_pair(
-            os.path.join(self.path("sample"), "samples.jsonl"), d))
+        return self._stage("rerank", inputs, lambda d: self._score_and_pair(self.sample_files(self.path("sample")), d))
 
     def static_pairs(self) -> dict:
         """dpo_static's fixed pairs: those whose rendered prompt fits in `max_prompt_tokens`, then `limit`.
@@ -402,8 +423,8 @@ class Pipeline:
 
     def _online_round(self, directory: str, r: int, prompts: list, previous: str | None, steps: int) -> dict:
         tokenizer = load_tokenizer(self.model_path)
-        compute = self._sample_into(self.sampling_policy(previous), tokenizer, prompts,
-                                    os.path.join(directory, "samples.jsonl"), self.config.seed + 1000 * (r + 1))
+        compute = self._sample_candidates(self.sampling_policy(previous), tokenizer, prompts, directory,
+                                          self.config.seed + 1000 * (r + 1))
         if previous is None:
             policy = self.training_model()
         elif self.config.lora:
@@ -411,7 +432,7 @@ class Pipeline:
         else:
             policy = _load_full(previous)
         scorer = self.config.online.scorer
-        scored = self._score_and_pair(os.path.join(directory, "samples.jsonl"), os.path.join(directory, "pairs"), scorer)
+        scored = self._score_and_pair(self.sample_files(directory), os.path.join(directory, "pairs"), scorer)
         if not scored["pairs"]:
             raise PipelineConfigError(f"online round {r}: no pairs, every prompt's samples tie under online.scorer "
                                       f"{scorer!r}; choose a scorer that grades answers")

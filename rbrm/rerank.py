@@ -72,15 +72,18 @@ class RerankResult:
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_samples(path: str, limit: int | None = None) -> list[Sample]:
-    """Samples from `rbrm sample` output or the paper's (idx, input, output, score) files."""
+def load_samples(path: str | list[str], limit: int | None = None) -> list[Sample]:
+    """Samples from `rbrm sample` output or the paper's (idx, input, output, score) files; several files (a
+    prompt's plain and prefilled samples) are read as one."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    rows = [s for p in paths for s in load_scored_samples(p)]
     samples, seen = [], {}
-    for position, s in enumerate(load_scored_samples(path, limit=limit)):
+    for position, s in enumerate(rows[:limit] if limit is not None else rows):
         sample = Sample(s.prompt_id or prompt_key(s.prompt), s.prompt, s.response, s.index, position, dict(s.meta),
                         source=s.source)
         key, line = (sample.prompt_id, sample.index), int(s.source.rsplit(":", 1)[1])
         if key in seen:  # e.g. two `rbrm sample` runs appended to one file: ranking would count a sample twice
-            raise DataError(path, line, "sample_index", f"prompt {sample.prompt_id!r} sample {sample.index} "
+            raise DataError(s.source.rsplit(":", 1)[0], line, "sample_index", f"prompt {sample.prompt_id!r} sample {sample.index} "
                             f"appears twice (first at line {seen[key]}); de-duplicate the file or sample again")
         seen[key] = line
         samples.append(sample)
@@ -278,6 +281,8 @@ def summarize(result: RerankResult, n_samples: int, seconds: float | None = None
         "skipped": dict(result.skipped), "score_gap": _quantiles(gaps),
         "chosen_refusals": sum(is_refusal(c.response) for c, _, _ in result.pairs),
         "rejected_refusals": sum(is_refusal(r.response) for _, r, _ in result.pairs),
+        "chosen_prefilled": sum(bool(c.meta.get("prefill")) for c, _, _ in result.pairs),
+        "rejected_prefilled": sum(bool(r.meta.get("prefill")) for _, r, _ in result.pairs),
         "refusal_detector": "rbrm.refusal.is_refusal (keywords)",
     }
     if seconds is not None:
@@ -294,6 +299,9 @@ def format_summary(summary: dict) -> str:
              "score gap: " + (", ".join(f"{k} {v:.3f}" for k, v in gap.items()) if gap else "n/a"),
              f"refusals: chosen {summary['chosen_refusals']}/{summary['pairs']}, "
              f"rejected {summary['rejected_refusals']}/{summary['pairs']} ({summary['refusal_detector']})"]
+    if summary.get("chosen_prefilled") or summary.get("rejected_prefilled"):
+        lines.append(f"prefilled answers: chosen {summary['chosen_prefilled']}/{summary['pairs']}, "
+                     f"rejected {summary['rejected_prefilled']}/{summary['pairs']}")
     if "samples_per_second" in summary:
         lines.append(f"re-ranking throughput: {summary['samples_per_second']:.1f} samples/s "
                      f"({summary['scoring_seconds']:.1f} s)")
@@ -320,7 +328,7 @@ def write_rerank_outputs(result: RerankResult, out_dir: str, alpha: float = PAPE
 # --------------------------------------------------------------------------------------- the stage
 
 
-def rerank_file(model_name: str, reward_dir: str, samples_path: str, top_k: int = 1, alpha: float | None = None,
+def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str], top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
                 loaded: tuple | None = None, scorer: Callable | None = None,

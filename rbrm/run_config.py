@@ -66,10 +66,16 @@ class SampleSection:
     benign_where: dict | None = None
     benign_skip: int = 0
     benign_limit: int | None = None
+    # Refusal openings: each harmful prompt also gets one answer per opening, the text forced and then continued
+    # by the policy, ranked with its own samples. A policy that never refuses has no refusal to choose otherwise;
+    # these answers are not wholly the policy's own (docs/method.md, "Refusals from elsewhere").
+    refusal_prefills: list[str] | None = None
 
     def key(self) -> dict:
-        """The settings in a stage key: `exclude` is left out, as the stage's prompt ids already say what it did."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "exclude"}
+        """The settings in a stage key: `exclude` is left out, as the stage's prompt ids already say what it did
+        (and `refusal_prefills` when unset, so runs from before it keep their key)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "exclude" and not (k == "refusal_prefills" and not v)}
 
     def generation_settings(self) -> DecodingConfig:
         return DecodingConfig(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,

@@ -293,9 +293,9 @@ def _check_meta(out_path: str, meta: dict) -> None:
         write_json(meta_path, meta)
         return
     old = read_json_file(meta_path)
-    identity = ("format", "engine", "model", "settings", "n", "seed")
-    diffs = [f"  {key}: file has {old.get(key)!r}, this run has {meta[key]!r}"
-             for key in identity if _comparable(key, old.get(key)) != _comparable(key, meta[key])]
+    identity = ("format", "engine", "model", "settings", "n", "seed", "prefill", "first_index")
+    diffs = [f"  {key}: file has {old.get(key)!r}, this run has {meta.get(key)!r}"
+             for key in identity if _comparable(key, old.get(key)) != _comparable(key, meta.get(key))]
     if diffs:
         raise SamplingSettingsError(
             f"{out_path} was generated with other settings (see {meta_path}):\n" + "\n".join(diffs)
@@ -332,8 +332,12 @@ def _existing_rows(out_path: str, prompts_by_id: dict) -> dict[tuple[str, int], 
 def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: DecodingConfig | None = None,
                        out_path: str | None = None, batch_prompts: int = 8, seed: int = 0, progress: bool = True,
                        max_sequences: int = 64, backend: Backend | None = None, engine: str = "hf",
-                       stats: dict | None = None) -> list[dict]:
+                       stats: dict | None = None, prefill: str = "", first_index: int = 0) -> list[dict]:
     """N responses per prompt (PromptRecords); rows in prompt order, then sample index.
+
+    `prefill` opens every answer with fixed text that the model then continues (the response includes it; rows
+    say `prefill`): how a policy that never refuses is given refusals to rank. Rows are numbered from
+    `first_index`, so such rows can join a prompt's plain samples without clashing.
 
     With `out_path`, rows are appended as each call finishes and rows already there are kept (resume).
     `model` may be a model name when a `backend` that loads its own model (vLLM) is given.
@@ -341,7 +345,7 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
     """
     with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
-                                   progress, max_sequences, backend, engine, stats)
+                                   progress, max_sequences, backend, engine, stats, prefill, first_index)
 
 
 def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None, max_new_tokens: int):
@@ -364,11 +368,11 @@ def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None,
 
 
 def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed, progress,
-                        max_sequences, backend, engine, stats) -> list[dict]:
+                        max_sequences, backend, engine, stats, prefill, first_index) -> list[dict]:
     settings = settings or DecodingConfig()
     if not settings.do_sample and n != 1:
         raise ValueError(f"greedy decoding gives one response per prompt; got n={n}")
-    texts = [render_prompt(tokenizer, p.prompt) for p in prompts]
+    texts = [render_prompt(tokenizer, p.prompt) + prefill for p in prompts]
     prompts, texts, too_long = drop_too_long(prompts, texts, tokenizer, context_length(model),
                                              settings.max_new_tokens)
     ids = [str(p.id) for p in prompts]
@@ -381,9 +385,10 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
     if out_path:
         meta = {"format": META_FORMAT, "engine": engine,
                 "model": model_identity(model), "settings": settings.effective(), "n": n, "seed": seed,
-                "layout": {"batch_prompts": batch_prompts, "max_sequences": max_sequences}}
+                "layout": {"batch_prompts": batch_prompts, "max_sequences": max_sequences},
+                **({"prefill": prefill, "first_index": first_index} if prefill or first_index else {})}
         _check_meta(out_path, meta)
-        done = _existing_rows(out_path, prompts_by_id)
+        done = {(pid, i - first_index): row for (pid, i), row in _existing_rows(out_path, prompts_by_id).items()}
     backend = backend or hf_backend(model, tokenizer, settings)
     wanted = len(prompts) * n
     todo = wanted - sum(1 for k in done if k[0] in prompts_by_id and k[1] < n)
@@ -400,15 +405,16 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
         rows = []
         for p, i in missing:
             response, finish, num_tokens = made[(p, i)]
-            row = {"prompt_id": ids[p], "sample_index": i, "prompt": prompts[p].prompt, "response": response,
-                   "finish_reason": finish, "num_tokens": num_tokens}
+            row = {"prompt_id": ids[p], "sample_index": first_index + i, "prompt": prompts[p].prompt,
+                   "response": prefill + response, "finish_reason": finish, "num_tokens": num_tokens,
+                   **({"prefill": prefill} if prefill else {})}
             if getattr(prompts[p], "category", None) is not None:
                 row["category"] = prompts[p].category
             rows.append(row)
         if out_path:
             append_jsonl(out_path, rows)
         for row in rows:
-            done[(row["prompt_id"], row["sample_index"])] = row
+            done[(row["prompt_id"], row["sample_index"] - first_index)] = row
         new_rows += rows
         n_calls += 1
         tokens += sum(out[2] for out in made.values())

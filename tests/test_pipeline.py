@@ -645,17 +645,29 @@ def test_benign_pool_prompts_are_ranked_by_the_helpfulness_reward(tmp_path, tiny
 
     path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"],
                        sample={"benign_prompts": "data/refusal_direction/harmless_val.json", "benign_skip": 120,
-                               "benign_limit": 3},
+                               "benign_limit": 3, "refusal_prefills": ["I'm sorry, but I can't", "I won't"]},
                        helpfulness_probe={"data": "data/rbrm_labels/derived_helpfulness_labelled.jsonl",
                                           "limit": 24, "baseline": False})
     report = run(path)
     run_dir = tmp_path / "runs" / "tiny"
+    # one answer per refusal opening to each harmful prompt (none to benign ones), ranked with the plain samples
+    plain = read_jsonl(str(run_dir / "sample" / "samples.jsonl"))
+    n = max(r["sample_index"] for r in plain) + 1
+    harmful_ids = sorted({r["prompt_id"] for r in plain if not r["prompt_id"].startswith("benign:")})
+    for j, opening in enumerate(["I'm sorry, but I can't", "I won't"]):
+        rows = read_jsonl(str(run_dir / "sample" / f"prefilled_{j}.jsonl"))
+        assert sorted(r["prompt_id"] for r in rows) == harmful_ids
+        assert all(r["response"].startswith(opening) and r["sample_index"] == n + j for r in rows)
+    ranked = read_jsonl(str(run_dir / "rerank" / "rank.jsonl"))
+    assert len(ranked) == len(plain) + 2 * len(harmful_ids)
+    assert sum(bool(r.get("prefill")) for r in ranked) == 2 * len(harmful_ids)
     pairs = read_jsonl(str(run_dir / "rerank" / "pairs.jsonl"))
     kinds = {p["prompt_id"]: p["kind"] for p in pairs}
     assert {k for pid, k in kinds.items() if pid.startswith("benign:")} == {"benign"}
     assert {k for pid, k in kinds.items() if not pid.startswith("benign:")} == {"harmful"}
     summary = json.loads((run_dir / "rerank" / "summary.json").read_text())
     assert summary["benign_reward_model"].endswith(os.path.join("helpfulness_probe", "reward_model"))
+    assert summary["chosen_prefilled"] == sum(p["chosen_index"] >= n for p in pairs)
     # the helpfulness reward is its own stage: the re-ranking reads it, and RBRM's compute counts it
     rerank_key = json.loads((run_dir / "rerank" / "key.json").read_text())["inputs"]
     helpfulness = json.loads((run_dir / "helpfulness_probe" / "stage.json").read_text())

@@ -144,6 +144,27 @@ def test_other_settings_are_refused(tiny_model, tokenizer, tmp_path):
         _run(tiny_model, tokenizer, out=out, n=2)
 
 
+def test_a_prefilled_answer_is_the_opening_continued_numbered_after_the_plain_samples(tiny_model, tokenizer, tmp_path):
+    """A refusal opening is forced, then continued by the model: the generated tokens follow the prefill, and
+    the rows resume, clash with no plain sample and refuse another opening."""
+    opening = "I'm sorry, but I can't"
+    out = str(tmp_path / "prefilled.jsonl")
+    rows = _run(tiny_model, tokenizer, out=out, n=1, prefill=opening, first_index=3)
+    assert [r["sample_index"] for r in rows] == [3] * 5
+    assert all(r["response"].startswith(opening) and r["prefill"] == opening for r in rows)
+    # the continuation is what the model says after the opening, not after the bare prompt
+    plain = _run(tiny_model, tokenizer, n=1, settings=DecodingConfig.greedy(max_new_tokens=5))
+    forced = _run(tiny_model, tokenizer, n=1, settings=DecodingConfig.greedy(max_new_tokens=5), prefill=opening)
+    next_token = [tiny_model(**tokenizer(sampling.render_prompt(tokenizer, p.prompt) + opening, return_tensors="pt",
+                                         add_special_tokens=False)).logits[0, -1].argmax().item() for p in _prompts()]
+    first = [tokenizer(f["response"][len(opening):], add_special_tokens=False)["input_ids"][:1] for f in forced]
+    assert all(f["response"].startswith(opening) for f in forced) and forced != plain
+    assert sum(f == [t] for f, t in zip(first, next_token)) >= 4  # (re-tokenizing a piece may merge a token)
+    assert _run(tiny_model, tokenizer, out=out, n=1, prefill=opening, first_index=3) == rows  # resumed, not redone
+    with pytest.raises(SamplingSettingsError, match="prefill"):
+        _run(tiny_model, tokenizer, out=out, n=1, prefill="I won't", first_index=3)
+
+
 def test_other_model_is_refused(tokenizer, tiny_model, tmp_path):
     out = str(tmp_path / "s.jsonl")
     _run(tiny_model, tokenizer, out=out, n=1)
