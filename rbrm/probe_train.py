@@ -20,7 +20,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
-from .data import load_examples, write_json
 from .errors import ConfigError
 from .features import (
     FeatureSet,
@@ -33,6 +32,8 @@ from .features import (
     resolve_layers,
     save_features,
 )
+from .files import write_json
+from .formats import load_examples
 from .models import DEFAULT_MODEL, load_model
 from .render import prompt_key
 from .reward_model import (

@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 
-from .data import read_jsonl, write_json, write_text_atomic
 from .dpo import CONFIDENCE_FILE
 from .evaluation import (
     DRIFT_FILE,
@@ -30,6 +29,7 @@ from .evaluation import (
     set_dir,
 )
 from .features import load_features
+from .files import read_jsonl, write_json, write_text_atomic
 from .flops import LLAMA_7B, forward_flops
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags, precision_summary
 from .methods import COMPARISONS, METHODS, label

@@ -23,10 +23,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .data import DataError, load_scored_samples, write_json, write_jsonl
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .features import context_length, extract_features, rendered_lengths
+from .files import write_json, write_jsonl
 from .flops import ModelShape, forward_flops, probe_flops
+from .formats import load_scored_samples
 from .models import load_model
 from .refusal import is_refusal
 from .render import Prompt, end_of_turn, prompt_key, to_messages

@@ -15,7 +15,6 @@ Two ways to fit it (`RewardTrainConfig.fit`):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -30,8 +29,8 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataError, atomic_path, read_json_file, write_json
-from .errors import RbrmError
+from .errors import DataError, RbrmError
+from .files import atomic_path, file_digest, read_json_file, write_json
 from .machine import torch_threads
 from .models import model_fingerprint
 
@@ -119,7 +118,7 @@ class HybridRewardModel(nn.Module):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as tmp:
             save_file(tensors, str(tmp))
-            config["weights_sha256"] = _sha256(tmp)  # checked on load: flipped bytes must not score silently
+            config["weights_sha256"] = file_digest(tmp, None)  # checked on load: flipped bytes must not score silently
         write_json(os.path.join(directory, CONFIG_FILE), config)
 
     @classmethod
@@ -133,7 +132,7 @@ class HybridRewardModel(nn.Module):
         if not isinstance(config, dict):
             raise DataError(config_path, None, None, f"expected a JSON object, got {type(config).__name__}")
         _check_probe_config(config, config_path)
-        actual = _sha256(weights_path)
+        actual = file_digest(weights_path, None)
         if config["weights_sha256"] != actual:
             raise DataError(weights_path, None, None, f"checksum {actual[:16]}… differs from the one in "
                             f"{CONFIG_FILE} ({config['weights_sha256'][:16]}…): the file is corrupt or was "
@@ -168,14 +167,6 @@ class HybridRewardModel(nn.Module):
         if expected.get("embedding_sha256") not in (None, actual["embedding_sha256"]):
             warnings.warn(f"model {actual['name']!r} has the reward model's architecture but other weights "
                           f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=2)
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_probe_config(config: dict, path: str) -> None:

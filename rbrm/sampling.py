@@ -25,16 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .data import (
-    DataError,
-    append_jsonl,
-    exclusive_writer,
-    read_json_file,
-    read_jsonl,
-    write_json,
-)
-from .errors import ConfigError, RbrmError
+from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
+from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
 from .models import model_fingerprint
 from .render import end_of_turn, render_prompt
 
@@ -251,20 +244,22 @@ def plan_calls(num_prompts: int, n: int, batch_prompts: int, max_sequences: int)
 
 
 def call_seed(seed: int, keys: list[tuple[str, int, int]]) -> int:
-    """A seed that depends only on the run's seed and what the call generates (not on what ran before)."""
+    """A seed that depends only on the run's seed and what the call generates (not on what ran before).
+
+    From the raw SHA-256 bytes, not `files.digest`'s hex: a seed, not an identity, and pinned by the samples it
+    drew."""
     digest = hashlib.sha256(json.dumps([seed, keys]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def weights_digest(model) -> str:
     """A cheap hash over a strided sample of every parameter: tells a fine-tuned model from its base."""
-    h = hashlib.sha256()
+    parts = []
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
-        h.update(name.encode() + str(tuple(param.shape)).encode())
-        h.update(flat[::step][:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        parts += [name.encode() + str(tuple(param.shape)).encode(), flat[::step][:256].float().cpu().numpy().tobytes()]
+    return digest(b"".join(parts))
 
 
 def model_identity(model) -> dict:

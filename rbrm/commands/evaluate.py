@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import DataError, iter_records, read_prompt, read_str, write_jsonl
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation import (
     OVER_REFUSAL_SET,
     SUMMARY_FORMAT,
@@ -25,6 +24,8 @@ from ..evaluation import (
     parse_prompt_set,
     parse_where,
 )
+from ..files import iter_records, write_jsonl
+from ..formats import read_prompt, read_str
 from ..helpfulness import HelpfulnessJudge
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from ..data import load_pairs
+from ..formats import load_pairs
 from ..render import end_of_turn, render, tokenize
 
 # Keys the collator adds to a batch; the trainer takes them out before anything reaches a model.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -12,18 +11,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data import append_jsonl, exclusive_writer, read_jsonl, write_jsonl
 from ..errors import ConfigError
+from ..files import append_jsonl, digest, exclusive_writer, read_jsonl, write_jsonl
 from ..judges import JUDGE_NAMES, get_judge, judge_key
 from ..render import prompt_key
 
 log = logging.getLogger(__name__)
 
 JUDGE_CHUNK = 64  # rows judged between two appends to the judgment cache
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # Judges take text: `prompt_key` flattens a conversation with its roles, so the judge keeps the context.
@@ -51,7 +46,7 @@ def _judge_rows(rows: Sequence[dict], judge, cache_path, chunk: int, progress: b
         if len(kept) < len(old):  # another version of this judge wrote them: they no longer count
             log.info("%s: dropping %d judgments by another judge version", cache_path, len(old) - len(kept))
             write_jsonl(cache_path, kept)
-    keys = [key(r["prompt_id"], r.get("sample_index", 0), _sha(r["response"])) for r in rows]
+    keys = [key(r["prompt_id"], r.get("sample_index", 0), digest(r["response"])) for r in rows]
     todo = [i for i, k in enumerate(keys) if k not in cached]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="judge", unit="row", disable=not progress)
     for start in range(0, len(todo), chunk):

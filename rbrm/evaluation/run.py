@@ -9,8 +9,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from ..data import write_json, write_jsonl, write_text_atomic
 from ..errors import ConfigError
+from ..files import write_json, write_jsonl, write_text_atomic
 from ..helpfulness import HelpfulnessJudge
 from ..plots import plot_categories
 from ..render import prompt_key
