@@ -29,7 +29,6 @@ class DataError(RbrmError, ValueError):
         super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + message)
 
 
-
 class OutputLockedError(RbrmError):
     """Another process is appending to the same output file; two writers would duplicate its rows."""
 

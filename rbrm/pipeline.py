@@ -29,7 +29,6 @@ from .evaluation import (
     DRIFT_FILE,
     RESPONSES_FILE,
     evaluate,
-    judge_loader,
     load_set,
     over_refusal_set,
     parse_prompt_set,
@@ -40,7 +39,7 @@ from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
 from .formats import load_pairs, load_prompts
 from .helpfulness import HelpfulnessJudge
-from .judges import JUDGE_NAMES, get_judge
+from .judges import JUDGE_NAMES, get_judge, judge_loader
 from .methods import METHODS
 from .models import (
     default_device,

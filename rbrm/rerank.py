@@ -30,8 +30,8 @@ from .flops import ModelShape, forward_flops, probe_flops
 from .formats import load_scored_samples
 from .models import load_model
 from .refusal import is_refusal
-from .render import Prompt, end_of_turn, prompt_key, to_messages
-from .reward_model import HybridRewardModel, ModelMismatchError
+from .render import Prompt, prompt_key, to_messages
+from .reward_model import HybridRewardModel
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +102,6 @@ def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]
 
 
 # ----------------------------------------------------------------------------------------- scoring
-
-
-def check_reward_for(reward, model, tokenizer) -> None:
-    """The reward model must read the hidden states of this model at the token it was trained on."""
-    reward.check_model(model)
-    if reward.weight.shape[1] != model.config.hidden_size:
-        raise ModelMismatchError(f"reward model expects hidden size {reward.weight.shape[1]}, the model has "
-                                 f"{model.config.hidden_size}")
-    trained_marker = reward.config.get("end_of_turn")
-    if trained_marker is not None and trained_marker != end_of_turn(tokenizer):
-        raise ModelMismatchError(f"reward model was trained with responses closed by {trained_marker!r}; this "
-                                 f"tokenizer's chat template closes them with {end_of_turn(tokenizer)!r}")
 
 
 @torch.inference_mode()
@@ -348,9 +336,9 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str],
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
         raise ConfigError(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
-    check_reward_for(reward, model, tokenizer)
+    reward.check_model(model, tokenizer)
     if helpful is not None:
-        check_reward_for(helpful, model, tokenizer)
+        helpful.check_model(model, tokenizer)
     dropped = unusable(model, tokenizer, samples)
     for reason, bad in dropped.items():
         if bad:

@@ -33,6 +33,7 @@ from .errors import DataError, RbrmError
 from .files import atomic_path, file_digest, read_json_file, write_json
 from .machine import torch_threads
 from .models import model_fingerprint
+from .render import end_of_turn
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
 GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
@@ -146,15 +147,26 @@ class HybridRewardModel(nn.Module):
             raise DataError(weights_path, None, None, f"cannot load the probe weights: {err}") from None
         return model
 
-    def check_model(self, model) -> None:
-        """Refuse a policy whose architecture differs from the one the probe was trained on.
+    def check_model(self, model, tokenizer=None) -> None:
+        """Refuse a policy whose hidden states this probe cannot read: another architecture, or (with `tokenizer`)
+        a chat template that closes responses with another token than the one the probe read in training.
 
         Same shape but different weights (a fine-tuned descendant, the usual case in DPO) only warns.
         """
         expected = self.config.get("model")
-        if not expected:
+        if expected:
+            self._check_recorded_model(expected, model)
+        else:
             warnings.warn("this reward model records no base model; it cannot be checked", stacklevel=2)
-            return
+        if self.weight.shape[1] != model.config.hidden_size:
+            raise ModelMismatchError(f"reward model expects hidden size {self.weight.shape[1]}, the model has "
+                                     f"{model.config.hidden_size}")
+        trained_marker = self.config.get("end_of_turn")
+        if tokenizer is not None and trained_marker is not None and trained_marker != end_of_turn(tokenizer):
+            raise ModelMismatchError(f"reward model was trained with responses closed by {trained_marker!r}; this "
+                                     f"tokenizer's chat template closes them with {end_of_turn(tokenizer)!r}")
+
+    def _check_recorded_model(self, expected: dict, model) -> None:
         actual = model_fingerprint(model)
         for key in ("model_type", "num_layers", "hidden_size", "vocab_size"):
             if key in expected and expected[key] != actual[key]:
@@ -166,7 +178,7 @@ class HybridRewardModel(nn.Module):
                                      f"{actual['num_layers']}")
         if expected.get("embedding_sha256") not in (None, actual["embedding_sha256"]):
             warnings.warn(f"model {actual['name']!r} has the reward model's architecture but other weights "
-                          f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=2)
+                          f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=3)
 
 
 def _check_probe_config(config: dict, path: str) -> None:
