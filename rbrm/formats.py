@@ -384,6 +384,13 @@ def load_labelled(path: Any, format: str = "auto", limit: int | None = None) -> 
 
 # ---------------------------------------------------------------- prompts and samples
 
+def prompt_records(prompts: Iterable) -> list:
+    """Prompts for generation: records (anything with `id` and `prompt`) as they are, and a bare prompt (a string
+    or a list of chat messages) as a `PromptRecord` with its position as id."""
+    return [PromptRecord(str(i), p, source=f"prompts[{i}]") if isinstance(p, (str, list)) else p
+            for i, p in enumerate(prompts)]
+
+
 def load_prompts(path: Any, prompt_field: str | None = None, limit: int | None = None,
                  category_field: str | None = None, where: dict[str, str] | None = None) -> list[PromptRecord]:
     """Prompts from any of the bundled evaluation sets; `where` keeps rows whose fields equal the values."""

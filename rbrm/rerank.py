@@ -27,7 +27,7 @@ from .errors import ConfigError, DataError
 from .features import context_length, extract_features, rendered_lengths
 from .files import write_json, write_jsonl
 from .flops import ModelShape, forward_flops, probe_flops
-from .formats import load_scored_samples
+from .formats import PreferencePair, load_scored_samples
 from .models import load_model
 from .refusal import is_refusal
 from .render import Prompt, prompt_key, to_messages
@@ -88,6 +88,21 @@ def load_samples(path: str | list[str], limit: int | None = None) -> list[Sample
                             f"appears twice (first at line {seen[key]}); de-duplicate the file or sample again")
         seen[key] = line
         samples.append(sample)
+    return samples
+
+
+def samples_from(rows) -> list[Sample]:
+    """Samples from in-memory rows: `generate_responses`' dicts (prompt, response[, prompt_id, sample_index], the
+    rest kept as meta) or (prompt, response) tuples. A prompt's samples are numbered in order when the rows do
+    not say."""
+    samples, counts = [], {}
+    for position, row in enumerate(rows):
+        row = dict(row) if isinstance(row, dict) else {"prompt": row[0], "response": row[1]}
+        prompt, response = row.pop("prompt"), row.pop("response")
+        pid = str(row.pop("prompt_id", None) or prompt_key(prompt))
+        index = int(row.pop("sample_index", counts.get(pid, 0)))
+        counts[pid] = counts.get(pid, 0) + 1
+        samples.append(Sample(pid, prompt, response, index, position, row, source=f"rows[{position}]"))
     return samples
 
 
@@ -317,6 +332,15 @@ def write_rerank_outputs(result: RerankResult, out_dir: str, alpha: float = PAPE
 # --------------------------------------------------------------------------------------- the stage
 
 
+def preference_pairs(result: RerankResult, alpha: float | None = None) -> list[PreferencePair]:
+    """The selected pairs as `PreferencePair`s whose meta holds what `pairs.jsonl` holds (confidence, kind, scores),
+    ready for `dpo.preference_dataset`; `alpha` None: the scale the ranking used."""
+    alpha = result.summary.get("alpha", PAPER_ALPHA) if alpha is None else alpha
+    return [PreferencePair(c.prompt, c.response, r.response, c.source,
+                           {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")})
+            for (c, r, _), row in zip(result.pairs, pair_rows(result, alpha))]
+
+
 def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str], top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
@@ -332,10 +356,22 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str],
     samples = load_samples(samples_path, limit)
     reward = HybridRewardModel.load(reward_dir)
     helpful = HybridRewardModel.load(benign_reward_dir) if benign_reward_dir else None
-    alpha = reward.calibration["scale"] if alpha is None else alpha
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
         raise ConfigError(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
+    result = rerank_samples(model, tokenizer, reward, samples, top_k, min_gap, alpha=alpha, batch_tokens=batch_tokens,
+                            progress=progress, scorer=scorer, helpful=helpful)
+    result.summary.update(samples_file=samples_path, reward_model=reward_dir, benign_reward_model=benign_reward_dir)
+    return result
+
+
+def rerank_samples(model, tokenizer, reward: HybridRewardModel, samples: list[Sample], top_k: int = 1,
+                   min_gap: float = 0.0, *, alpha: float | None = None, batch_tokens: int = 8192,
+                   progress: bool = False, scorer: Callable | None = None,
+                   helpful: HybridRewardModel | None = None) -> RerankResult:
+    """Check, score, rank and select on a loaded model: `rerank_file` without files (see it for the arguments;
+    `helpful` is the loaded helpfulness reward). The summary's file fields are None."""
+    alpha = reward.calibration["scale"] if alpha is None else alpha
     reward.check_model(model, tokenizer)
     if helpful is not None:
         helpful.check_model(model, tokenizer)
@@ -366,8 +402,8 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str],
     result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
     result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k,
-                          alpha=alpha, min_gap=min_gap, samples_file=samples_path, reward_model=reward_dir,
-                          layers=reward.layers, pooling=reward.pooling, benign_reward_model=benign_reward_dir,
+                          alpha=alpha, min_gap=min_gap, samples_file=None, reward_model=None,
+                          layers=reward.layers, pooling=reward.pooling, benign_reward_model=None,
                           benign_alpha=result.benign_alpha,
                           scorer=getattr(scorer, "name", "external") if scorer else "hybrid reward")
     return result

@@ -28,6 +28,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
 from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
+from .formats import prompt_records
 from .models import model_fingerprint
 from .render import end_of_turn, render_prompt
 
@@ -328,7 +329,8 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
                        out_path: str | None = None, batch_prompts: int = 8, seed: int = 0, progress: bool = True,
                        max_sequences: int = 64, backend: Backend | None = None, engine: str = "hf",
                        stats: dict | None = None, prefill: str = "", first_index: int = 0) -> list[dict]:
-    """N responses per prompt (PromptRecords); rows in prompt order, then sample index.
+    """N responses per prompt (PromptRecords, or bare prompts numbered by position); rows in prompt order, then
+    sample index.
 
     `prefill` opens every answer with fixed text that the model then continues (the response includes it; rows
     say `prefill`): how a policy that never refuses is given refusals to rank. Rows are numbered from
@@ -338,6 +340,7 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
     `model` may be a model name when a `backend` that loads its own model (vLLM) is given.
     `stats`, if given, receives generated_tokens, seconds and calls of this run (not of earlier runs).
     """
+    prompts = prompt_records(prompts)
     with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
                                    progress, max_sequences, backend, engine, stats, prefill, first_index)

@@ -140,3 +140,12 @@ def test_the_contract_sees_a_violation(tmp_path):
     assert found == [("rbrm.pipeline", ["Pipeline"], 2), ("rbrm._x", ["_y"], 3)]
     assert function_level_imports("rbrm.files", path) == [("rbrm.pipeline", 2), ("rbrm._x", 3)]
     assert layer("rbrm.pipeline") > layer("rbrm.files")
+
+
+def test_the_package_file_exports_lazily():
+    """`rbrm/__init__.py` is imported by every module, so it stays on the ground floor: it names the public API
+    (`_API`, name -> module) and imports each module on first use, never at import time."""
+    import rbrm
+
+    assert not imports("rbrm", PACKAGE / "__init__.py")
+    assert {f"rbrm.{m}" for m in rbrm._API.values()} <= set(MODULES)

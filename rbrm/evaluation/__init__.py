@@ -41,6 +41,7 @@ from .run import (
     SUMMARY_FORMAT,
     evaluate,
     generate_set,
+    safety_rates,
     summarize_set,
     summary_table,
     write_summaries,
@@ -51,7 +52,7 @@ __all__ = [
     "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE",
     "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table",
     "bootstrap_ci", "check_limit", "evaluate", "generate_set", "judge_cache_path", "judge_rows",
-    "load_set", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct",
+    "load_set", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct", "safety_rates",
     "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set", "summary_table",
     "within_prompt_auc", "write_summaries",
 ]
