@@ -42,7 +42,7 @@ def worker(threads: int | None) -> None:
     import torch
     from bench_dpo_overhead import build_probe, pipeline_trainer, training_rows
 
-    from rbrm.data import load_prompts
+    from rbrm.formats import load_prompts
     from rbrm.memory import keep_freed_memory
     from rbrm.models import load_model, resolve_model
     from rbrm.sampling import DecodingConfig, hf_backend, render_prompt

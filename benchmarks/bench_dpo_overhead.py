@@ -78,7 +78,7 @@ def build_probe(model, tokenizer, pairs, layers):
 def training_rows(tokenizer, n: int, max_length: int) -> tuple[list[dict], list]:
     """The first `n` rendered XSTest pairs whose prompt + either response fit in `max_length` (so the probe reads
     every pair's end-of-turn token), and up to `n` of the other pairs (to train the probe on)."""
-    from rbrm.data import load_pairs
+    from rbrm.formats import load_pairs
     from rbrm.render import render, tokenize
 
     rows, rest = [], []

@@ -18,8 +18,8 @@ import time
 import torch
 
 from rbrm.commands.features import FeaturesConfig
-from rbrm.data import load_pairs
 from rbrm.features import examples_to_rows, extract_features
+from rbrm.formats import load_pairs
 from rbrm.machine import machine_summary
 from rbrm.models import load_model
 from rbrm.render import render, tokenize

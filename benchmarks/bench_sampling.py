@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rbrm.data import load_prompts
+from rbrm.formats import load_prompts
 from rbrm.machine import machine_summary
 from rbrm.models import load_model, model_fingerprint
 from rbrm.render import render_prompt

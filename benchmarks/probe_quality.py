@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from rbrm.data import load_pairs, write_json
 from rbrm.features import FeatureSet, examples_to_rows, extract_features, load_features, save_features
+from rbrm.files import write_json
+from rbrm.formats import load_pairs
 from rbrm.models import load_model
 from rbrm.probe_train import logistic_baseline
 from rbrm.render import prompt_key

@@ -7,9 +7,26 @@ exits with status 2. `RBRM_DEBUG=1` shows the traceback as well.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 
 class RbrmError(Exception):
     """A problem with the user's inputs, settings or files, explained by its message alone."""
+
+
+class DataError(RbrmError, ValueError):
+    """A bad input file; the message names the file, the row (line, csv line or .json element) and the field."""
+
+    def __init__(self, path: Any, line: int | None, field: str | None, message: str, *,
+                 element: bool | None = None):
+        self.path, self.line, self.field = os.fspath(path), line, field
+        if element is None:  # rows of a .json array are numbered by element (0-based), others by line
+            element = self.path.removesuffix(".gz").endswith(".json")
+        where = self.path
+        if line is not None:
+            where += f" element {line}" if element else f":{line}"
+        super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + message)
 
 
 class OutputLockedError(RbrmError):

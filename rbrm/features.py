@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, DynamicCache
 from trl.trainer.utils import pad as trl_pad
 
-from .data import DataError, atomic_path, check_input_file
+from .errors import DataError
+from .files import atomic_path, check_input_file
 from .flops import ModelShape, prefix_forward_flops
 from .models import model_fingerprint
 from .render import Prompt, end_of_turn, prompt_key, render, tokenize

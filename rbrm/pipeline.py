@@ -24,22 +24,22 @@ from peft import LoraConfig, PeftModel
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
-from .data import atomic_dir, load_pairs, load_prompts, read_jsonl, write_json, write_jsonl
 from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
 from .evaluation import (
     DRIFT_FILE,
     RESPONSES_FILE,
     evaluate,
-    judge_loader,
     load_set,
     over_refusal_set,
     parse_prompt_set,
     per_token_kl,
     set_dir,
 )
+from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
+from .formats import load_pairs, load_prompts
 from .helpfulness import HelpfulnessJudge
-from .judges import JUDGE_NAMES, get_judge
+from .judges import JUDGE_NAMES, get_judge, judge_loader
 from .methods import METHODS
 from .models import (
     default_device,
@@ -56,7 +56,7 @@ from .report import write_report, write_seeds_report
 from .rerank import BENIGN_PREFIX, ClassifierReward, is_benign_id, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
 from .sampling import DecodingConfig, generate_responses
-from .stages import file_digest, model_digest, read_json, run_stage, stage_key, sum_compute
+from .stages import model_digest, read_json, run_stage, stage_key, sum_compute
 
 log = logging.getLogger(__name__)
 

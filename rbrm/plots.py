@@ -7,7 +7,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .data import atomic_path
+from .files import atomic_path
 
 
 def subplots(*args, figsize: tuple[float, float], **kwargs):

@@ -10,16 +10,14 @@ CPU model, its flags, torch's version and the thread count. Without native bf16 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import os
 import time
 
 import torch
 
-from .data import cache_dir, read_json_file, write_json
 from .errors import ConfigError
+from .files import cache_dir, json_digest, read_json_file, write_json
 
 ENV = "RBRM_CPU_PRECISION"
 CHOICES = ("fp32", "bf16")
@@ -95,7 +93,7 @@ def cpu_precision() -> dict:
     if not has_bf16_instructions(identity["flags"]):
         return {"choice": "fp32", "source": "no bf16 instructions"}
     key = machine_key(identity)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_digest(key)
     path = cache_dir() / CACHE_FILE
     cached = _read_cache(path)
     record = cached.get(digest)

@@ -1,4 +1,5 @@
-"""`rbrm probe train`: a probe-training run from data to the saved hybrid reward model.
+"""`rbrm probe train`: a probe-training run from data to the saved hybrid reward model; `train_probe` is the same
+fit on a loaded model and in-memory examples.
 
 Features of the policy's own hidden states (`features.py`), the fit (`reward_model.py`), then what says whether
 to trust it: the held-out split, K-fold cross-validation, scikit-learn's best-single-layer baseline, a test set,
@@ -20,7 +21,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
-from .data import load_examples, write_json
 from .errors import ConfigError
 from .features import (
     FeatureSet,
@@ -33,9 +33,12 @@ from .features import (
     resolve_layers,
     save_features,
 )
+from .files import write_json
+from .formats import LabelledResponse, PreferencePair, load_examples
 from .models import DEFAULT_MODEL, load_model
 from .render import prompt_key
 from .reward_model import (
+    HybridRewardModel,
     RewardTrainConfig,
     primary_metric,
     probe_metrics,
@@ -267,16 +270,55 @@ def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_
     if "model" not in model_cache:
         model_cache["model"] = load_model(config.model, dtype=config.dtype, device=config.device)
     model, tokenizer = model_cache["model"]
+    return probe_features(model, tokenizer, pairs, labelled, config.layers, config.pooling, config.batch_tokens,
+                          stats)
+
+
+def probe_features(model, tokenizer, pairs: list[PreferencePair], labelled: list[LabelledResponse],
+                   layers: list[int] | None = None, pooling: str = "last", batch_tokens: int = 4096,
+                   stats: dict | None = None) -> tuple[FeatureSet, torch.Tensor]:
+    """(FeatureSet, prompt group of every row) of in-memory examples: what a probe trains on.
+
+    Examples longer than the context window are dropped (counted in `stats["skipped_too_long"]`); groups keep a
+    prompt's rows on one side of every split."""
     pairs, labelled, dropped = drop_too_long(model, tokenizer, pairs, labelled)
     if stats is not None:
         stats["skipped_too_long"] = stats.get("skipped_too_long", 0) + len(dropped)
     rows, labels, pair_index = examples_to_rows(pairs, labelled)
-    layers = resolve_layers(model, config.layers)
-    feats = extract_features(model, tokenizer, rows, layers, config.pooling, config.batch_tokens, stats=stats)
+    layers = resolve_layers(model, layers)
+    feats = extract_features(model, tokenizer, rows, layers, pooling, batch_tokens, stats=stats)
     keys: dict[str, int] = {}
     groups = torch.tensor([keys.setdefault(prompt_key(p), len(keys)) for p, _ in rows], dtype=torch.long)
-    meta = feature_metadata(model, tokenizer, layers, config.pooling)
+    meta = feature_metadata(model, tokenizer, layers, pooling)
     return FeatureSet(feats, labels, pair_index, meta), groups
+
+
+def _probe_config(meta: dict, pooling: str, source: str | None, model_name: str | None) -> dict:
+    """What a saved probe records about the model and features it was trained on (checked when it is applied)."""
+    return {"model": meta.get("model"), "layers": meta.get("layers"), "pooling": meta.get("pooling", pooling),
+            "end_of_turn": meta.get("end_of_turn"), "train_source": source, "model_name": model_name}
+
+
+def train_probe(model, tokenizer, pairs=(), labelled=(), *, layers: list[int] | None = None, pooling: str = "last",
+                settings: RewardTrainConfig | None = None, batch_tokens: int = 4096,
+                model_name: str | None = None) -> tuple[HybridRewardModel, dict]:
+    """Fit the hybrid reward on a loaded model's hidden states: `rbrm probe train` without files.
+
+    `pairs` are `PreferencePair`s or (prompt, chosen, rejected) tuples; `labelled` are `LabelledResponse`s or
+    (prompt, response, safe) tuples. Returns the probe (checked against `model`) and its held-out metrics.
+    """
+    pairs = [p if isinstance(p, PreferencePair) else PreferencePair(*p, source=f"pairs[{i}]")
+             for i, p in enumerate(pairs)]
+    labelled = [x if isinstance(x, LabelledResponse) else LabelledResponse(*x, source=f"labelled[{i}]")
+                for i, x in enumerate(labelled)]
+    if not pairs and not labelled:
+        raise ConfigError("train_probe needs preference pairs or safety-labelled responses")
+    fs, groups = probe_features(model, tokenizer, pairs, labelled, layers, pooling, batch_tokens)
+    probe, metrics = train_reward_model(fs.features, fs.pair_index, fs.labels, settings or RewardTrainConfig(), groups,
+                                        _probe_config(fs.metadata, pooling, "in memory", model_name))
+    probe.check_model(model, tokenizer)
+    probe.config["train_metrics"] = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    return probe, metrics
 
 
 def drop_too_long(model, tokenizer, pairs: list, labelled: list) -> tuple[list, list, list[str]]:
@@ -326,9 +368,7 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
                              config.layer_loss_weight, config.patience, config.val_fraction, config.seed,
                              config.fit, config.gate, config.inner_folds)
     meta = fs.metadata
-    probe_config = {"model": meta.get("model"), "layers": meta.get("layers"),
-                    "pooling": meta.get("pooling", config.pooling), "end_of_turn": meta.get("end_of_turn"),
-                    "train_source": config.data or config.features, "model_name": config.model_name}
+    probe_config = _probe_config(meta, config.pooling, config.data or config.features, config.model_name)
     model, metrics = train_reward_model(fs.features, fs.pair_index, fs.labels, settings, groups, probe_config)
     if config.baseline:
         generator = torch.Generator().manual_seed(settings.seed)

@@ -14,7 +14,6 @@ import os
 
 import numpy as np
 
-from .data import read_jsonl, write_json, write_text_atomic
 from .dpo import CONFIDENCE_FILE
 from .evaluation import (
     DRIFT_FILE,
@@ -23,14 +22,15 @@ from .evaluation import (
     audit_summary,
     audit_table,
     bootstrap_ci,
-    make_judge,
     opening_share,
     pct,
     ranking_quality,
     set_dir,
 )
 from .features import load_features
+from .files import read_jsonl, write_json, write_text_atomic
 from .flops import LLAMA_7B, forward_flops
+from .judges import get_judge
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags, precision_summary
 from .methods import COMPARISONS, METHODS, label
 from .models import load_tokenizer
@@ -357,7 +357,7 @@ def write_report(pipeline) -> dict:
     ranking = None
     rank_path, pairs_path = pipeline.path("rerank", "rank.jsonl"), pipeline.path("rerank", "pairs.jsonl")
     if os.path.exists(rank_path) and os.path.exists(pairs_path):  # the re-ranked samples, judged like answers
-        judge = make_judge(config.eval.judge, config.eval.judge_model)
+        judge = get_judge(config.eval.judge, config.eval.judge_model)
         ranking = ranking_quality(read_jsonl(rank_path), read_jsonl(pairs_path), judge)
     report = {
         "name": config.name, "config": pipeline.config_path,

@@ -23,14 +23,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .data import DataError, load_scored_samples, write_json, write_jsonl
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .features import context_length, extract_features, rendered_lengths
+from .files import write_json, write_jsonl
 from .flops import ModelShape, forward_flops, probe_flops
+from .formats import PreferencePair, load_scored_samples
 from .models import load_model
 from .refusal import is_refusal
-from .render import Prompt, end_of_turn, prompt_key, to_messages
-from .reward_model import HybridRewardModel, ModelMismatchError
+from .render import Prompt, prompt_key, to_messages
+from .reward_model import HybridRewardModel
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,21 @@ def load_samples(path: str | list[str], limit: int | None = None) -> list[Sample
     return samples
 
 
+def samples_from(rows) -> list[Sample]:
+    """Samples from in-memory rows: `generate_responses`' dicts (prompt, response[, prompt_id, sample_index], the
+    rest kept as meta) or (prompt, response) tuples. A prompt's samples are numbered in order when the rows do
+    not say."""
+    samples, counts = [], {}
+    for position, row in enumerate(rows):
+        row = dict(row) if isinstance(row, dict) else {"prompt": row[0], "response": row[1]}
+        prompt, response = row.pop("prompt"), row.pop("response")
+        pid = str(row.pop("prompt_id", None) or prompt_key(prompt))
+        index = int(row.pop("sample_index", counts.get(pid, 0)))
+        counts[pid] = counts.get(pid, 0) + 1
+        samples.append(Sample(pid, prompt, response, index, position, row, source=f"rows[{position}]"))
+    return samples
+
+
 def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]:
     """Samples that cannot be ranked: empty responses (the probe has nothing to read, yet may score them
     highest) and rows longer than the model's context window (their hidden states are not meaningful)."""
@@ -101,18 +117,6 @@ def unusable(model, tokenizer, samples: list[Sample]) -> dict[str, list[Sample]]
 
 
 # ----------------------------------------------------------------------------------------- scoring
-
-
-def check_reward_for(reward, model, tokenizer) -> None:
-    """The reward model must read the hidden states of this model at the token it was trained on."""
-    reward.check_model(model)
-    if reward.weight.shape[1] != model.config.hidden_size:
-        raise ModelMismatchError(f"reward model expects hidden size {reward.weight.shape[1]}, the model has "
-                                 f"{model.config.hidden_size}")
-    trained_marker = reward.config.get("end_of_turn")
-    if trained_marker is not None and trained_marker != end_of_turn(tokenizer):
-        raise ModelMismatchError(f"reward model was trained with responses closed by {trained_marker!r}; this "
-                                 f"tokenizer's chat template closes them with {end_of_turn(tokenizer)!r}")
 
 
 @torch.inference_mode()
@@ -328,6 +332,15 @@ def write_rerank_outputs(result: RerankResult, out_dir: str, alpha: float = PAPE
 # --------------------------------------------------------------------------------------- the stage
 
 
+def preference_pairs(result: RerankResult, alpha: float | None = None) -> list[PreferencePair]:
+    """The selected pairs as `PreferencePair`s whose meta holds what `pairs.jsonl` holds (confidence, kind, scores),
+    ready for `dpo.preference_dataset`; `alpha` None: the scale the ranking used."""
+    alpha = result.summary.get("alpha", PAPER_ALPHA) if alpha is None else alpha
+    return [PreferencePair(c.prompt, c.response, r.response, c.source,
+                           {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")})
+            for (c, r, _), row in zip(result.pairs, pair_rows(result, alpha))]
+
+
 def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str], top_k: int = 1, alpha: float | None = None,
                 min_gap: float = 0.0, dtype: str = "auto", device: str | None = None, batch_tokens: int = 8192,
                 limit: int | None = None, dim: int | None = None, progress: bool = True,
@@ -343,13 +356,25 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str],
     samples = load_samples(samples_path, limit)
     reward = HybridRewardModel.load(reward_dir)
     helpful = HybridRewardModel.load(benign_reward_dir) if benign_reward_dir else None
-    alpha = reward.calibration["scale"] if alpha is None else alpha
     model, tokenizer = loaded or load_model(model_name, dtype=dtype, device=device)
     if dim is not None and dim != model.config.hidden_size:
         raise ConfigError(f"--dim {dim} does not match the model's hidden size {model.config.hidden_size}")
-    check_reward_for(reward, model, tokenizer)
+    result = rerank_samples(model, tokenizer, reward, samples, top_k, min_gap, alpha=alpha, batch_tokens=batch_tokens,
+                            progress=progress, scorer=scorer, helpful=helpful)
+    result.summary.update(samples_file=samples_path, reward_model=reward_dir, benign_reward_model=benign_reward_dir)
+    return result
+
+
+def rerank_samples(model, tokenizer, reward: HybridRewardModel, samples: list[Sample], top_k: int = 1,
+                   min_gap: float = 0.0, *, alpha: float | None = None, batch_tokens: int = 8192,
+                   progress: bool = False, scorer: Callable | None = None,
+                   helpful: HybridRewardModel | None = None) -> RerankResult:
+    """Check, score, rank and select on a loaded model: `rerank_file` without files (see it for the arguments;
+    `helpful` is the loaded helpfulness reward). The summary's file fields are None."""
+    alpha = reward.calibration["scale"] if alpha is None else alpha
+    reward.check_model(model, tokenizer)
     if helpful is not None:
-        check_reward_for(helpful, model, tokenizer)
+        helpful.check_model(model, tokenizer)
     dropped = unusable(model, tokenizer, samples)
     for reason, bad in dropped.items():
         if bad:
@@ -377,8 +402,8 @@ def rerank_file(model_name: str, reward_dir: str, samples_path: str | list[str],
     result.skipped.update({reason: len(bad) for reason, bad in dropped.items()})
     result.summary = summarize(result, len(samples), seconds)
     result.summary.update(forward_tokens=stats.get("forward_tokens"), flops=stats.get("flops"), top_k=top_k,
-                          alpha=alpha, min_gap=min_gap, samples_file=samples_path, reward_model=reward_dir,
-                          layers=reward.layers, pooling=reward.pooling, benign_reward_model=benign_reward_dir,
+                          alpha=alpha, min_gap=min_gap, samples_file=None, reward_model=None,
+                          layers=reward.layers, pooling=reward.pooling, benign_reward_model=None,
                           benign_alpha=result.benign_alpha,
                           scorer=getattr(scorer, "name", "external") if scorer else "hybrid reward")
     return result

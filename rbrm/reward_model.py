@@ -15,7 +15,6 @@ Two ways to fit it (`RewardTrainConfig.fit`):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -30,10 +29,11 @@ from sklearn.model_selection import GroupKFold
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DataError, atomic_path, read_json_file, write_json
-from .errors import RbrmError
+from .errors import DataError, RbrmError
+from .files import atomic_path, file_digest, read_json_file, write_json
 from .machine import torch_threads
 from .models import model_fingerprint
+from .render import end_of_turn
 
 FORMAT_VERSION = 2  # 2 adds the gate bias c; version-1 probes load with c = 0 (the paper's vote gate)
 GATES = ("vote_bias", "vote", "mean")  # mean: V and c frozen at 0, every layer weighs 1/2 (an ablation)
@@ -119,7 +119,7 @@ class HybridRewardModel(nn.Module):
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(os.path.join(directory, WEIGHTS_FILE)) as tmp:
             save_file(tensors, str(tmp))
-            config["weights_sha256"] = _sha256(tmp)  # checked on load: flipped bytes must not score silently
+            config["weights_sha256"] = file_digest(tmp, None)  # checked on load: flipped bytes must not score silently
         write_json(os.path.join(directory, CONFIG_FILE), config)
 
     @classmethod
@@ -133,7 +133,7 @@ class HybridRewardModel(nn.Module):
         if not isinstance(config, dict):
             raise DataError(config_path, None, None, f"expected a JSON object, got {type(config).__name__}")
         _check_probe_config(config, config_path)
-        actual = _sha256(weights_path)
+        actual = file_digest(weights_path, None)
         if config["weights_sha256"] != actual:
             raise DataError(weights_path, None, None, f"checksum {actual[:16]}… differs from the one in "
                             f"{CONFIG_FILE} ({config['weights_sha256'][:16]}…): the file is corrupt or was "
@@ -147,15 +147,26 @@ class HybridRewardModel(nn.Module):
             raise DataError(weights_path, None, None, f"cannot load the probe weights: {err}") from None
         return model
 
-    def check_model(self, model) -> None:
-        """Refuse a policy whose architecture differs from the one the probe was trained on.
+    def check_model(self, model, tokenizer=None) -> None:
+        """Refuse a policy whose hidden states this probe cannot read: another architecture, or (with `tokenizer`)
+        a chat template that closes responses with another token than the one the probe read in training.
 
         Same shape but different weights (a fine-tuned descendant, the usual case in DPO) only warns.
         """
         expected = self.config.get("model")
-        if not expected:
+        if expected:
+            self._check_recorded_model(expected, model)
+        else:
             warnings.warn("this reward model records no base model; it cannot be checked", stacklevel=2)
-            return
+        if self.weight.shape[1] != model.config.hidden_size:
+            raise ModelMismatchError(f"reward model expects hidden size {self.weight.shape[1]}, the model has "
+                                     f"{model.config.hidden_size}")
+        trained_marker = self.config.get("end_of_turn")
+        if tokenizer is not None and trained_marker is not None and trained_marker != end_of_turn(tokenizer):
+            raise ModelMismatchError(f"reward model was trained with responses closed by {trained_marker!r}; this "
+                                     f"tokenizer's chat template closes them with {end_of_turn(tokenizer)!r}")
+
+    def _check_recorded_model(self, expected: dict, model) -> None:
         actual = model_fingerprint(model)
         for key in ("model_type", "num_layers", "hidden_size", "vocab_size"):
             if key in expected and expected[key] != actual[key]:
@@ -167,15 +178,7 @@ class HybridRewardModel(nn.Module):
                                      f"{actual['num_layers']}")
         if expected.get("embedding_sha256") not in (None, actual["embedding_sha256"]):
             warnings.warn(f"model {actual['name']!r} has the reward model's architecture but other weights "
-                          f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=2)
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+                          f"than {expected.get('name')!r}; fine for a fine-tuned descendant", stacklevel=3)
 
 
 def _check_probe_config(config: dict, path: str) -> None:

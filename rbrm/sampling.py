@@ -25,16 +25,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .data import (
-    DataError,
-    append_jsonl,
-    exclusive_writer,
-    read_json_file,
-    read_jsonl,
-    write_json,
-)
-from .errors import ConfigError, RbrmError
+from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
+from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
+from .formats import prompt_records
 from .models import model_fingerprint
 from .render import end_of_turn, render_prompt
 
@@ -251,20 +245,22 @@ def plan_calls(num_prompts: int, n: int, batch_prompts: int, max_sequences: int)
 
 
 def call_seed(seed: int, keys: list[tuple[str, int, int]]) -> int:
-    """A seed that depends only on the run's seed and what the call generates (not on what ran before)."""
+    """A seed that depends only on the run's seed and what the call generates (not on what ran before).
+
+    From the raw SHA-256 bytes, not `files.digest`'s hex: a seed, not an identity, and pinned by the samples it
+    drew."""
     digest = hashlib.sha256(json.dumps([seed, keys]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def weights_digest(model) -> str:
     """A cheap hash over a strided sample of every parameter: tells a fine-tuned model from its base."""
-    h = hashlib.sha256()
+    parts = []
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // 256)
-        h.update(name.encode() + str(tuple(param.shape)).encode())
-        h.update(flat[::step][:256].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        parts += [name.encode() + str(tuple(param.shape)).encode(), flat[::step][:256].float().cpu().numpy().tobytes()]
+    return digest(b"".join(parts))
 
 
 def model_identity(model) -> dict:
@@ -333,7 +329,8 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
                        out_path: str | None = None, batch_prompts: int = 8, seed: int = 0, progress: bool = True,
                        max_sequences: int = 64, backend: Backend | None = None, engine: str = "hf",
                        stats: dict | None = None, prefill: str = "", first_index: int = 0) -> list[dict]:
-    """N responses per prompt (PromptRecords); rows in prompt order, then sample index.
+    """N responses per prompt (PromptRecords, or bare prompts numbered by position); rows in prompt order, then
+    sample index.
 
     `prefill` opens every answer with fixed text that the model then continues (the response includes it; rows
     say `prefill`): how a policy that never refuses is given refusals to rank. Rows are numbered from
@@ -343,6 +340,7 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
     `model` may be a model name when a `backend` that loads its own model (vLLM) is given.
     `stats`, if given, receives generated_tokens, seconds and calls of this run (not of earlier runs).
     """
+    prompts = prompt_records(prompts)
     with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
                                    progress, max_sequences, backend, engine, stats, prefill, first_index)

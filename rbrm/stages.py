@@ -10,7 +10,6 @@ the CPU other processes took meanwhile).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -18,22 +17,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .data import write_json
+from .files import json_digest, write_json
 from .machine import cpu_counters, other_cpu_seconds
 
 # What a method's compute sums over its stages.
 COMPUTE_KEYS = ("generated_tokens", "forward_tokens", "flops", "wall_seconds")
 
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
 
 def stage_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """16 hex digits of the stage's settings and inputs: a finished stage with the same key is reused."""
+    return json_digest(inputs)
 
 
 def read_json(path: str) -> Any:

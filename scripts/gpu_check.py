@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rbrm.data import load_pairs, load_prompts
     from rbrm.dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer
     from rbrm.evaluation import evaluate, parse_prompt_set
     from rbrm.features import examples_to_rows, extract_features, feature_metadata
+    from rbrm.formats import load_pairs, load_prompts
     from rbrm.judges import RefusalPatternJudge
     from rbrm.models import resolve_dtype
     from rbrm.rerank import Sample, rerank, score_samples

@@ -28,8 +28,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rbrm.data import read_jsonl
 from rbrm.features import extract_features
+from rbrm.files import read_jsonl
 from rbrm.helpfulness import load_helpfulness_data
 from rbrm.judges import REPO_DATA_DIR, binary_metrics, load_judge_data, minilm_features, minilm_path
 from rbrm.models import load_model

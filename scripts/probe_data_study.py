@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
-from rbrm.data import LabelledResponse, atomic_path, load_examples, write_json
 from rbrm.evaluation import within_prompt_auc
 from rbrm.features import examples_to_rows, extract_features, resolve_layers
+from rbrm.files import atomic_path, write_json
+from rbrm.formats import LabelledResponse, load_examples
 from rbrm.judges import get_judge, load_judge_data
 from rbrm.models import load_model
 from rbrm.probe_train import drop_too_long

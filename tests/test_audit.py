@@ -17,8 +17,7 @@ import pytest
 
 from rbrm.cli import main
 from rbrm.commands.audit import key_reader, label_session
-from rbrm.data import DataError, read_jsonl
-from rbrm.errors import AuditError
+from rbrm.errors import AuditError, DataError
 from rbrm.evaluation.audit import (
     Audit,
     audit_summary,
@@ -29,6 +28,7 @@ from rbrm.evaluation.audit import (
     shipped_label_files,
 )
 from rbrm.evaluation.statistics import ppi_mean, ppi_rate, stratified_rate, wilson_ci
+from rbrm.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("base", "dpo_rerank")

@@ -77,8 +77,8 @@ def test_yaml_config_with_flag_override(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_smollm2_features_and_probe(tmp_path):
     """The real model: the endpoint is <|im_end|>, prompt sharing matches plain forwards, a probe trains."""
-    from rbrm.data import load_pairs
     from rbrm.features import examples_to_rows, extract_features
+    from rbrm.formats import load_pairs
     from rbrm.models import load_model
     from rbrm.reward_model import RewardTrainConfig, train_reward_model
 

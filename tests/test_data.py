@@ -9,20 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from rbrm.data import (
-    DataError,
-    append_jsonl,
+from rbrm.errors import DataError
+from rbrm.files import append_jsonl, iter_records, read_jsonl, write_json, write_jsonl
+from rbrm.formats import (
     detect_format,
-    iter_records,
     load_examples,
     load_labelled,
     load_pairs,
     load_prompts,
     load_scored_samples,
     parse_hh_transcript,
-    read_jsonl,
-    write_json,
-    write_jsonl,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -268,7 +264,7 @@ def test_write_jsonl_is_atomic(tmp_path):
 
 
 def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
-    from rbrm.data import atomic_dir
+    from rbrm.files import atomic_dir
 
     path = tmp_path / "model"
     with atomic_dir(path) as tmp:
@@ -287,7 +283,7 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
 def test_read_jsonl_truncated_tail_and_append(tmp_path, caplog):
     path = tmp_path / "s.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')
-    with caplog.at_level(logging.WARNING, logger="rbrm.data"):
+    with caplog.at_level(logging.WARNING, logger="rbrm.files"):
         assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
     assert "truncated" in caplog.text
     append_jsonl(path, [{"a": 4}])  # the partial line is cut before appending

@@ -14,7 +14,7 @@ import pytest
 from rbrm.cli import main
 from rbrm.commands import merge_repeated
 from rbrm.commands.evaluate import read_prompt_responses
-from rbrm.data import DataError, PromptRecord, read_jsonl
+from rbrm.errors import DataError
 from rbrm.evaluation import (
     PromptSet,
     aggregate,
@@ -24,6 +24,8 @@ from rbrm.evaluation import (
     judge_rows,
     parse_prompt_set,
 )
+from rbrm.files import read_jsonl
+from rbrm.formats import PromptRecord
 from rbrm.judges import Judge, JudgeResult
 from rbrm.plots import plot_categories, plot_rates
 from rbrm.sampling import DecodingConfig

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rbrm import judges  # noqa: E402
+from rbrm.errors import ConfigError  # noqa: E402
 from rbrm.judges import (  # noqa: E402
     GuardJudge,
     GuardOutputError,
@@ -279,7 +280,7 @@ def test_guard_judges_need_a_model() -> None:
         get_judge("llamaguard")
     with pytest.raises(ValueError, match="takes no judge model"):
         get_judge("refusal", judge_model="/some/path")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ConfigError, match="judge 'mdjudge':.*no config.json"):
         get_judge("mdjudge", judge_model="/nonexistent/guard")
 
 

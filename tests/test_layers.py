@@ -16,8 +16,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
 
 LAYERS = [  # bottom first
-    ("files, formats and models", {"__init__", "errors", "render", "data", "models", "flops", "machine", "stages",
-                                   "methods", "refusal", "memory", "precision"}),
+    ("files, formats and models", {"__init__", "errors", "render", "files", "formats", "models", "flops", "machine",
+                                   "stages", "methods", "refusal", "memory", "precision"}),
     ("method", {"features", "reward_model", "probe_train", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "run_config", "pipeline"}),
@@ -133,10 +133,19 @@ def test_imports_sit_at_module_level():
 
 def test_the_contract_sees_a_violation(tmp_path):
     """The checks above read real imports: an upward one in a file like the package's is found."""
-    path = tmp_path / "rbrm" / "data.py"
+    path = tmp_path / "rbrm" / "files.py"
     path.parent.mkdir()
     path.write_text("def f():\n    from .pipeline import Pipeline\n    from ._x import _y\n")
-    found = imports("rbrm.data", path)
+    found = imports("rbrm.files", path)
     assert found == [("rbrm.pipeline", ["Pipeline"], 2), ("rbrm._x", ["_y"], 3)]
-    assert function_level_imports("rbrm.data", path) == [("rbrm.pipeline", 2), ("rbrm._x", 3)]
-    assert layer("rbrm.pipeline") > layer("rbrm.data")
+    assert function_level_imports("rbrm.files", path) == [("rbrm.pipeline", 2), ("rbrm._x", 3)]
+    assert layer("rbrm.pipeline") > layer("rbrm.files")
+
+
+def test_the_package_file_exports_lazily():
+    """`rbrm/__init__.py` is imported by every module, so it stays on the ground floor: it names the public API
+    (`_API`, name -> module) and imports each module on first use, never at import time."""
+    import rbrm
+
+    assert not imports("rbrm", PACKAGE / "__init__.py")
+    assert {f"rbrm.{m}" for m in rbrm._API.values()} <= set(MODULES)

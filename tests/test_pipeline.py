@@ -331,7 +331,7 @@ def test_paired_difference_and_verdict():
 
 
 def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
-    from rbrm.data import read_jsonl
+    from rbrm.files import read_jsonl
     from rbrm.models import load_model
 
     path = tiny_config(tmp_path, tiny_model_dir)
@@ -435,7 +435,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from rbrm.data import read_jsonl
+    from rbrm.files import read_jsonl
     from rbrm.run_config import PipelineConfigError
 
     torch.manual_seed(0)
@@ -471,7 +471,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
 def test_online_samples_the_prompts_its_updates_need_or_the_whole_pool(tmp_path, tiny_model_dir):
     """One update of one pair per round needs one prompt; `online.samples: all` samples the whole pool (4 training
     prompts once the evaluation prompts are dropped) every round, and the ledger counts it."""
-    from rbrm.data import read_jsonl
+    from rbrm.files import read_jsonl
 
     rows, flops = {}, {}
     for mode in ("updates", "all"):
@@ -545,7 +545,7 @@ def test_the_online_curve_runs_each_number_of_rounds_on_the_main_runs_probe(tmp_
 
 def test_pipeline_sampling_resumes_after_a_kill(tmp_path, tiny_model_dir):
     """A killed sampling stage keeps its rows; the rerun completes them exactly as an uninterrupted run would."""
-    from rbrm.data import read_jsonl
+    from rbrm.files import read_jsonl
 
     path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "dpo_rerank"])
     run(path)
@@ -641,7 +641,7 @@ def test_seed_and_prompt_bootstrap_carries_seed_variance():
 
 
 def test_benign_pool_prompts_are_ranked_by_the_helpfulness_reward(tmp_path, tiny_model_dir):
-    from rbrm.data import read_jsonl
+    from rbrm.files import read_jsonl
 
     path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"],
                        sample={"benign_prompts": "data/refusal_direction/harmless_val.json", "benign_skip": 120,

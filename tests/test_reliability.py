@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from rbrm.cli import main  # noqa: E402
-from rbrm.data import DataError, PromptRecord, load_examples, load_prompts, load_scored_samples  # noqa: E402
-from rbrm.errors import OutputLockedError  # noqa: E402
+from rbrm.errors import (
+    DataError,  # noqa: E402
+    OutputLockedError,  # noqa: E402
+)
+from rbrm.formats import PromptRecord, load_examples, load_prompts, load_scored_samples  # noqa: E402
 from tests.conftest import make_tiny_model  # sets the offline environment first
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +174,7 @@ def test_sampling_skips_prompts_past_the_context(short_context_model, tokenizer,
 
 
 def test_probe_and_rerank_skip_rows_past_the_context(short_context_model, tokenizer):
-    from rbrm.data import LabelledResponse, PreferencePair
+    from rbrm.formats import LabelledResponse, PreferencePair
     from rbrm.probe_train import drop_too_long
     from rbrm.rerank import Sample, unusable
 
@@ -279,7 +282,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_releases(tmp_path, tiny_mod
     from rbrm.sampling import DecodingConfig, generate_responses
 
     out = tmp_path / "s.jsonl"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rbrm.data import exclusive_writer\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom rbrm.files import exclusive_writer\n"
                                "with exclusive_writer(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
                                str(out)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from rbrm.data import DataError, read_jsonl
+from rbrm.errors import DataError
+from rbrm.files import read_jsonl
 from rbrm.models import model_fingerprint
 from rbrm.rerank import (
     PAPER_INPUT,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rbrm.data import DataError
+from rbrm.errors import DataError
 from rbrm.models import model_fingerprint
 from rbrm.probe_train import cross_validate
 from rbrm.reward_model import (
@@ -131,7 +131,8 @@ def test_the_mean_gate_weighs_every_layer_alike(tmp_path):
 def test_a_version_1_probe_loads_as_the_papers_vote_gate(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from rbrm.reward_model import CONFIG_FILE, WEIGHTS_FILE, _sha256
+    from rbrm.files import file_digest
+    from rbrm.reward_model import CONFIG_FILE, WEIGHTS_FILE
 
     rm = HybridRewardModel(2, 4, {"gate": "vote"})
     rm.weight.data.normal_()
@@ -142,7 +143,7 @@ def test_a_version_1_probe_loads_as_the_papers_vote_gate(tmp_path):
     save_file(tensors, str(weights))
     config = json.loads(config_path.read_text())
     del config["gate"]
-    config.update(format_version=1, weights_sha256=_sha256(weights))
+    config.update(format_version=1, weights_sha256=file_digest(weights, None))
     config_path.write_text(json.dumps(config))
     loaded = HybridRewardModel.load(str(tmp_path))
     assert loaded.gate_kind == "vote" and (loaded.gate_bias == 0).all()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from rbrm import sampling
-from rbrm.data import PromptRecord, read_jsonl
 from rbrm.errors import ConfigError
+from rbrm.files import read_jsonl
+from rbrm.formats import PromptRecord
 from rbrm.sampling import (
     DecodingConfig,
     SamplingSettingsError,

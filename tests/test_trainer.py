@@ -623,8 +623,8 @@ def test_ten_steps_on_smollm2(smollm2_path, tokenizer, tmp_path):
     import math
 
     from rbrm.cli import main
-    from rbrm.data import load_pairs
     from rbrm.features import examples_to_rows, extract_features, feature_metadata
+    from rbrm.formats import load_pairs
     from rbrm.models import load_model
     from rbrm.reward_model import HybridRewardModel, RewardTrainConfig, train_reward_model
 

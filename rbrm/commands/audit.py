@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..data import exclusive_writer
 from ..errors import AuditError
 from ..evaluation.audit import (
     GUIDES,
@@ -31,6 +30,7 @@ from ..evaluation.audit import (
     shipped_label_files,
     write_audit_summary,
 )
+from ..files import exclusive_writer
 from ..render import prompt_key
 
 

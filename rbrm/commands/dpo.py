@@ -15,8 +15,8 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
-from ..data import write_json
 from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
+from ..files import write_json
 from ..models import (
     DEFAULT_MODEL,
     load_causal_lm,
@@ -35,7 +35,7 @@ class DPOCommandConfig:
     `ScriptArguments`)."""
 
     pairs: str = field(metadata={"help": "TRL preference jsonl (prompt, chosen, rejected[, confidence]) or any "
-                                         "pair format rbrm.data reads"})
+                                         "pair format rbrm.formats reads"})
     model: str | None = field(default=None, metadata={
         "help": "policy: alias, folder, .gguf or hub id (default: --model_name_or_path, else smollm2-135m-instruct)"})
     reward: str | None = field(default=None, metadata={"help": "hybrid reward model folder (rbrm probe train)"})

@@ -10,22 +10,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data import DataError, iter_records, read_prompt, read_str, write_jsonl
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..evaluation import (
     OVER_REFUSAL_SET,
     SUMMARY_FORMAT,
     PromptSet,
     check_limit,
     evaluate,
-    judge_loader,
     load_set,
-    make_judge,
     over_refusal_set,
     parse_prompt_set,
     parse_where,
 )
+from ..files import iter_records, write_jsonl
+from ..formats import read_prompt, read_str
 from ..helpfulness import HelpfulnessJudge
+from ..judges import get_judge, judge_loader
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates
 from ..render import Prompt, prompt_key
@@ -150,7 +150,7 @@ def run_judge(config: JudgeConfig) -> int:
         raise ConfigError(str(err)) from None
     if config.helpfulness:
         return _run_helpfulness(config, pairs)
-    judge = make_judge(config.judge, config.judge_model, config.judge_device)
+    judge = get_judge(config.judge, config.judge_model, config.judge_device)
     t0 = time.perf_counter()
     results = judge.judge([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
     rows = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..data import load_examples
 from ..features import examples_to_rows, extract_features, feature_metadata, resolve_layers, save_features
+from ..formats import load_examples
 from ..models import DEFAULT_MODEL, load_model
 
 

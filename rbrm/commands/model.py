@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..data import load_examples
 from ..errors import ConfigError
 from ..features import examples_to_rows, extract_features, load_features, resolve_layers
+from ..formats import load_examples
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_pca, safe_unsafe_rows
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..evaluation import make_judge, ranking_quality
+from ..evaluation import ranking_quality
+from ..judges import get_judge
 from ..models import DEFAULT_MODEL
 from ..rerank import format_summary, pair_rows, rank_rows, rerank_file, write_rerank_outputs
 
@@ -37,7 +38,7 @@ def run_rerank(config: RerankConfig) -> None:
                          config.dtype, config.device, config.batch_tokens, config.limit)
     if config.judge:
         result.summary["ranking_quality"] = ranking_quality(rank_rows(result), pair_rows(result, result.summary[
-            "alpha"]), make_judge(config.judge, config.judge_model))
+            "alpha"]), get_judge(config.judge, config.judge_model))
     write_rerank_outputs(result, config.out, result.summary["alpha"])
     print(format_summary(result.summary))
     print(f"wrote {config.out}/{{rank,chosen,rejected,pairs}}.jsonl and summary.json")

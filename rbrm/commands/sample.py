@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..data import load_prompts
 from ..errors import ConfigError
+from ..formats import load_prompts
 from ..models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from ..sampling import DecodingConfig, generate_responses, vllm_backend
 

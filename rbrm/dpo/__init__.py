@@ -5,8 +5,8 @@ The command, `rbrm dpo`, is `rbrm.commands.dpo`, as TRL's is `trl/scripts/dpo.py
 """
 
 from .config import CONFIDENCE_MODES, ConfidenceDPOConfig
-from .data import pairs_dataset, render_and_tokenize
+from .data import pairs_dataset, preference_dataset, render_and_tokenize
 from .trainer import CONFIDENCE_FILE, REWARD_DIR, ConfidenceDPOTrainer
 
 __all__ = ["CONFIDENCE_FILE", "CONFIDENCE_MODES", "REWARD_DIR", "ConfidenceDPOConfig", "ConfidenceDPOTrainer",
-           "pairs_dataset", "render_and_tokenize"]
+           "pairs_dataset", "preference_dataset", "render_and_tokenize"]

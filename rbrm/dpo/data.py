@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from ..data import load_pairs
+from ..formats import PreferencePair, load_pairs
 from ..render import end_of_turn, render, tokenize
 
 # Keys the collator adds to a batch; the trainer takes them out before anything reaches a model.
@@ -81,10 +81,16 @@ class ConfidenceCollator:
 
 
 def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = "auto"):
+    """`preference_dataset` of a pair file (any layout `rbrm.formats` reads)."""
+    return preference_dataset(load_pairs(path, format=format, limit=limit), tokenizer, source=path)
+
+
+def preference_dataset(pairs: list[PreferencePair], tokenizer, source: str = "the pairs"):
     """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it,
-    + `benign` when some pairs were ranked by the helpfulness reward: `kind: benign`)."""
+    + `benign` when some pairs were ranked by the helpfulness reward: `kind: benign`), for `ConfidenceDPOTrainer`.
+    `rerank.preference_pairs` gives such pairs in memory."""
     rows = []
-    for pair in load_pairs(path, format=format, limit=limit):
+    for pair in pairs:
         prompt_text, chosen = render(tokenizer, pair.prompt, pair.chosen)
         _, rejected = render(tokenizer, pair.prompt, pair.rejected)
         rows.append({"prompt": prompt_text, "chosen": chosen, "rejected": rejected,
@@ -96,5 +102,5 @@ def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = 
         for row in rows:
             del row["confidence"]
     elif any(row["confidence"] is None for row in rows):
-        raise ValueError(f"{path}: some pairs carry a `confidence` and some do not")
+        raise ValueError(f"{source}: some pairs carry a `confidence` and some do not")
     return Dataset.from_list(rows)

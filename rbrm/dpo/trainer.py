@@ -49,8 +49,8 @@ from trl import DPOTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import global_then_local_main_first
 
-from ..data import write_json
 from ..features import POOLINGS, context_length, decoder_layers, pool
+from ..files import write_json
 from ..flops import ModelShape, forward_flops, probe_flops, training_flops
 from ..render import end_of_turn
 from ..reward_model import HybridRewardModel, pairwise_loss

@@ -22,7 +22,7 @@ own folder `--out/NAME/`, and `--out/summary.json` maps set names to summaries, 
 
 from .audit import audit_notes, audit_summary, audit_table
 from .drift import DRIFT_FILE, opening_share, per_token_kl
-from .judging import JUDGE_CHUNK, judge_cache_path, judge_loader, judge_rows, make_judge
+from .judging import JUDGE_CHUNK, judge_cache_path, judge_rows
 from .prompt_sets import (
     OVER_REFUSAL_SET,
     XSTEST_PROMPTS,
@@ -41,6 +41,7 @@ from .run import (
     SUMMARY_FORMAT,
     evaluate,
     generate_set,
+    safety_rates,
     summarize_set,
     summary_table,
     write_summaries,
@@ -50,8 +51,8 @@ from .statistics import aggregate, bootstrap_ci, pct, ranking_quality, rate_with
 __all__ = [
     "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE",
     "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table",
-    "bootstrap_ci", "check_limit", "evaluate", "generate_set", "judge_cache_path", "judge_loader", "judge_rows",
-    "load_set", "make_judge", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct",
+    "bootstrap_ci", "check_limit", "evaluate", "generate_set", "judge_cache_path", "judge_rows",
+    "load_set", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct", "safety_rates",
     "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set", "summary_table",
     "within_prompt_auc", "write_summaries",
 ]

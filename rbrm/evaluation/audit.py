@@ -20,7 +20,6 @@ judge over every answer, corrected by its error on the audited ones). `audit_tab
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import Counter
@@ -31,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data import (
-    REPO_DATA_DIR,
-    DataError,
+from ..errors import AuditError, DataError
+from ..files import (
+    digest,
     exclusive_writer,
     iter_records,
     read_json_file,
@@ -42,7 +41,7 @@ from ..data import (
     write_jsonl,
     write_text_atomic,
 )
-from ..errors import AuditError
+from ..formats import REPO_DATA_DIR
 from ..render import prompt_key
 from .run import RESPONSES_FILE
 from .statistics import pct, ppi_rate, stratified_rate, wilson_ci
@@ -72,7 +71,7 @@ def kinds(benign: bool) -> dict[str, bool]:
 
 
 def response_sha(response: str) -> str:
-    return hashlib.sha256(response.encode("utf-8")).hexdigest()
+    return digest(response, None)
 
 
 @dataclass(frozen=True)

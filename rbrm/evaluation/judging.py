@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data import append_jsonl, exclusive_writer, read_jsonl, write_jsonl
-from ..errors import ConfigError
-from ..judges import JUDGE_NAMES, get_judge, judge_key
+from ..files import append_jsonl, digest, exclusive_writer, read_jsonl, write_jsonl
 from ..render import prompt_key
 
 log = logging.getLogger(__name__)
 
 JUDGE_CHUNK = 64  # rows judged between two appends to the judgment cache
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # Judges take text: `prompt_key` flattens a conversation with its roles, so the judge keeps the context.
@@ -51,7 +43,7 @@ def _judge_rows(rows: Sequence[dict], judge, cache_path, chunk: int, progress: b
         if len(kept) < len(old):  # another version of this judge wrote them: they no longer count
             log.info("%s: dropping %d judgments by another judge version", cache_path, len(old) - len(kept))
             write_jsonl(cache_path, kept)
-    keys = [key(r["prompt_id"], r.get("sample_index", 0), _sha(r["response"])) for r in rows]
+    keys = [key(r["prompt_id"], r.get("sample_index", 0), digest(r["response"])) for r in rows]
     todo = [i for i, k in enumerate(keys) if k not in cached]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="judge", unit="row", disable=not progress)
     for start in range(0, len(todo), chunk):
@@ -80,24 +72,3 @@ def judge_cache_path(set_dir: str | os.PathLike, judge) -> str:
     return os.path.join(set_dir, f"judgments.{judge.name}.jsonl")
 
 
-def make_judge(name: str, judge_model: str | None = None, device: str | None = None):
-    """`judges.get_judge` with its errors turned into one-line command errors."""
-    try:
-        return get_judge(name, judge_model=judge_model, device=device)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        raise ConfigError(f"judge {name!r}: {err}") from None
-
-
-def judge_loader(name: str, judge_model: str | None = None, device: str | None = None) -> Callable[[], Any]:
-    """Check the judge before any generation, but load a guard model only when it is needed.
-
-    The keyword and MiniLM judges are cheap and built at once (so a bad name fails first); a guard model is
-    loaded after the policy has been freed, so both never sit in memory together.
-    """
-    key = judge_key(name)
-    if key in JUDGE_NAMES and key not in ("minilm", "refusal") and judge_model:
-        if not (Path(judge_model).expanduser() / "config.json").is_file():
-            raise ConfigError(f"judge {name!r}: --judge-model {judge_model} is not a model folder (no config.json)")
-        return lambda: make_judge(name, judge_model, device)
-    judge = make_judge(name, judge_model, device)
-    return lambda: judge

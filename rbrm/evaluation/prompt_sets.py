@@ -7,7 +7,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..data import REPO_DATA_DIR, DataError, load_prompts
+from ..errors import DataError
+from ..formats import REPO_DATA_DIR, load_prompts
 
 XSTEST_PROMPTS = REPO_DATA_DIR / "xstest" / "xstest_prompts.csv"
 OVER_REFUSAL_SET = "xstest_safe"

@@ -9,9 +9,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from ..data import write_json, write_jsonl, write_text_atomic
 from ..errors import ConfigError
+from ..files import write_json, write_jsonl, write_text_atomic
 from ..helpfulness import HelpfulnessJudge
+from ..judges import Judge, get_judge
 from ..plots import plot_categories
 from ..render import prompt_key
 from ..sampling import DecodingConfig, SamplingSettingsError, generate_responses, model_identity
@@ -107,6 +108,20 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
         },
     })
     return summary, judged
+
+
+def safety_rates(model, tokenizer, prompts: Sequence, judge: Judge | str = "minilm", *, benign: bool = False,
+                 max_new_tokens: int = 128, batch_prompts: int = 8, resamples: int = 1000, seed: int = 0,
+                 progress: bool = False) -> dict:
+    """`evaluate` on one in-memory prompt list, writing nothing: greedy answers, judged, with the same rates and
+    bootstrap intervals (`unsafe_rate`, `refusal_rate`, per category where prompts have one; `over_refusal_rate`
+    when `benign`) and the judged answers under `rows`."""
+    judge = get_judge(judge) if isinstance(judge, str) else judge
+    rows = generate_responses(model, tokenizer, list(prompts), n=1, settings=DecodingConfig.greedy(max_new_tokens),
+                              batch_prompts=batch_prompts, seed=seed, progress=progress)
+    judged = [{**row, **j} for row, j in zip(rows, judge_rows(rows, judge, progress=progress))]
+    return {**aggregate(judged, benign, resamples, seed), "judge": {"name": judge.name, "version": judge.version},
+            "rows": judged}
 
 
 def summary_table(summaries: dict[str, dict]) -> str:

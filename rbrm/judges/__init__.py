@@ -16,11 +16,16 @@ Every judge also reports `refusal` from the same keyword check (`is_refusal`), s
 across judges.
 
 Modules: `base` (the interface and the keyword judge), `minilm` (the embedding judge), `build` (its labelled
-data, split, metrics and build), `guard` (guard-model prompts and output parsing); `get_judge` here.
+data, split, metrics and build), `guard` (guard-model prompts and output parsing); here the one judge factory,
+`get_judge`, and `judge_loader`, which checks a judge at once but may load it later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ConfigError
 from .base import (
     DEFAULT_JUDGE,
     EMPTY_RESPONSE,
@@ -68,22 +73,42 @@ from .minilm import (
 
 def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device: str | None = None,
               **kwargs) -> Judge:
-    """Judge by name. `judge_model` is the guard folder for llamaguard*/mdjudge, or other weights for minilm."""
+    """Judge by name: rbrm's one judge factory. `judge_model` is the guard folder for llamaguard*/mdjudge, or other
+    weights for minilm. Every failure to build one (a bad name, a missing folder or package) is a ConfigError that
+    names the judge, so a command shows it as one line."""
     key = judge_key(name)
     if key not in JUDGE_NAMES:
-        raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}")
+        raise ConfigError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}")
     if key == "refusal":
         if judge_model:
-            raise ValueError("the 'refusal' judge is a keyword list and takes no judge model")
+            raise ConfigError("the 'refusal' judge is a keyword list and takes no judge model")
         return RefusalPatternJudge()
-    if key == "minilm":
-        return EmbeddingJudge(weights=judge_model, device=device, **kwargs)
-    if not judge_model:
-        raise ValueError(f"judge {name!r} needs a local model folder (--judge-model PATH); no guard model is "
-                         "packaged. Use 'minilm' (default) or 'refusal' without one.")
-    if key != "llamaguard":
+    if key != "minilm" and not judge_model:
+        raise ConfigError(f"judge {name!r} needs a local model folder (--judge-model PATH); no guard model is "
+                          "packaged. Use 'minilm' (default) or 'refusal' without one.")
+    if key not in ("minilm", "llamaguard"):
         kwargs["variant"] = "mdjudge" if key == "mdjudge" else key[-1]
-    return GuardJudge(judge_model, device=device, **kwargs)
+    try:
+        if key == "minilm":
+            return EmbeddingJudge(weights=judge_model, device=device, **kwargs)
+        return GuardJudge(judge_model, device=device, **kwargs)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise ConfigError(f"judge {name!r}: {err}") from None
+
+
+def judge_loader(name: str, judge_model: str | None = None, device: str | None = None) -> Callable[[], Judge]:
+    """Check the judge before any generation, but load a guard model only when it is needed.
+
+    The keyword and MiniLM judges are cheap and built at once (so a bad name fails first); a guard model is
+    loaded after the policy has been freed, so both never sit in memory together.
+    """
+    key = judge_key(name)
+    if key in JUDGE_NAMES and key not in ("minilm", "refusal") and judge_model:
+        if not (Path(judge_model).expanduser() / "config.json").is_file():
+            raise ConfigError(f"judge {name!r}: --judge-model {judge_model} is not a model folder (no config.json)")
+        return lambda: get_judge(name, judge_model, device)
+    judge = get_judge(name, judge_model, device)
+    return lambda: judge
 
 
 __all__ = [
@@ -112,6 +137,7 @@ __all__ = [
     "encoder_flops",
     "fit_linear_head",
     "get_judge",
+    "judge_loader",
     "guard_categories",
     "guess_guard_variant",
     "load_encoder",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,8 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 
-from ..data import REPO_DATA_DIR, atomic_path, write_json
+from ..files import atomic_path, digest, write_json
+from ..formats import REPO_DATA_DIR
 from ..refusal import is_refusal
 from .base import RefusalPatternJudge
 from .minilm import (
@@ -241,8 +241,7 @@ def build_minilm_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
         "train_prompts": len(set(groups[train])),
         "test_rows": int(test.sum()), "test_unsafe": int(y[test].sum()), "test_prompts": len(set(groups[test])),
     }
-    digest = hashlib.sha256(coef.tobytes() + intercept.tobytes()).hexdigest()[:10]
-    version = f"1+{digest}"
+    version = "1+" + digest(coef.tobytes() + intercept.tobytes(), 10)
     meta = {
         "name": "minilm",
         "version": version,
