@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from rbrm.data import write_jsonl
 from rbrm.errors import RbrmError
+from rbrm.files import write_jsonl
 from rbrm.rerank import (
     PAPER_ALPHA,
     chosen_rows,
