@@ -23,6 +23,7 @@ from threadpoolctl import ThreadpoolController
 from .data import load_examples, write_json
 from .errors import ConfigError
 from .features import (
+    POOLINGS,
     FeatureSet,
     context_length,
     examples_to_rows,
@@ -36,6 +37,8 @@ from .features import (
 from .models import DEFAULT_MODEL, load_model
 from .render import prompt_key
 from .reward_model import (
+    FITS,
+    GATES,
     RewardTrainConfig,
     primary_metric,
     probe_metrics,
@@ -258,6 +261,12 @@ class ProbeTrainConfig:
     baseline: bool = field(default=True, metadata={"help": "also fit the sklearn best-single-layer baseline"})
     metrics_out: str | None = field(default=None, metadata={"help": "write metrics JSON here"})
     model_name: str | None = field(default=None, metadata={"help": "a label recorded in the saved config"})
+
+    def __post_init__(self):
+        """The choices, checked before any feature is extracted (and by the pipeline before stage 1)."""
+        for name, choices in (("pooling", POOLINGS), ("fit", FITS), ("gate", GATES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
 
 
 def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict,
