@@ -41,10 +41,10 @@ class CountingDPOTrainer(DPOTrainer):
 
     loss_tokens = 0
 
-    def _compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model.training:
             self.loss_tokens += int(inputs["attention_mask"].sum())
-        return super()._compute_loss(model, inputs, return_outputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class StepTimer(TrainerCallback):
@@ -170,7 +170,7 @@ def main() -> None:
 
     def counted(kind: str) -> int:
         trainer = trainers[kind][0]
-        return trainer.loss_tokens if kind == "trl" else trainer.forward_tokens // (1 if trainer.precompute_ref_logps
+        return trainer.loss_tokens if kind == "trl" else trainer.forward_tokens // (1 if trainer.reference_precomputed
                                                                                      else 2)
 
     def step(kind: str, seed: int) -> None:

@@ -18,13 +18,12 @@ import logging
 import os
 from collections.abc import Callable
 
-import torch
 from accelerate.utils import is_peft_model
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
-from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
+from .dpo import ConfidenceDPOConfig, ConfidenceDPOTrainer, machine_defaults, pairs_dataset
 from .evaluation import (
     DRIFT_FILE,
     RESPONSES_FILE,
@@ -49,8 +48,7 @@ from .models import (
     resolve_dtype,
     resolve_model,
 )
-from .precision import cpu_prefers_bf16
-from .probe_train import ProbeTrainConfig, run_probe_train
+from .probe_train import run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
 from .rerank import BENIGN_PREFIX, ClassifierReward, is_benign_id, rerank_file, write_rerank_outputs
@@ -130,12 +128,7 @@ class Pipeline:
 
         def body(directory: str) -> dict:
             stats: dict = {}
-            settings = {k: v for k, v in section.items() if k != "seed"}
-            run_probe_train(ProbeTrainConfig(
-                out=os.path.join(directory, "reward_model"), model=self.model_path, device=self.device,
-                features_out=os.path.join(directory, "features.safetensors"),
-                metrics_out=os.path.join(directory, "metrics.json"), model_name=self.config.model,
-                seed=section.get("seed", self.config.seed), **settings), stats)
+            run_probe_train(self.config.probe_train_config(name, directory, self.model_path, self.device), stats)
             return {"forward_tokens": stats.get("forward_tokens", 0), "flops": stats.get("flops", 0)}
 
         return self._stage(name, {**self._base_inputs(), "probe": section, "files": files,
@@ -300,29 +293,15 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------- stage 3
 
-    def dpo_args(self, method: str, output_dir: str, **overrides):
-        values = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
-                  "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
-                  # the reference's log-probs once per pair before training, not once per pair and epoch
-                  "precompute_ref_log_probs": True,
-                  "seed": self.config.seed, "lr_scheduler_type": "constant", **self.config.dpo, **overrides}
-        if not torch.cuda.is_available() or self.device == "cpu":
-            values.setdefault("use_cpu", True)
-            values.setdefault("bf16", self.dpo_bf16())
-        return ConfidenceDPOConfig(output_dir=output_dir, confidence=METHODS[method].confidence, **values)
+    def dpo_args(self, method: str, output_dir: str, **overrides) -> ConfidenceDPOConfig:
+        return self.config.dpo_args(output_dir, METHODS[method].confidence, machine_defaults(self.device),
+                                    **overrides)
 
     def dpo_bf16(self) -> bool | None:
-        """`dpo.bf16` when set. Else, on a CPU: bf16 autocast where bf16 is its faster precision (measured once per
-        machine, `precision.cpu_precision`; a step 1.4x faster there, benchmarks/bench_dpo_step.py), fp32 where it
-        is not (bf16 without AMX on an Intel Xeon) or would be emulated; on CUDA, TRL's default (None here)."""
+        """`dpo.bf16` when set, else the machine's (`rbrm.dpo.machine_defaults`; on CUDA, TRL's default: None)."""
         if "bf16" in self.config.dpo:
             return bool(self.config.dpo["bf16"])
-        return cpu_prefers_bf16() if not torch.cuda.is_available() or self.device == "cpu" else None
-
-    def lora_config(self):
-        if not self.config.lora:
-            return None
-        return LoraConfig(task_type="CAUSAL_LM", **self.config.lora)
+        return machine_defaults(self.device).get("bf16")
 
     def dpo_settings_of(self, method: str) -> dict:
         """The `dpo` settings that can change this method's training, for its stage key: plain DPO ignores the
@@ -345,7 +324,7 @@ class Pipeline:
             reward = self.path("probe", "reward_model") if METHODS[method].confidence == "online" else None
             trainer = ConfidenceDPOTrainer(model, args=self.dpo_args(method, train_dir),
                                            train_dataset=pairs_dataset(pairs_path, tokenizer),
-                                           processing_class=tokenizer, peft_config=self.lora_config(),
+                                           processing_class=tokenizer, peft_config=self.config.lora_config(),
                                            reward_model=reward)
             trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
             trainer.save_model(train_dir)
@@ -443,7 +422,7 @@ class Pipeline:
                                        train_dataset=pairs_dataset(os.path.join(directory, "pairs", "pairs.jsonl"),
                                                                    tokenizer),
                                        processing_class=tokenizer,
-                                       peft_config=self.lora_config() if previous is None else None)
+                                       peft_config=self.config.lora_config() if previous is None else None)
         trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir))
         trainer.save_model(os.path.join(directory, "policy"))
         write_json(os.path.join(directory, "dpo_log.json"), trainer.state.log_history)

@@ -23,6 +23,7 @@ from threadpoolctl import ThreadpoolController
 
 from .errors import ConfigError
 from .features import (
+    POOLINGS,
     FeatureSet,
     context_length,
     examples_to_rows,
@@ -38,6 +39,8 @@ from .formats import LabelledResponse, PreferencePair, load_examples
 from .models import DEFAULT_MODEL, load_model
 from .render import prompt_key
 from .reward_model import (
+    FITS,
+    GATES,
     HybridRewardModel,
     RewardTrainConfig,
     primary_metric,
@@ -261,6 +264,12 @@ class ProbeTrainConfig:
     baseline: bool = field(default=True, metadata={"help": "also fit the sklearn best-single-layer baseline"})
     metrics_out: str | None = field(default=None, metadata={"help": "write metrics JSON here"})
     model_name: str | None = field(default=None, metadata={"help": "a label recorded in the saved config"})
+
+    def __post_init__(self):
+        """The choices, checked before any feature is extracted (and by the pipeline before stage 1)."""
+        for name, choices in (("pooling", POOLINGS), ("fit", FITS), ("gate", GATES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
 
 
 def _features_for(config: ProbeTrainConfig, data: str, limit: int | None, model_cache: dict,

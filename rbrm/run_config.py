@@ -1,24 +1,30 @@
 """A pipeline run's YAML: top-level settings plus one typed section per stage, each default stated once here.
 
-The sections are dataclasses read with `HfArgumentParser.parse_dict` (an unknown key is an error); `dpo` holds
-`ConfidenceDPOConfig` options and `lora` `peft.LoraConfig` options, which those classes check and default.
+The sections are dataclasses read with `HfArgumentParser.parse_dict` (an unknown key is an error). `probe` and
+`helpfulness_probe` hold `ProbeTrainConfig` options, `dpo` `ConfidenceDPOConfig` options and `lora`
+`peft.LoraConfig` options: they stay the mappings written, which the stage keys hash, and `load_config` builds
+from each the object its stage will build (`PipelineConfig.probe_train_config`, `dpo_args`, `lora_config`), so a
+bad value fails before stage 1, not after the stages before it ran.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import re
 import types
 import typing
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import yaml
 from peft import LoraConfig
 from transformers import HfArgumentParser
 
-from .dpo import ConfidenceDPOConfig
+from .dpo import ConfidenceDPOConfig, trains_on_cpu
 from .errors import RbrmError
 from .methods import METHODS
 from .models import DEFAULT_MODEL
@@ -27,6 +33,13 @@ from .sampling import DecodingConfig
 
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+# The pipeline's own DPO defaults over ConfidenceDPOConfig's (which are TRL's and `rbrm dpo`'s); a `dpo` key wins.
+PIPELINE_DPO = {"logging_steps": 1, "save_steps": 10, "save_total_limit": 1, "report_to": [],
+                "gradient_checkpointing": False,  # TRL turns it on; a small policy does not need the recompute
+                # the reference's log-probs once per pair before training, not once per pair and epoch
+                "precompute_ref_log_probs": True,
+                "lr_scheduler_type": "constant"}
 
 # ProbeTrainConfig options the pipeline sets itself; every other one may be given in `probe`.
 PROBE_SET_BY_PIPELINE = {"out", "features", "test_features", "model", "device", "features_out", "metrics_out",
@@ -178,9 +191,35 @@ class PipelineConfig:
     def run_dir(self) -> str:
         return os.path.join(self.out_dir, self.name)
 
+    def dpo_options(self) -> dict:
+        """What every DPO run of this config is given besides its folder, its method's confidence and the
+        machine's defaults: the pipeline's defaults, the run's seed, then the `dpo` section."""
+        return {**PIPELINE_DPO, "seed": self.seed, **self.dpo}
+
     def dpo_setting(self, key: str):
-        """A `dpo` option as training sees it: the config's value, else ConfidenceDPOConfig's default."""
-        return self.dpo.get(key, getattr(ConfidenceDPOConfig, key))
+        """A DPO option as training sees it: `dpo_options()`'s, else ConfidenceDPOConfig's default."""
+        return self.dpo_options().get(key, getattr(ConfidenceDPOConfig, key))
+
+    def dpo_args(self, output_dir: str, confidence: str = "online", machine: dict | None = None,
+                 **overrides) -> ConfidenceDPOConfig:
+        """One DPO run's arguments: the `machine`'s defaults (`rbrm.dpo.machine_defaults`), `dpo_options()`,
+        then `overrides`."""
+        return ConfidenceDPOConfig(output_dir=output_dir, confidence=confidence,
+                                   **{**(machine or {}), **self.dpo_options(), **overrides})
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapter every DPO method trains; None: full fine-tuning."""
+        return LoraConfig(task_type="CAUSAL_LM", **self.lora) if self.lora else None
+
+    def probe_train_config(self, section: str, directory: str, model: str, device: str | None) -> ProbeTrainConfig:
+        """Stage 1's run of `section` (`probe` or `helpfulness_probe`) into `directory`, with the run's seed unless
+        the section names one."""
+        options = getattr(self, section)
+        return ProbeTrainConfig(
+            out=os.path.join(directory, "reward_model"), model=model, device=device,
+            features_out=os.path.join(directory, "features.safetensors"),
+            metrics_out=os.path.join(directory, "metrics.json"), model_name=self.model,
+            **{**options, "seed": options.get("seed", self.seed)})
 
 
 def dict_keys() -> dict[str, set[str]]:
@@ -191,25 +230,94 @@ def dict_keys() -> dict[str, set[str]]:
             "lora": {f.name for f in dataclasses.fields(LoraConfig)}}
 
 
-def _types(annotation) -> tuple[type, ...]:
-    """The Python types a YAML value of this annotation may have (int for float; None for Optional)."""
-    origin = typing.get_origin(annotation)
+def _fits(annotation, value) -> bool:
+    """Whether a YAML value has a field's type: an int passes for a float, a value for an enum or Literal, and a
+    class other than a builtin is left to the class to check."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is typing.Any:
+        return True
     if origin in (typing.Union, types.UnionType):
-        return tuple(t for arg in typing.get_args(annotation) for t in _types(arg))
+        return any(_fits(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
     if annotation is type(None):
-        return (type(None),)
+        return value is None
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in {m.value for m in annotation}
     base = origin or annotation
-    return (int, float) if base is float else (base,)
+    if base not in (bool, int, float, str, list, dict, tuple, set):
+        return True
+    if isinstance(value, bool) and base is not bool:
+        return False
+    if base is float:
+        return isinstance(value, (int, float))
+    if base in (list, tuple, set) and args and isinstance(value, (list, tuple, set)):
+        return isinstance(value, base) and all(_fits(args[0], v) for v in value)
+    return isinstance(value, base)
+
+
+def _describe(annotation) -> str:
+    """A field's type as the error message says it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple, set) and args:
+        return f"a list of {_describe(args[0])}"
+    return getattr(origin or annotation, "__name__", str(annotation))
+
+
+def _type_error(path: str, section: str, key: str, annotation, value) -> PipelineConfigError:
+    hint = ""
+    if isinstance(value, str) and _fits(annotation, 1.0):
+        with contextlib.suppress(ValueError):
+            float(value)
+            hint = " (YAML reads a number such as 1e-4 as text: write 1.0e-4)"
+    return PipelineConfigError(f"{path}: `{section}.{key}` must be {_describe(annotation)}, got {value!r}{hint}")
 
 
 def _check_types(path: str, section: str, value) -> None:
     hints = typing.get_type_hints(type(value))
     for f in dataclasses.fields(value):
-        item, allowed = getattr(value, f.name), _types(hints[f.name])
-        if not isinstance(item, allowed) or (isinstance(item, bool) and bool not in allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed if t is not int
-                                or float not in allowed)
-            raise PipelineConfigError(f"{path}: `{section}.{f.name}` must be {names}, got {item!r}")
+        if not _fits(hints[f.name], getattr(value, f.name)):
+            raise _type_error(path, section, f.name, hints[f.name], getattr(value, f.name))
+
+
+def _build_checked(path: str, section: str, cls: type, given: dict, build: Callable[[], object]) -> None:
+    """Build a mapping section's object as its stage will, so that a mistyped or refused value fails now. A value
+    passes as written or as the class normalises it (TRL takes one `loss_type` for a list of them)."""
+    hints = typing.get_type_hints(cls)
+    misfits = [key for key, value in given.items() if not _fits(hints[key], value)]
+    try:
+        with warnings.catch_warnings():  # the stage's own build says them
+            warnings.simplefilter("ignore")
+            built = build()
+    except Exception as err:  # whatever the class refuses is a setting that cannot run
+        if misfits:
+            raise _type_error(path, section, misfits[0], hints[misfits[0]], given[misfits[0]]) from None
+        named = ([key for key in given if re.search(rf"\b{re.escape(key)}\b", str(err))]
+                 or [key for key, value in given.items() if isinstance(value, str) and value in str(err)])
+        where = f"`{section}.{named[0]}`" if len(named) == 1 else f"`{section}`"
+        raise PipelineConfigError(f"{path}: {where}: {err}") from None
+    for key in misfits:
+        if not _fits(hints[key], getattr(built, key)):
+            raise _type_error(path, section, key, hints[key], given[key])
+
+
+def check_typed(config: PipelineConfig, path: str) -> None:
+    """Build the typed settings of `probe`, `helpfulness_probe`, `dpo` and `lora` as their stages will (the DPO
+    arguments in a folder never written, with the machine's `use_cpu` but not its measured bf16)."""
+    for section in ("probe", "helpfulness_probe"):
+        if section == "probe" or getattr(config, section):
+            _build_checked(path, section, ProbeTrainConfig, getattr(config, section), lambda s=section:
+                           config.probe_train_config(s, config.run_dir, config.model, config.device))
+    machine = {"use_cpu": True} if trains_on_cpu(config.device) else {}
+    _build_checked(path, "dpo", ConfidenceDPOConfig, config.dpo,
+                   lambda: config.dpo_args(os.path.join(config.run_dir, "train"), machine=machine))
+    _build_checked(path, "lora", LoraConfig, config.lora or {}, config.lora_config)
 
 
 def _parse_section(path: str, section: str, body: dict):
@@ -289,6 +397,7 @@ def load_config(path: str, overrides: dict | None = None) -> PipelineConfig:
         raise PipelineConfigError(f"{path}: `name` {name!r} must be a plain folder name (letters, digits, '.', "
                                   "'_', '-'): the run lives in <out_dir>/<name>/ and must not leave it")
     config = PipelineConfig(**values)
+    check_typed(config, path)
     check(config, path)
     return config
 

@@ -1,24 +1,27 @@
 """The layer contract, read from the source: commands → pipeline → evaluation → method → files/formats/models.
 
 Every import, at module level or inside a function, goes to the same layer or one below; the import graph has
-no cycle; no private name crosses a module; only the command layer turns errors into exits. A new module must
-be given a layer here.
+no cycle; no private name crosses a module; only the command layer turns errors into exits; TRL's private names
+appear only in `rbrm.trl_compat`. A new module must be given a layer here.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
+from trl import DPOTrainer
 
-PACKAGE = Path(__file__).resolve().parents[1] / "rbrm"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "rbrm"
 
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "files", "formats", "models", "flops", "machine",
                                    "stages", "methods", "refusal", "memory", "precision"}),
-    ("method", {"features", "reward_model", "probe_train", "sampling", "rerank", "dpo"}),
+    ("method", {"trl_compat", "features", "reward_model", "probe_train", "sampling", "rerank", "dpo"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "run_config", "pipeline"}),
     ("commands", {"cli", "commands"}),
@@ -149,3 +152,40 @@ def test_the_package_file_exports_lazily():
 
     assert not imports("rbrm", PACKAGE / "__init__.py")
     assert {f"rbrm.{m}" for m in rbrm._API.values()} <= set(MODULES)
+
+
+def trl_private_names() -> set[str]:
+    """The `_`-prefixed names of TRL's DPOTrainer and the trl/transformers classes under it: what they define and
+    every `self._x` their code uses."""
+    names = set()
+    for cls in DPOTrainer.__mro__:
+        if cls.__module__.split(".")[0] not in ("trl", "transformers"):
+            continue
+        names |= set(vars(cls))
+        names |= {node.attr for node in ast.walk(ast.parse(inspect.getsource(cls)))
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def private_trl_uses(path: Path, names: set[str]) -> list[tuple[str, int]]:
+    """(name, line) for every attribute, method or class attribute in the file named as one of TRL's privates."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        name = (node.attr if isinstance(node, ast.Attribute) else node.name if isinstance(node, ast.FunctionDef)
+                else node.id if isinstance(node, ast.Name) else None)
+        if name in names:
+            found.append((name, node.lineno))
+    return found
+
+
+def test_trl_private_names_appear_only_in_the_compat_module():
+    """TRL rewrites its internals between minor versions: each private contact sits in rbrm.trl_compat, with a test
+    in tests/test_trl_compat.py, so a TRL that renames one fails there."""
+    names = trl_private_names()
+    assert {"_prepare_dataset", "_metrics", "_signature_columns", "_compute_loss"} <= names  # the scan sees them
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "trl_compat.py"]
+    files += sorted([*(REPO / "scripts").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), *REPO.glob("*.py")])
+    found = [f"{path.relative_to(REPO)}:{line} uses TRL's {name}" for path in files
+             for name, line in private_trl_uses(path, names)]
+    assert not found, "\n".join(found)
+    assert private_trl_uses(PACKAGE / "trl_compat.py", names)  # and the check sees the ones there

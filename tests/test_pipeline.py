@@ -79,6 +79,16 @@ def stage_records(run_dir) -> dict[str, str]:
     ({"sample": "x"}, "`sample` must be a mapping"),
     ({"seeds": [1, 1]}, "`seeds` must be a non-empty list of distinct integers"),
     ({"seeds": "0,1"}, "`seeds` must be"),
+    # the sections the stages build their own objects from: checked by building those objects
+    ({"dpo": {"learning_rate": "fast"}}, "`dpo.learning_rate` must be float, got 'fast'"),
+    ({"dpo": {"learning_rate": "1e-4"}}, "write 1.0e-4"),
+    ({"dpo": {"confidence_floor": 1.5}}, "`dpo.confidence_floor`: confidence_floor=1.5 must lie in [0, 1]"),
+    ({"dpo": {"lr_scheduler_type": "nope"}}, "`dpo.lr_scheduler_type`: nope is not a valid SchedulerType"),
+    ({"probe": {"epochs": "many"}}, "`probe.epochs` must be int, got 'many'"),
+    ({"probe": {"pooling": "max"}}, "`probe.pooling`: pooling='max': choose one of last, mean"),
+    ({"helpfulness_probe": {"data": "x.jsonl", "layers": [1, "x"]}}, "`helpfulness_probe.layers` must be a list of int"),
+    ({"lora": {"r": "x"}}, "`lora.r` must be int, got 'x'"),
+    ({"lora": {"bias": "some"}}, "`lora.bias` must be one of none, all, lora_only, got 'some'"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, change, message):
     from rbrm.run_config import PipelineConfigError, load_config
@@ -87,6 +97,35 @@ def test_config_errors_name_the_file_and_key(tmp_path, change, message):
     with pytest.raises(PipelineConfigError) as err:
         load_config(path)
     assert path in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("dpo", "learning_rate", "fast", "`dpo.learning_rate` must be float"),
+    ("dpo", "learning_rat", 1e-4, "`dpo` has unknown key(s) learning_rat"),
+    ("probe", "gate", "max", "`probe.gate`: gate='max'"),
+    ("lora", "lora_dropout", "none", "`lora.lora_dropout` must be float"),
+])
+def test_a_bad_setting_fails_before_any_stage_runs(tmp_path, tiny_model_dir, capsys, section, key, value, message):
+    """A bad DPO (probe, LoRA) value used to fail only after the stages before DPO had run."""
+    from rbrm.cli import main
+
+    path = tiny_config(tmp_path, tiny_model_dir, **{section: {key: value}})
+    assert main(["pipeline", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert path in err and message in err
+    assert not (tmp_path / "runs").exists()  # no run folder, no stage
+
+
+def test_what_the_dpo_section_says_is_what_training_uses(tmp_path, tiny_model_dir):
+    from rbrm.pipeline import Pipeline
+    from rbrm.run_config import load_config
+
+    config = load_config(tiny_config(tmp_path, tiny_model_dir, dpo={"max_steps": 4, "save_steps": 3}),
+                         {"device": "cpu"})
+    args = Pipeline(config).dpo_args("rbrm", str(tmp_path / "out"))
+    for key in ("precompute_ref_log_probs", "save_steps", "max_steps", "seed", "confidence_floor", "reward_lr"):
+        assert config.dpo_setting(key) == getattr(args, key), key
+    assert args.precompute_ref_log_probs is True and args.save_steps == 3 and args.use_cpu
 
 
 def test_set_overrides_one_setting(tmp_path):
@@ -138,14 +177,14 @@ def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_mod
 
 def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stage_key(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
-    import rbrm.pipeline
+    import rbrm.dpo.config
     from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
 
     path = tiny_config(tmp_path, tiny_model_dir)
     seen = {}
     for fast in (True, False):
-        monkeypatch.setattr(rbrm.pipeline, "cpu_prefers_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(rbrm.dpo.config, "cpu_prefers_bf16", lambda fast=fast: fast)
         pipeline = Pipeline(load_config(path, {"device": "cpu"}))
         assert pipeline.dpo_args("rbrm", str(tmp_path / "out")).bf16 is fast
         seen[fast] = {m: pipeline.dpo_settings_of(m) for m in ("rbrm", "dpo_rerank", "online")}
@@ -198,7 +237,7 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
     pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "float32"}),
                                     {"device": "cpu"}))
     assert pipeline.sampling_policy(None) is pipeline.inference_model("float32")[0]
-    trained = get_peft_model(pipeline.training_model(), pipeline.lora_config())
+    trained = get_peft_model(pipeline.training_model(), pipeline.config.lora_config())
     with torch.no_grad():
         for name, weight in trained.named_parameters():
             if "lora_B" in name:  # B starts at 0; a non-zero B makes the adapter change the function

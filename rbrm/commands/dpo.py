@@ -15,7 +15,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
-from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, pairs_dataset
+from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, machine_defaults, pairs_dataset
 from ..files import write_json
 from ..models import (
     DEFAULT_MODEL,
@@ -24,7 +24,6 @@ from ..models import (
     resolve_dtype,
     resolve_model,
 )
-from ..precision import cpu_prefers_bf16
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,9 @@ class DPOCommandConfig:
 
     @staticmethod
     def cli_defaults() -> dict:
-        """Defaults only (a --config YAML and flags still override): without CUDA, use_cpu, and bf16 autocast
-        where bf16 is this CPU's faster precision (measured once per machine, as the pipeline does), else fp32."""
-        return {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": cpu_prefers_bf16()}
+        """Defaults only (a --config YAML and flags still override): the machine's, as the pipeline's
+        (`rbrm.dpo.machine_defaults`)."""
+        return machine_defaults()
 
 
 def checkpoint_to_resume(output_dir: str, requested: str | None, overwrite: bool) -> str | None:

@@ -4,9 +4,9 @@ contract of `rbrm.render`), `lm_head.py` (completion log-probs on CPUs), `traine
 The command, `rbrm dpo`, is `rbrm.commands.dpo`, as TRL's is `trl/scripts/dpo.py`.
 """
 
-from .config import CONFIDENCE_MODES, ConfidenceDPOConfig
+from .config import CONFIDENCE_MODES, ConfidenceDPOConfig, machine_defaults, trains_on_cpu
 from .data import pairs_dataset, preference_dataset, render_and_tokenize
 from .trainer import CONFIDENCE_FILE, REWARD_DIR, ConfidenceDPOTrainer
 
 __all__ = ["CONFIDENCE_FILE", "CONFIDENCE_MODES", "REWARD_DIR", "ConfidenceDPOConfig", "ConfidenceDPOTrainer",
-           "pairs_dataset", "preference_dataset", "render_and_tokenize"]
+           "machine_defaults", "pairs_dataset", "preference_dataset", "render_and_tokenize", "trains_on_cpu"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from trl import DPOConfig
 
+from ..precision import cpu_prefers_bf16
 from ..rerank import PAPER_ALPHA
 
 CONFIDENCE_MODES = ("online", "static", "none")
@@ -55,3 +57,16 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
         if self.confidence_alpha <= 0:
             raise ValueError(f"confidence_alpha={self.confidence_alpha} must be positive")
+
+
+def trains_on_cpu(device: str | None = None) -> bool:
+    """DPO runs on the CPU: no CUDA, or the CPU asked for."""
+    return not torch.cuda.is_available() or device == "cpu"
+
+
+def machine_defaults(device: str | None = None) -> dict:
+    """The DPO defaults that depend on the machine, for `rbrm dpo` and the pipeline alike. On a CPU: `use_cpu`, and
+    bf16 autocast where bf16 is this CPU's faster precision (measured once per machine, `precision.cpu_precision`;
+    a step 1.4x faster there, benchmarks/bench_dpo_step.py), fp32 where it is not (bf16 without AMX on an Intel
+    Xeon) or would be emulated. On CUDA, TRL's own."""
+    return {"use_cpu": True, "bf16": cpu_prefers_bf16()} if trains_on_cpu(device) else {}

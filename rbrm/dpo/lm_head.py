@@ -22,8 +22,8 @@ import types
 import torch
 from transformers import PreTrainedModel
 from transformers.utils import is_triton_available
-from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-from trl.trainer.utils import FusedCausalLMOutput
+
+from ..trl_compat import ChunkedLogProbFunction, FusedCausalLMOutput
 
 # Above this many logits (completion positions x vocabulary; 1 GiB in fp32) TRL's tiled kernel scores them instead
 MAX_LOGITS = 1 << 28

@@ -1,6 +1,7 @@
 """DPO with per-pair preference confidence from the hybrid reward on the policy's own hidden states.
 
-docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrainer` (TRL 1.16):
+docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrainer` (TRL 1.16, pinned), through
+`rbrm.trl_compat`, which holds every private TRL hook and attribute it needs:
 
 * Forward hooks on the decoder layers, installed around TRL's one policy forward and removed right after it
   (gradient checkpointing's recomputation never fires them), pool every probed layer's output at the end-of-turn
@@ -9,8 +10,8 @@ docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrai
   -gamma log sigmoid(beta D) - (1 - gamma) log sigmoid(-beta D). Because log sigmoid(-x) = log sigmoid(x) - x,
   that is TRL's own `sigmoid` loss plus (1 - gamma) beta D, so TRL computes everything it always does and this
   class adds one exact per-pair correction term. It needs the per-pair reference log-probs, so the reference
-  forward runs through TRL's `compute_ref_log_probs` first and is handed to `_compute_loss` like precomputed
-  ones: still one reference forward and one policy forward per batch.
+  forward runs through TRL's `compute_ref_log_probs` first and is handed to TRL's `compute_loss` like
+  precomputed ones: still one reference forward and one policy forward per batch.
 * On a device without Triton (a CPU), TRL's fused LM head scores every position with a slow tiled fallback; the
   policy and reference get `rbrm.dpo.lm_head`'s head instead, which scores only the completion tokens
   (`compact_lm_head`, on by default; the same log-probs and gradients up to rounding).
@@ -45,15 +46,13 @@ from accelerate.utils import broadcast, is_peft_model
 from datasets import Dataset
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
-from trl import DPOTrainer
 from trl.data_utils import extract_prompt
-from trl.trainer.utils import global_then_local_main_first
 
 from ..features import POOLINGS, context_length, decoder_layers, pool
 from ..files import write_json
 from ..flops import ModelShape, forward_flops, probe_flops, training_flops
-from ..render import end_of_turn
 from ..reward_model import HybridRewardModel, pairwise_loss
+from ..trl_compat import DPOTrainerHooks, global_then_local_main_first, without_patched_forward
 from .config import ConfidenceDPOConfig
 from .data import EXTRA_KEYS, ConfidenceCollator, render_and_tokenize
 from .lm_head import compact_lm_head, needs_compact_head
@@ -73,7 +72,7 @@ CONFIDENCE_FILE = "rbrm_confidence.json"
 
 
 class _PolicyCall:
-    """Stands in for the policy in TRL's `_compute_loss`: its one fused forward runs with pooling hooks.
+    """Stands in for the policy in TRL's `compute_loss`: its one fused forward runs with pooling hooks.
 
     The hooks live only for that call, so neither the reference forward (the same modules under PEFT) nor
     gradient checkpointing's recomputation in backward fires them.
@@ -131,7 +130,7 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------ trainer
 
 
-class ConfidenceDPOTrainer(DPOTrainer):
+class ConfidenceDPOTrainer(DPOTrainerHooks):
     """TRL's DPOTrainer with per-pair preference confidence and an online hybrid-reward update.
 
     Extra argument: `reward_model`, a `HybridRewardModel` or the folder it was saved to (required for
@@ -141,7 +140,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
     or precomputed log-probs with `precompute_ref_log_probs=True`.
     """
 
-    _tag_names = ["trl", "dpo", "rbrm"]
+    extra_columns = ("confidence", "benign")
 
     def __init__(self, model, ref_model=None, args: ConfidenceDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None,
@@ -201,11 +200,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
                                  and args.confidence_scale == "calibrated" else args.confidence_alpha)
         self.last_features: torch.Tensor | None = None  # [2B, L, d] pooled, last batch (for inspection)
         if reward_model is not None:
-            reward_model.check_model(self.accelerator.unwrap_model(self.model))
-            recorded = reward_model.config.get("end_of_turn")
-            if recorded is not None and recorded != end_of_turn(self._tokenizer):
-                raise ValueError(f"the reward model was trained on responses ending with {recorded!r}; this "
-                                 f"tokenizer's chat template ends them with {end_of_turn(self._tokenizer)!r}")
+            reward_model.check_model(self.accelerator.unwrap_model(self.model),
+                                     getattr(self.processing_class, "tokenizer", self.processing_class))
             self.reward_model = reward_model.to(self.accelerator.device, torch.float32)
             if self.accelerator.num_processes > 1:  # every rank starts from rank 0's probe
                 for tensor in self.reward_model.state_dict().values():
@@ -230,14 +226,13 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
-        ref = copy.deepcopy(model)
-        ref.__dict__.pop("forward", None)  # a forward patched by an earlier trainer points at the original model
+        ref = without_patched_forward(copy.deepcopy(model))  # one patched by an earlier trainer
         ref.eval().requires_grad_(False)
         return ref
 
     # ------------------------------------------------------------------------------------- data
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Render/tokenise with `rbrm.render` (same tokens as the probe); keeps extra columns such as confidence."""
         first = next(iter(dataset))
         if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(first):
@@ -250,7 +245,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
                 dataset = dataset.map(extract_prompt, **map_kwargs)
             if isinstance(dataset, Dataset):
                 map_kwargs["desc"] = f"Rendering and tokenizing {dataset_name} dataset"
-            dataset = dataset.map(render_and_tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor's, as TRL's
+            dataset = dataset.map(render_and_tokenize, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs)
             context = getattr(self, "_context_length", None)
             max_length = args.max_length
             if context is not None and (max_length is None or max_length > context):
@@ -297,14 +293,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
                            "from them. Raise max_length.", dataset_name, cut, len(prompt), 100 * cut / len(prompt),
                            max_length)
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        for column in ("confidence", "benign"):
-            if column not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, column]
-
     def compute_ref_log_probs(self, model, inputs):
-        if self.precompute_ref_logps:  # TRL's precompute pass; the in-loss call in _compute_loss runs with it off
+        if self.reference_precomputed:  # TRL's precompute pass; the in-loss call in compute_loss runs with it off
             lengths = inputs["attention_mask"].sum(1).tolist()
             self.forward_tokens += int(sum(lengths))
             self.flops += forward_flops(ModelShape.of(self.accelerator.unwrap_model(model)), lengths)
@@ -322,18 +312,18 @@ class ConfidenceDPOTrainer(DPOTrainer):
             self._adapters = sum(p.numel() for p in model.parameters() if p.requires_grad) \
                 if hasattr(model, "peft_config") else None  # None: full fine-tuning
         lengths, adapters = attention_mask.sum(1).tolist(), self._adapters
-        forwards = 1 if self.precompute_ref_logps else 2  # policy, and the reference unless precomputed
+        forwards = 1 if self.reference_precomputed else 2  # policy, and the reference unless precomputed
         self.forward_tokens += forwards * int(sum(lengths))
         self.flops += training_flops(self._shape, lengths, adapters)
         if self.args.gradient_checkpointing:
             self.flops += forward_flops(self._shape, lengths)
-        if not self.precompute_ref_logps:
+        if not self.reference_precomputed:
             self.flops += forward_flops(self._shape, lengths)
         if self.reward_model is not None:
             probe = self.reward_model
             self.flops += probe_flops(probe.num_layers, probe.weight.shape[1], len(lengths), self.args.reward_update)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         extra = {key: inputs.pop(key, None) for key in EXTRA_KEYS}
         if self.model.training:
@@ -341,7 +331,7 @@ class ConfidenceDPOTrainer(DPOTrainer):
         mode_confidence = self.args.confidence
         probe = self.reward_model
         if probe is None and mode_confidence == "none":
-            return super()._compute_loss(model, inputs, return_outputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         completion_mask = inputs["completion_mask"]
         n_pairs = completion_mask.shape[0] // 2
@@ -359,18 +349,16 @@ class ConfidenceDPOTrainer(DPOTrainer):
 
         # The confidence term needs the per-pair reference log-probs: compute them with TRL's own method and hand
         # them over as precomputed, so TRL skips its reference forward (one reference forward either way).
-        precomputed = self.precompute_ref_logps
-        if mode_confidence != "none" and not precomputed:
+        if mode_confidence != "none" and not self.reference_precomputed:
             ref_model = self.ref_model if self.ref_model is not None else self.model
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.compute_ref_log_probs(ref_model, inputs)
-            self.precompute_ref_logps = True
-        try:
-            result = super()._compute_loss(policy, inputs, return_outputs)
-        finally:
-            self.precompute_ref_logps = precomputed
+            with self.reference_given():
+                result = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
 
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics = self.logged_metrics("train" if self.model.training else "eval")
         reward_gap = None
         if probe is not None:
             features = policy.features()
@@ -498,8 +486,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
         write_json(os.path.join(directory, CONFIDENCE_FILE), {"scale": self.confidence_scale,
                                                               "gamma": self.confidence_history})
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_checkpoint_extras(self, output_dir: str) -> None:
+        """The compute ledger, the gammas so far, and the probe's optimiser state."""
         if self.args.should_save:
             write_json(os.path.join(output_dir, COMPUTE_FILE), {"forward_tokens": self.forward_tokens,
                                                                 "flops": self.flops})
@@ -511,9 +499,8 @@ class ConfidenceDPOTrainer(DPOTrainer):
             torch.save({"optimizer": self.reward_optimizer.state_dict(), "probe_steps": self.probe_steps},
                        os.path.join(directory, REWARD_OPTIMIZER_FILE))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Called on resume on every rank (DeepSpeed included): restore the probe and its optimiser state too."""
-        super()._load_optimizer_and_scheduler(checkpoint)
+    def load_checkpoint_extras(self, checkpoint: str | None) -> None:
+        """On resume, on every rank: the compute ledger, the gammas, the probe and its optimiser state."""
         if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, COMPUTE_FILE)):
             with open(os.path.join(checkpoint, COMPUTE_FILE)) as f:
                 saved = json.load(f)
