@@ -51,7 +51,7 @@ from .models import (
 from .probe_train import run_probe_train
 from .render import matching_key, prompt_length, render, to_messages, tokenize
 from .report import write_report, write_seeds_report
-from .rerank import BENIGN_PREFIX, ClassifierReward, is_benign_id, rerank_file, write_rerank_outputs
+from .rerank import BENIGN_PREFIX, ClassifierReward, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
 from .sampling import DecodingConfig, generate_responses
 from .stages import model_digest, read_json, run_stage, stage_key, sum_compute
@@ -188,14 +188,14 @@ class Pipeline:
                 "responses": len(rows)}
 
     def _sample_candidates(self, model, tokenizer, prompts: list, directory: str, seed: int) -> dict:
-        """`n` samples per prompt, then one answer per refusal opening to each harmful prompt: the candidates that
-        re-ranking orders (`sample_files`)."""
+        """`n` samples per prompt, then one answer per refusal opening to every prompt: the candidates that
+        re-ranking orders (`sample_files`). On a harmful prompt the safety reward may choose the refusal; on a
+        benign one the helpfulness reward ranks it low, so the pair teaches not to refuse there."""
         s = self.config.sample
         files = self.sample_files(directory)
         compute = self._sample_into(model, tokenizer, prompts, files[0], seed)
-        harmful = [p for p in prompts if not is_benign_id(str(p.id))]
         for j, (text, path) in enumerate(zip(s.refusal_prefills or [], files[1:])):
-            more = self._sample_into(model, tokenizer, harmful, path, seed + 1 + j, n=1, prefill=text,
+            more = self._sample_into(model, tokenizer, prompts, path, seed + 1 + j, n=1, prefill=text,
                                      first_index=s.n + j)
             compute = {k: v + more[k] for k, v in compute.items()}
         return compute
@@ -212,6 +212,7 @@ class Pipeline:
         inputs = {**self._base_inputs(), "sample": s.key(), "prompts": file_digest(s.prompts),
                   **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
                   "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed,
+                  **({"prefilled": "every prompt"} if s.refusal_prefills else {}),
                   "dtype": self.resolved_dtype(s.dtype)}
 
         def body(directory: str) -> dict:

@@ -689,17 +689,18 @@ def test_benign_pool_prompts_are_ranked_by_the_helpfulness_reward(tmp_path, tiny
                                           "limit": 24, "baseline": False})
     report = run(path)
     run_dir = tmp_path / "runs" / "tiny"
-    # one answer per refusal opening to each harmful prompt (none to benign ones), ranked with the plain samples
+    # one answer per refusal opening to every prompt, harmful and benign, ranked with the plain samples
     plain = read_jsonl(str(run_dir / "sample" / "samples.jsonl"))
     n = max(r["sample_index"] for r in plain) + 1
-    harmful_ids = sorted({r["prompt_id"] for r in plain if not r["prompt_id"].startswith("benign:")})
+    ids = sorted({r["prompt_id"] for r in plain})
+    assert any(i.startswith("benign:") for i in ids) and not all(i.startswith("benign:") for i in ids)
     for j, opening in enumerate(["I'm sorry, but I can't", "I won't"]):
         rows = read_jsonl(str(run_dir / "sample" / f"prefilled_{j}.jsonl"))
-        assert sorted(r["prompt_id"] for r in rows) == harmful_ids
+        assert sorted(r["prompt_id"] for r in rows) == ids
         assert all(r["response"].startswith(opening) and r["sample_index"] == n + j for r in rows)
     ranked = read_jsonl(str(run_dir / "rerank" / "rank.jsonl"))
-    assert len(ranked) == len(plain) + 2 * len(harmful_ids)
-    assert sum(bool(r.get("prefill")) for r in ranked) == 2 * len(harmful_ids)
+    assert len(ranked) == len(plain) + 2 * len(ids)
+    assert sum(bool(r.get("prefill")) for r in ranked) == 2 * len(ids)
     pairs = read_jsonl(str(run_dir / "rerank" / "pairs.jsonl"))
     kinds = {p["prompt_id"]: p["kind"] for p in pairs}
     assert {k for pid, k in kinds.items() if pid.startswith("benign:")} == {"benign"}
