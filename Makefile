@@ -31,7 +31,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The main job: base model vs RBRM end to end, with report and figures in runs/quick/ (~10 min on 2 CPU cores).
+# The main job: base model vs RBRM end to end, with report and figures in runs/quick/ (~24 min on 2 CPU cores).
 run: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/quick.yaml
 
