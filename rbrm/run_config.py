@@ -79,9 +79,10 @@ class SampleSection:
     benign_where: dict | None = None
     benign_skip: int = 0
     benign_limit: int | None = None
-    # Refusal openings: each harmful prompt also gets one answer per opening, the text forced and then continued
-    # by the policy, ranked with its own samples. A policy that never refuses has no refusal to choose otherwise;
-    # these answers are not wholly the policy's own (docs/method.md, "Refusals from elsewhere").
+    # Refusal openings: every pool prompt also gets one answer per opening, the text forced and then continued by
+    # the policy, ranked with its own samples (chosen on harmful prompts when the safety reward prefers it, ranked
+    # low by the helpfulness reward on benign ones). A policy that never refuses has no refusal to choose
+    # otherwise; these answers are not wholly the policy's own (docs/method.md §3, "Refusals from elsewhere").
     refusal_prefills: list[str] | None = None
 
     def key(self) -> dict:
