@@ -212,7 +212,6 @@ class Pipeline:
         inputs = {**self._base_inputs(), "sample": s.key(), "prompts": file_digest(s.prompts),
                   **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
                   "prompt_ids": [str(p.id) for p in prompts], "seed": self.config.seed,
-                  **({"prefilled": "every prompt"} if s.refusal_prefills else {}),
                   "dtype": self.resolved_dtype(s.dtype)}
 
         def body(directory: str) -> dict:

@@ -77,16 +77,19 @@ def load_samples(path: str | list[str], limit: int | None = None) -> list[Sample
     """Samples from `rbrm sample` output or the paper's (idx, input, output, score) files; several files (a
     prompt's plain and prefilled samples) are read as one."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    rows = [s for p in paths for s in load_scored_samples(p)]
+    rows = []
+    for p in paths:  # `limit` rows over all files, read no further than needed
+        rows += load_scored_samples(p, limit=None if limit is None else limit - len(rows))
     samples, seen = [], {}
-    for position, s in enumerate(rows[:limit] if limit is not None else rows):
+    for position, s in enumerate(rows):
         sample = Sample(s.prompt_id or prompt_key(s.prompt), s.prompt, s.response, s.index, position, dict(s.meta),
                         source=s.source)
-        key, line = (sample.prompt_id, sample.index), int(s.source.rsplit(":", 1)[1])
+        file, line = s.source.rsplit(":", 1)
+        key = (sample.prompt_id, sample.index)
         if key in seen:  # e.g. two `rbrm sample` runs appended to one file: ranking would count a sample twice
-            raise DataError(s.source.rsplit(":", 1)[0], line, "sample_index", f"prompt {sample.prompt_id!r} sample {sample.index} "
+            raise DataError(file, int(line), "sample_index", f"prompt {sample.prompt_id!r} sample {sample.index} "
                             f"appears twice (first at line {seen[key]}); de-duplicate the file or sample again")
-        seen[key] = line
+        seen[key] = int(line)
         samples.append(sample)
     return samples
 
