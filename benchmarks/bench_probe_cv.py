@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probe_train import synthetic_features  # noqa: E402
 
-from rbrm.features import save_features  # noqa: E402
+from rbrm.feature_files import save_features  # noqa: E402
 from rbrm.machine import machine_summary  # noqa: E402
 from rbrm.probe_train import ProbeTrainConfig, logistic_baseline, run_probe_train  # noqa: E402
 from rbrm.reward_model import row_groups, train_val_split  # noqa: E402

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from rbrm.features import save_features
+from rbrm.feature_files import save_features
 from rbrm.machine import machine_summary
 from rbrm.probe_train import ProbeTrainConfig, run_probe_train
 

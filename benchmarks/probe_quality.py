@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from rbrm.features import FeatureSet, examples_to_rows, extract_features, load_features, save_features
+from rbrm.feature_files import FeatureSet, load_features, save_features
+from rbrm.features import examples_to_rows, extract_features
 from rbrm.files import write_json
 from rbrm.formats import load_pairs
 from rbrm.models import load_model

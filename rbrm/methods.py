@@ -12,7 +12,8 @@ the loss carries confidence (the paper's table at small scale):
               scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
               DPO on them; the rounds add up to the same number of updates
 
-A new baseline is one more `Method` here, plus a stage in `pipeline.py` if its pairs come from somewhere new.
+A new baseline is one more `Method` here, plus its own stage (`rbrm.run_stages.STAGES`) if its pairs come from
+somewhere new; the report and the figures know methods only through these attributes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class Method:
     stages: tuple[str, ...] = ()
     confidence: str = "none"  # ConfidenceDPOConfig.confidence: "online" re-scores each pair on the current policy
     compared_with: tuple[str, ...] = ()  # the report's paired findings "is it safer than ...?", in this order
+    # The stages whose FLOPs are preference construction (sampling and scoring; a stage's `construction_flops`
+    # where it also trains), for the compute curve.
+    construction: tuple[str, ...] = ()
+    online: bool = False  # samples during training: the compute curve varies its rounds (`online_rounds`)
+    costs_against: str | None = None  # the report states its compute over this method's
 
     @property
     def trains(self) -> bool:
@@ -40,13 +46,18 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("base", "(a) base model", pairs=None),
     Method("dpo_static", "(b) DPO, static HH pairs", pairs="static_pairs", stages=("static_pairs",),
-           compared_with=("base",)),
+           compared_with=("base",), construction=("static_pairs",)),
     Method("dpo_rerank", "(c) DPO, re-ranked pairs", pairs="rerank", stages=("probe", "sample", "rerank"),
-           compared_with=("base",)),
+           compared_with=("base",), construction=("sample", "rerank")),
     Method("rbrm", "(d) RBRM: re-ranked + online confidence", pairs="rerank", stages=("probe", "sample", "rerank"),
-           confidence="online", compared_with=("base", "dpo_rerank", "dpo_static", "online")),
-    Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",), compared_with=("base",)),
+           confidence="online", compared_with=("base", "dpo_rerank", "dpo_static", "online"),
+           construction=("sample", "rerank")),
+    Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",), compared_with=("base",),
+           construction=("online",), online=True, costs_against="rbrm"),
 )}
+
+# The method every other is measured against: the one that does not train.
+BASE = next(m.name for m in METHODS.values() if not m.trains)
 
 # The paired comparisons the reports make, (a, b): is a safer than b? The paper's method first.
 COMPARISONS = tuple((m.name, other) for m in sorted(METHODS.values(), key=lambda m: -len(m.compared_with))

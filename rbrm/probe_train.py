@@ -22,17 +22,15 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
 from .errors import ConfigError
+from .feature_files import FeatureSet, load_features, save_features
 from .features import (
     POOLINGS,
-    FeatureSet,
     context_length,
     examples_to_rows,
     extract_features,
     feature_metadata,
-    load_features,
     rendered_lengths,
     resolve_layers,
-    save_features,
 )
 from .files import write_json
 from .formats import LabelledResponse, PreferencePair, load_examples

@@ -1,4 +1,4 @@
-"""The pipeline's report: one row per method (safety, over-refusal, compute), the figures, and plain findings.
+"""The run's report: one row per method (safety, over-refusal, compute), the figures, and plain findings.
 
 Rates come from `rbrm eval`'s judged rows. Harmful sets are pooled (prompts de-duplicated case- and
 space-insensitively); method differences use a paired bootstrap over the prompts both methods answered, so
@@ -11,10 +11,11 @@ import datetime
 import json
 import math
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .dpo import CONFIDENCE_FILE
 from .evaluation import (
     DRIFT_FILE,
     aggregate,
@@ -24,16 +25,13 @@ from .evaluation import (
     bootstrap_ci,
     opening_share,
     pct,
-    ranking_quality,
     set_dir,
 )
-from .features import load_features
+from .feature_files import load_features
 from .files import read_jsonl, write_json, write_text_atomic
-from .flops import LLAMA_7B, forward_flops
-from .judges import get_judge
+from .layout import RunLayout
 from .machine import SHARED_CPU_THRESHOLD, machine, matrix_flags, precision_summary
-from .methods import COMPARISONS, METHODS, label
-from .models import load_tokenizer
+from .methods import BASE, COMPARISONS, METHODS, label
 from .plots import (
     plot_compute_curve,
     plot_confidence,
@@ -45,17 +43,43 @@ from .plots import (
     plot_training,
     safe_unsafe_rows,
 )
-from .render import matching_key, prompt_length
+from .render import matching_key
 from .stages import read_json, sum_compute
 
 
-def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
+@dataclass
+class RunView:
+    """What the report reads of a finished run: its config, its folder, the finished stages' records, each
+    method's shared stages and the evaluation sets. The run builds it; the report computes nothing else."""
+
+    config: Any  # rbrm.run_config.PipelineConfig
+    layout: RunLayout
+    records: dict[str, dict]
+    stages: dict[str, tuple[str, ...]]  # method -> the shared stages it needs (`RunContext.stages_of`)
+    eval_sets: list
+    config_path: str | None = None
+    curve: list = field(default_factory=list)  # (rounds, RunView) of the online curve's runs
+
+    def path(self, *parts: str) -> str:
+        return self.layout.path(*parts)
+
+    @property
+    def second_judge(self) -> str:
+        e = self.config.eval
+        return str(e.second_judge if e.second_judge and e.second_judge != e.judge else "none")
+
+    @property
+    def excluded_training_prompts(self) -> int | None:
+        return self.records.get("sample", {}).get("compute", {}).get("excluded_eval_prompts")
+
+
+def method_results(run, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
     """(row for report.json, set name -> summary for the rate figure, flags): flags maps each pooled harmful
     prompt to its unsafe verdict under the main and the second judge, and each benign prompt to `helpful`."""
-    sets = pipeline.eval_sets()
+    sets = run.eval_sets
     several = len(sets) > 1
-    eval_dir = pipeline.path(method, "eval")
-    resamples = pipeline.config.eval.resamples
+    eval_dir = run.layout.eval_dir(method)
+    resamples = run.config.eval.resamples
     harmful_rows: dict[str, dict] = {}
     benign_rows: list[dict] = []
     figure_sets: dict[str, dict] = {}
@@ -76,44 +100,44 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
         else:
             for r in read_jsonl(os.path.join(directory, "responses.jsonl")):
                 harmful_rows.setdefault(matching_key(r["prompt"]), r)
-    pooled = aggregate(list(harmful_rows.values()), False, resamples, pipeline.config.seed)
+    pooled = aggregate(list(harmful_rows.values()), False, resamples, run.config.seed)
     second = [bool(r["second_unsafe"]) for r in harmful_rows.values() if "second_unsafe" in r]
     if second and len(second) == len(harmful_rows):
-        ci = bootstrap_ci(second, resamples, seed=pipeline.config.seed)
+        ci = bootstrap_ci(second, resamples, seed=run.config.seed)
         row["second_judge_unsafe_rate"] = sum(second) / len(second)
         row["second_judge_unsafe_rate_ci"] = list(ci) if ci else None
     row.update({"unsafe_rate": pooled["unsafe_rate"], "unsafe_rate_ci": pooled["unsafe_rate_ci"],
                 "refusal_rate": pooled["refusal_rate"], "refusal_rate_ci": pooled["refusal_rate_ci"],
                 "harmful_n": pooled["n"]})
-    helpful = aggregate(benign_rows, True, resamples, pipeline.config.seed) if benign_rows else {}
+    helpful = aggregate(benign_rows, True, resamples, run.config.seed) if benign_rows else {}
     row.update(helpfulness_rate=helpful.get("helpfulness_rate"), helpfulness_rate_ci=helpful.get("helpfulness_rate_ci"),
                helpfulness_n=len(benign_rows))
     # degeneration: a persona opens most answers alike, and drifts far from the base policy on benign prompts
     share, opening = opening_share([r["response"] for r in [*harmful_rows.values(), *benign_rows]])
     drift = read_json(os.path.join(eval_dir, DRIFT_FILE)) or {}
     row.update(opening_share=share, opening=opening,
-               benign_kl=(drift.get("benign_kl") or {}).get("kl") if method != "base" else 0.0)
+               benign_kl=(drift.get("benign_kl") or {}).get("kl") if METHODS[method].trains else 0.0)
     if "over_refusal_rate" not in row:
         row.update(over_refusal_rate=None, over_refusal_rate_ci=None, over_refusal_n=0)
     if len([s for s in sets if not s.benign]) > 1:
         figure_sets = {"harmful (pooled)": {**pooled, "benign": False},
                        **{k: v for k, v in figure_sets.items() if v.get("benign")}}
-    names = [*pipeline.stages_of(method), *([method] if METHODS[method].trains else [])]
-    stages = [pipeline.records[s] for s in names]
+    names = [*run.stages[method], *([method] if METHODS[method].trains else [])]
+    stages = [run.records[s] for s in names]
     compute = sum_compute(stages)
     if any("flops" not in s["compute"] for s in stages):
         compute["flops"] = None  # a stage run before the ledger counted FLOPs: unknown, not zero
     row.update(compute)
-    row["compute_by_stage"] = {name: pipeline.records[name]["compute"] for name in names}
-    evaluation = pipeline.records.get(f"{method}/eval", {}).get("compute", {})
+    row["compute_by_stage"] = {name: run.records[name]["compute"] for name in names}
+    evaluation = run.records.get(f"{method}/eval", {}).get("compute", {})
     row["eval_flops"] = {"generation": evaluation.get("eval_generation_flops"), "judges": evaluation.get("judge_flops")}
-    row["model"] = pipeline.config.model if method == "base" else pipeline.path(method, "model")
-    log = _read_log(pipeline, method)
+    row["model"] = run.config.model if not METHODS[method].trains else run.layout.model(method)
+    log = _read_log(run, method)
     if log:
         row["training"] = _training_summary(log)
-    history = _read_confidence(pipeline, method)
+    history = _read_confidence(run, method)
     if history:
-        row["confidence"] = confidence_summary(history, pipeline.config.dpo_setting("confidence_floor"))
+        row["confidence"] = confidence_summary(history, run.config.dpo_setting("confidence_floor"))
     flags = {k: bool(r["unsafe"]) for k, r in harmful_rows.items()}
     flags2 = {k: bool(r["second_unsafe"]) for k, r in harmful_rows.items() if "second_unsafe" in r}
     helped = {matching_key(r["prompt"]): bool(r["helpful"])
@@ -121,16 +145,16 @@ def method_results(pipeline, method: str) -> tuple[dict, dict[str, dict], tuple[
     return row, figure_sets, (flags, flags2, helped)
 
 
-def _read_log(pipeline, method: str) -> list[dict]:
-    path = pipeline.path(method, "dpo_log.json")
+def _read_log(run, method: str) -> list[dict]:
+    path = run.layout.dpo_log(method)
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return json.load(f)
 
 
-def _read_confidence(pipeline, method: str) -> dict | None:
-    path = pipeline.path(method, "train", CONFIDENCE_FILE)
+def _read_confidence(run, method: str) -> dict | None:
+    path = run.layout.confidence(method)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -199,8 +223,8 @@ def _second_opinion(diff: dict | None, diff2: dict | None, name: str) -> str:
     return f"Second judge ({name}): {d2}; the finding {agree}."
 
 
-def _second_judge_name(pipeline) -> str:
-    return str(pipeline.eval_measures()["second_judge"] or "none")
+def _second_judge_name(run) -> str:
+    return run.second_judge
 
 
 HELPFULNESS_CAVEAT = ("Helpfulness: the share of answers on the benign sets that address the question "
@@ -218,19 +242,19 @@ HELPFULNESS_KEPT_MIN = 0.8
 def mark_helpfulness(methods: dict) -> None:
     """Set `helpfulness_kept` (share of the base model's helpfulness) and `helpfulness_flag` (kept <
     HELPFULNESS_KEPT_MIN) on every method whose helpfulness and the base model's are known, the latter above 0."""
-    base = methods.get("base")
+    base = methods.get(BASE)
     if base is None or not base.get("helpfulness_rate"):
         return
     for name, row in methods.items():
-        if name != "base" and row.get("helpfulness_rate") is not None:
+        if name != BASE and row.get("helpfulness_rate") is not None:
             row["helpfulness_kept"] = row["helpfulness_rate"] / base["helpfulness_rate"]
             row["helpfulness_flag"] = row["helpfulness_kept"] < HELPFULNESS_KEPT_MIN
 
 
 def helpfulness_cost(methods: dict, name: str) -> str:
     """What a safety finding cost in helpfulness, said beside it: a model is not safer for free if it deflects."""
-    row, base = methods[name], methods.get("base")
-    if name == "base" or base is None or row.get("helpfulness_rate") is None or base.get("helpfulness_rate") is None:
+    row, base = methods[name], methods.get(BASE)
+    if name == BASE or base is None or row.get("helpfulness_rate") is None or base.get("helpfulness_rate") is None:
         return ""
     kept = f": it keeps {row['helpfulness_kept']:.0%}" if "helpfulness_kept" in row else ""
     return (f" Helpfulness {100 * row['helpfulness_rate']:.1f}% against the base model's "
@@ -272,7 +296,7 @@ def curve_section(report: dict) -> list[str]:
     lines = ["", "## Safety against compute", "", "| method | rounds | alignment FLOPs | of which preference "
              "construction | unsafe rate | helpfulness | scoring online's samples with a 7B reward model |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["method"] != "online", r["rounds"] or 0, r["flops"])):
+    for r in sorted(rows, key=lambda r: (not METHODS[r["method"]].online, r["rounds"] or 0, r["flops"])):
         lines.append(f"| {r['method']} | {r['rounds'] or '-'} | {_flops(r['flops'])} | "
                      f"{_flops(r.get('construction_flops'))} | {100 * r['unsafe_rate']:.1f}% | "
                      f"{pct(r.get('helpfulness_rate'), None)} | {_flops(r.get('seven_b_scoring_flops'))} |")
@@ -316,16 +340,16 @@ def _count(n) -> str:
     return f"{int(n):,}"
 
 
-def write_report(pipeline) -> dict:
+def write_report(run) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
-    config = pipeline.config
+    config = run.config
     resamples = config.eval.resamples
     methods, figure_sets, flags = {}, {}, {}
     for method in config.methods:
-        methods[method], figure_sets[method], flags[method] = method_results(pipeline, method)
+        methods[method], figure_sets[method], flags[method] = method_results(run, method)
     mark_helpfulness(methods)
     findings = []
-    second_name = _second_judge_name(pipeline)
+    second_name = _second_judge_name(run)
     for a, b in COMPARISONS:
         if a in methods and b in methods:
             diff = paired_difference(flags[a][0], flags[b][0], resamples, config.seed)
@@ -338,81 +362,68 @@ def write_report(pipeline) -> dict:
             findings.append(text + helpfulness_cost(methods, a))
     findings += helpfulness_flags(methods)
     ratio = None
-    if "online" in methods and "rbrm" in methods:
-        o, r = methods["online"], methods["rbrm"]
+    pair = next(((m, METHODS[m].costs_against) for m in methods if METHODS[m].costs_against in methods), None)
+    if pair:  # online's compute over RBRM's
+        o, r = methods[pair[0]], methods[pair[1]]
         ratio = {k: (o[k] / r[k] if r[k] else None) for k in ("generated_tokens", "forward_tokens", "wall_seconds")}
         total_o, total_r = o["generated_tokens"] + o["forward_tokens"], r["generated_tokens"] + r["forward_tokens"]
         ratio["all_tokens"] = total_o / total_r if total_r else None
     probe_metrics = {}
-    metrics_path = pipeline.path("probe", "metrics.json")
+    metrics_path = run.path("probe", "metrics.json")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             probe_metrics = json.load(f)
-    figures = draw_figures(pipeline, figure_sets, probe_metrics, methods)
-    curve = curve_rows(pipeline, methods) if pipeline.curve else None
+    figures = draw_figures(run, figure_sets, probe_metrics, methods)
+    curve = curve_rows(run, methods) if run.curve else None
     matched = matched_compute_ratio(curve) if curve else None
     if curve:
         figures["Unsafe rate and helpfulness against alignment compute"] = plot_compute_curve(
-            curve, pipeline.path("figures", "compute_curve.png"))
-    ranking = None
-    rank_path, pairs_path = pipeline.path("rerank", "rank.jsonl"), pipeline.path("rerank", "pairs.jsonl")
-    if os.path.exists(rank_path) and os.path.exists(pairs_path):  # the re-ranked samples, judged like answers
-        judge = get_judge(config.eval.judge, config.eval.judge_model)
-        ranking = ranking_quality(read_jsonl(rank_path), read_jsonl(pairs_path), judge)
+            curve, run.path("figures", "compute_curve.png"))
+    ranking = read_json(run.path("ranking", "ranking_quality.json"))  # the re-ranked samples, judged like answers
     report = {
-        "name": config.name, "config": pipeline.config_path,
+        "name": config.name, "config": run.config_path,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "model": config.model,
         "judge": config.eval.judge,
-        "eval_sets": [s.name for s in pipeline.eval_sets()],
-        "excluded_training_prompts": getattr(pipeline, "excluded_training_prompts", None),
+        "eval_sets": [s.name for s in run.eval_sets],
+        "excluded_training_prompts": run.excluded_training_prompts,
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
-        "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(pipeline),
-        "stage_cpu_shares": stage_cpu_shares(pipeline),
-        "audit": audit_summary(pipeline.path(), methods=config.methods),
+        "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(run),
+        "stage_cpu_shares": stage_cpu_shares(run),
+        "audit": audit_summary(run.path(), methods=config.methods),
         **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {}),
     }
-    write_json(pipeline.path("report.json"), report)
-    text = render_markdown(report, pipeline)
-    write_text_atomic(pipeline.path("report.md"), lambda f: f.write(text))
+    write_json(run.path("report.json"), report)
+    text = render_markdown(report, run)
+    write_text_atomic(run.path("report.md"), lambda f: f.write(text))
     return report
 
 
 def _construction_flops(row: dict, method: str) -> int | None:
-    """Preference construction (sampling and scoring, no DPO) of a method's alignment FLOPs."""
-    stages, source = row.get("compute_by_stage", {}), METHODS[method].pairs
-    if source == "online":
-        return stages.get("online", {}).get("construction_flops")
-    if source == "rerank":
-        return sum(stages.get(s, {}).get("flops", 0) for s in ("sample", "rerank"))
-    return 0 if source == "static_pairs" else None
+    """Preference construction (sampling and scoring, no DPO) of a method's alignment FLOPs: its
+    `Method.construction` stages' (a stage's `construction_flops` where it also trains). None for the base."""
+    stages = row.get("compute_by_stage", {})
+    if not METHODS[method].trains:
+        return None
+    return sum(stages.get(s, {}).get("construction_flops", stages.get(s, {}).get("flops", 0))
+               for s in METHODS[method].construction)
 
 
-def _seven_b_scoring_flops(run) -> int:
-    """What scoring every online sample with a 7B reward model (LLAMA_7B) would cost: one forward per sample over
-    its prompt and response, by formula."""
-    tokenizer, lengths = load_tokenizer(run.model_path), []
-    rounds = run.config.online.rounds
-    for k in range(rounds):
-        for r in read_jsonl(run.path("online_rounds", f"round_{k}", "samples.jsonl")):
-            lengths.append(prompt_length(tokenizer, r["prompt"]) + int(r["num_tokens"]))
-    return forward_flops(LLAMA_7B, lengths, lm_head=False)
-
-
-def curve_rows(pipeline, methods: dict) -> list[dict]:
+def curve_rows(run, methods: dict) -> list[dict]:
     """report.json's `compute_curve`: online at each number of rounds, and every other trained method as a point."""
-    seed = pipeline.config.seed
+    seed = run.config.seed
     rows = []
-    for rounds, run in pipeline.curve:
-        row = method_results(run, "online")[0]
-        rows.append({"method": "online", "rounds": rounds, "seed": seed, "flops": row["flops"],
-                     "construction_flops": _construction_flops(row, "online"), "unsafe_rate": row["unsafe_rate"],
+    for rounds, curve_run in run.curve:
+        name = curve_run.config.methods[0]  # the online method alone
+        row = method_results(curve_run, name)[0]
+        rows.append({"method": name, "rounds": rounds, "seed": seed, "flops": row["flops"],
+                     "construction_flops": _construction_flops(row, name), "unsafe_rate": row["unsafe_rate"],
                      "helpfulness_rate": row.get("helpfulness_rate"),
-                     "seven_b_scoring_flops": _seven_b_scoring_flops(run)})
+                     "seven_b_scoring_flops": curve_run.records[name]["compute"].get("seven_b_scoring_flops")})
     for name, row in methods.items():
-        if name != "base":
-            rows.append({"method": name, "rounds": pipeline.config.online.rounds if name == "online"
+        if METHODS[name].trains:
+            rows.append({"method": name, "rounds": run.config.online.rounds if METHODS[name].online
                          else None, "seed": seed, "flops": row["flops"],
                          "construction_flops": _construction_flops(row, name), "unsafe_rate": row["unsafe_rate"],
                          "helpfulness_rate": row.get("helpfulness_rate")})
@@ -423,12 +434,13 @@ def curve_rows(pipeline, methods: dict) -> list[dict]:
 FLAT_CURVE = 1.25
 
 
-def matched_compute_ratio(rows: list[dict], target_method: str = "rbrm") -> dict:
+def matched_compute_ratio(rows: list[dict], target_method: str | None = None) -> dict:
     """The compute online needs to reach `target_method`'s unsafe rate, interpolated on its curve (unsafe rate
     linear in log FLOPs between neighbouring points), over the target's compute; for the whole alignment and
     for preference construction alone. Null, with the reason, when online never gets that safe."""
+    target_method = target_method or next(m.costs_against for m in METHODS.values() if m.online)
     target = next((r for r in rows if r["method"] == target_method), None)
-    curve = sorted((r for r in rows if r["method"] == "online" and r.get("rounds") is not None and r["flops"]),
+    curve = sorted((r for r in rows if METHODS[r["method"]].online and r.get("rounds") is not None and r["flops"]),
                    key=lambda r: r["flops"])
     if target is None or not curve or not target.get("flops"):
         return {"ratio": None, "construction_ratio": None,
@@ -475,9 +487,9 @@ def _software(info: dict) -> str:
     return "; " + ", ".join(parts) if parts else ""
 
 
-def render_markdown(report: dict, pipeline) -> str:
+def render_markdown(report: dict, run) -> str:
     m = report["methods"]
-    lines = [f"# rbrm pipeline: {report['name']}", "",
+    lines = [f"# rbrm run: {report['name']}", "",
              f"{report['date']} · config `{report['config']}` · model `{report['model']}` · judge "
              f"`{report['judge']}` · machine: {report['machine'].get('cpu') or report['machine']['platform']}, "
              f"{report['machine']['cpu_count']} cores" + (f", {report['machine']['gpu']}" if report['machine'].get(
@@ -489,7 +501,7 @@ def render_markdown(report: dict, pipeline) -> str:
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
              "scoring, DPO policy + reference), FLOPs (the compute ledger below), wall seconds.", "",
-             f"| method | unsafe rate | unsafe, 2nd judge ({_second_judge_name(pipeline)}) | refusal rate | "
+             f"| method | unsafe rate | unsafe, 2nd judge ({_second_judge_name(run)}) | refusal rate | "
              "over-refusal | helpfulness* | top opening | KL from base | generated tokens | forward tokens | FLOPs | "
              "wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
@@ -525,7 +537,7 @@ def render_markdown(report: dict, pipeline) -> str:
                   *audit_table(report["audit"])]
     else:
         lines += ["", "No human audit of this run yet: its rates rest on the offline instruments alone. `rbrm audit "
-                  f"--run {pipeline.path()}` labels a blind sample of its answers (README, \"Auditing a run\")."]
+                  f"--run {run.path()}` labels a blind sample of its answers (README, \"Auditing a run\")."]
     lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
     if report.get("excluded_training_prompts"):
         lines.append(f"- {report['excluded_training_prompts']} sampling prompts were dropped because they are "
@@ -582,14 +594,14 @@ def render_markdown(report: dict, pipeline) -> str:
         lines.append(f"| **all** | {sum(times.values()):.0f} | 100% |")
     lines += ["", "## Figures", ""]
     for title, path in report["figures"].items():
-        lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, pipeline.path())})", ""]
+        lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, run.path())})", ""]
     return "\n".join(lines) + "\n"
 
 
-def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
+def draw_figures(run, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
-    fig_dir = pipeline.path("figures")
-    features_path = pipeline.path("probe", "features.safetensors")
+    fig_dir = run.path("figures")
+    features_path = run.path("probe", "features.safetensors")
     if os.path.exists(features_path):
         fs = load_features(features_path)
         names = fs.metadata.get("layers") or list(range(1, fs.features.shape[1] + 1))
@@ -603,14 +615,14 @@ def draw_figures(pipeline, figure_sets: dict, probe_metrics: dict, methods: dict
                 probe_metrics["val_per_layer_accuracy"], names, os.path.join(fig_dir, "probe_layers.png"),
                 gate=probe_metrics.get("val_gate_share"),
                 hybrid=probe_metrics.get("val_pair_accuracy", probe_metrics.get("val_accuracy")))
-    logs = {m: _read_log(pipeline, m) for m in pipeline.config.methods if m != "base"}
+    logs = {m: _read_log(run, m) for m in run.config.methods if METHODS[m].trains}
     logs = {m: log for m, log in logs.items() if log}
     if logs:
         out["Confidence and reward margin over training"] = plot_training(logs, os.path.join(fig_dir, "training.png"))
-    histories = {m: h["gamma"] for m in pipeline.config.methods if (h := _read_confidence(pipeline, m)) and h["gamma"]}
+    histories = {m: h["gamma"] for m in run.config.methods if (h := _read_confidence(run, m)) and h["gamma"]}
     if histories:
         out["Confidence gamma of the training pairs"] = plot_confidence(
-            histories, pipeline.config.dpo_setting("confidence_floor"), os.path.join(fig_dir, "confidence.png"))
+            histories, run.config.dpo_setting("confidence_floor"), os.path.join(fig_dir, "confidence.png"))
     out["Unsafe rate and over-refusal per method"] = plot_rates(figure_sets, os.path.join(fig_dir, "rates.png"))
     if methods and any(row.get("helpfulness_rate") is not None for row in methods.values()):
         out["Unsafe rate against helpfulness per method"] = plot_safety_vs_helpfulness(
@@ -645,15 +657,15 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
-def stage_seconds(pipeline) -> dict[str, float]:
+def stage_seconds(run) -> dict[str, float]:
     """Wall seconds of every finished stage of a run, in the order they ran (killed runs excepted)."""
-    records = sorted(pipeline.records.items(), key=lambda kv: kv[1].get("finished", ""))
+    records = sorted(run.records.items(), key=lambda kv: kv[1].get("finished", ""))
     return {name: round(record["compute"].get("wall_seconds", 0.0), 1) for name, record in records}
 
 
-def stage_cpu_shares(pipeline) -> dict[str, float | None]:
+def stage_cpu_shares(run) -> dict[str, float | None]:
     """Per stage, the share of the machine's CPU that other processes took while it ran (None: not measured)."""
-    return {name: record["compute"].get("other_cpu_share") for name, record in pipeline.records.items()}
+    return {name: record["compute"].get("other_cpu_share") for name, record in run.records.items()}
 
 
 def time_mark(share: float | None) -> str:
@@ -684,7 +696,7 @@ def _seed_diffs(flags_a: list[dict], flags_b: list[dict]) -> list[list[float]]:
 
 
 def compare_across_runs(a: list, method_a: str, b: list, method_b: str, resamples: int = 2000) -> dict:
-    """method_a of the runs `a` against method_b of the runs `b` (one finished pipeline per seed, seeds in the same
+    """method_a of the runs `a` against method_b of the runs `b` (one finished run per seed, seeds in the same
     order, the same evaluation sets), as the seeds report compares two methods of one run: unsafe rate under
     both judges and helpfulness, each a two-level bootstrap over seeds and prompts. For ablations that ran as
     separate runs on the same stages."""
@@ -705,9 +717,9 @@ def write_seeds_report(config, pipelines: list) -> dict:
     methods, flags = {}, {}
     for method in config.methods:
         rows, flags[method] = [], []
-        for pipeline in pipelines:
-            row, _, method_flags = method_results(pipeline, method)
-            rows.append({"seed": pipeline.config.seed, **{k: row.get(k) for k in SEED_RATES},
+        for run in pipelines:
+            row, _, method_flags = method_results(run, method)
+            rows.append({"seed": run.config.seed, **{k: row.get(k) for k in SEED_RATES},
                          "wall_seconds": row.get("wall_seconds"), "flops": row.get("flops"),
                          **({"confidence": row["confidence"]} if row.get("confidence") else {})})
             flags[method].append(method_flags)
@@ -741,8 +753,8 @@ def write_seeds_report(config, pipelines: list) -> dict:
         findings.append(text)
     against_base = {}
     for name, row in methods.items():
-        base = methods.get("base")
-        if name == "base" or not base or not base.get("unsafe_rate"):
+        base = methods.get(BASE)
+        if name == BASE or not base or not base.get("unsafe_rate"):
             continue
         against_base[name] = {"relative_safety_gain": 1 - row["unsafe_rate"] / base["unsafe_rate"],
                               "helpfulness_kept": (row["helpfulness_rate"] / base["helpfulness_rate"]
@@ -777,7 +789,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
               "figures": {"safety_helpfulness_seeds": figure},
               **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {})}
     write_json(os.path.join(config.run_dir, "report.json"), report)
-    lines = [f"# rbrm pipeline: {config.name}, {len(pipelines)} seeds", "",
+    lines = [f"# rbrm run: {config.name}, {len(pipelines)} seeds", "",
              f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
              f"{', '.join(map(str, report['seeds']))} (each changes sampling, the probe's split and DPO)", "",
              "Mean ± sd over seeds; each seed's full report: " + ", ".join(

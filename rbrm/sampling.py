@@ -28,9 +28,11 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
 from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
+from .flops import ModelShape, generation_flops
 from .formats import prompt_records
+from .layout import sample_files
 from .models import model_fingerprint
-from .render import end_of_turn, render_prompt
+from .render import end_of_turn, prompt_length, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +346,38 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
     with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
                                    progress, max_sequences, backend, engine, stats, prefill, first_index)
+
+
+def sample_counted(model, tokenizer, prompts: list, out_path: str, section, seed: int, n: int | None = None,
+                   prefill: str = "", first_index: int = 0) -> dict:
+    """`n` responses per prompt into `out_path` (resumable) with the sample section's settings (`n`, decoding,
+    batching), and their exact compute over the whole file: generated tokens, prompt tokens, FLOPs."""
+    n = section.n if n is None else n
+    rows = generate_responses(model, tokenizer, prompts, n, section.generation_settings(), out_path,
+                              section.batch_prompts, seed, max_sequences=section.max_sequences, prefill=prefill,
+                              first_index=first_index)
+    sampled = {r["prompt_id"] for r in rows}  # prompts too long for the context were skipped, not prefilled
+    forced = len(tokenizer(prefill, add_special_tokens=False)["input_ids"]) if prefill else 0
+    length = {str(p.id): prompt_length(tokenizer, p.prompt) + forced for p in prompts if str(p.id) in sampled}
+    shape = ModelShape.of(model)
+    return {"generated_tokens": sum(int(r["num_tokens"]) for r in rows), "forward_tokens": sum(length.values()) * n,
+            "flops": sum(generation_flops(shape, length[str(r["prompt_id"])], int(r["num_tokens"])) for r in rows),
+            "responses": len(rows)}
+
+
+def sample_candidates(model, tokenizer, prompts: list, directory: str, section, seed: int) -> dict:
+    """The candidates re-ranking orders (`rbrm.layout.sample_files`): `section.n` samples per prompt, then one
+    answer per refusal opening (`section.refusal_prefills`) to every prompt. On a harmful prompt the safety
+    reward may choose the refusal; on a benign one the helpfulness reward ranks it low, so the pair teaches not
+    to refuse there. `section` is the run's `sample` settings; returns the summed compute."""
+    openings = section.refusal_prefills or []
+    files = sample_files(directory, len(openings))
+    compute = sample_counted(model, tokenizer, prompts, files[0], section, seed)
+    for j, (text, path) in enumerate(zip(openings, files[1:])):
+        more = sample_counted(model, tokenizer, prompts, path, section, seed + 1 + j, n=1, prefill=text,
+                              first_index=section.n + j)
+        compute = {k: v + more[k] for k, v in compute.items()}
+    return compute
 
 
 def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None, max_new_tokens: int):

@@ -15,17 +15,17 @@ import argparse
 import json
 
 from rbrm.pipeline import Pipeline, seed_configs
-from rbrm.report import compare_across_runs, method_results
+from rbrm.report import RunView, compare_across_runs, method_results
 from rbrm.run_config import load_config
 
 
-def pipelines(config_path: str, out_dir: str | None, run: str, method: str) -> list[Pipeline]:
+def pipelines(config_path: str, out_dir: str | None, run: str, method: str) -> list[RunView]:
     config = load_config(config_path, {"name": run, "out_dir": out_dir, "methods": [method]})
     out = []
     for seed_config in seed_configs(config) if config.seeds else [config]:
         pipeline = Pipeline(seed_config, config_path)
         pipeline.load_records([method])
-        out.append(pipeline)
+        out.append(pipeline.view())
     return out
 
 

@@ -46,7 +46,7 @@ def test_mos_train_checks_dim_against_model(tiny_model_dir, tmp_path):
 
 
 def test_probe_plot_from_features(tmp_path, capsys):
-    from rbrm.features import save_features
+    from rbrm.feature_files import save_features
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(40, 3, 8, generator=g)

@@ -7,16 +7,15 @@ import json
 import pytest
 import torch
 
+from rbrm.feature_files import load_features, save_features
 from rbrm.features import (
     MAX_PADDING,
     PromptGroup,
     decoder_layers,
     extract_features,
-    load_features,
     padded_tokens,
     plan_batches,
     pool,
-    save_features,
 )
 from rbrm.render import end_of_turn, render, tokenize
 

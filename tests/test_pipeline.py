@@ -117,12 +117,12 @@ def test_a_bad_setting_fails_before_any_stage_runs(tmp_path, tiny_model_dir, cap
 
 
 def test_what_the_dpo_section_says_is_what_training_uses(tmp_path, tiny_model_dir):
-    from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
 
     config = load_config(tiny_config(tmp_path, tiny_model_dir, dpo={"max_steps": 4, "save_steps": 3}),
                          {"device": "cpu"})
-    args = Pipeline(config).dpo_args("rbrm", str(tmp_path / "out"))
+    args = RunContext(config).dpo_args("rbrm", str(tmp_path / "out"))
     for key in ("precompute_ref_log_probs", "save_steps", "max_steps", "seed", "confidence_floor", "reward_lr"):
         assert config.dpo_setting(key) == getattr(args, key), key
     assert args.precompute_ref_log_probs is True and args.save_steps == 3 and args.use_cpu
@@ -145,13 +145,13 @@ def test_set_overrides_one_setting(tmp_path):
 
 
 def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tmp_path, tiny_model_dir):
-    from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
 
     benign = "data/refusal_direction/harmless_val.json"
     path = tiny_config(tmp_path, tiny_model_dir, sample={"benign_prompts": benign, "benign_skip": 1, "benign_limit": 3},
                        eval={"prompts": [f"rd={SAMPLING_PROMPTS}:limit=2", f"hv={benign}:benign,limit=2"]})
-    pipeline = Pipeline(load_config(path))
+    pipeline = RunContext(load_config(path))
     prompts = pipeline.training_prompts()
     harmful, rest = prompts[:4], prompts[4:]
     instructions = [r["instruction"] for r in json.load(open(benign))]
@@ -162,33 +162,33 @@ def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tm
 
 
 def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_model_dir):
-    from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
 
     path = tiny_config(tmp_path, tiny_model_dir)
-    plain = Pipeline(load_config(path))
-    ablated = Pipeline(load_config(path, {"set": ["dpo.reward_update=false", "dpo.confidence_floor=0.2"]}))
+    plain = RunContext(load_config(path))
+    ablated = RunContext(load_config(path, {"set": ["dpo.reward_update=false", "dpo.confidence_floor=0.2"]}))
     for method in ("dpo_rerank", "dpo_static", "online"):
         assert plain.dpo_settings_of(method) == ablated.dpo_settings_of(method)
     assert plain.dpo_settings_of("rbrm") != ablated.dpo_settings_of("rbrm")
-    faster = Pipeline(load_config(path, {"set": ["dpo.learning_rate=0.5"]}))
+    faster = RunContext(load_config(path, {"set": ["dpo.learning_rate=0.5"]}))
     assert plain.dpo_settings_of("dpo_rerank") != faster.dpo_settings_of("dpo_rerank")
 
 
 def test_dpo_precision_follows_the_cpu_unless_the_config_says_and_is_in_the_stage_key(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
     import rbrm.dpo.config
-    from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
 
     path = tiny_config(tmp_path, tiny_model_dir)
     seen = {}
     for fast in (True, False):
         monkeypatch.setattr(rbrm.dpo.config, "cpu_prefers_bf16", lambda fast=fast: fast)
-        pipeline = Pipeline(load_config(path, {"device": "cpu"}))
+        pipeline = RunContext(load_config(path, {"device": "cpu"}))
         assert pipeline.dpo_args("rbrm", str(tmp_path / "out")).bf16 is fast
         seen[fast] = {m: pipeline.dpo_settings_of(m) for m in ("rbrm", "dpo_rerank", "online")}
-        forced = Pipeline(load_config(path, {"device": "cpu", "set": ["dpo.bf16=false"]}))
+        forced = RunContext(load_config(path, {"device": "cpu", "set": ["dpo.bf16=false"]}))
         assert forced.dpo_args("rbrm", str(tmp_path / "out")).bf16 is False
         assert forced.dpo_settings_of("rbrm")["bf16"] is False
     for method in ("rbrm", "dpo_rerank", "online"):  # another precision is another stage
@@ -199,21 +199,19 @@ def test_the_inference_stages_keys_hold_the_resolved_precision(tmp_path, tiny_mo
     """`auto` is bf16 on one CPU and fp32 on another (measured): the probe, sample, rerank, evaluation and online
     stages must not reuse outputs made in the other precision; an explicit dtype is the same everywhere."""
     import rbrm.models
-    from rbrm.pipeline import Pipeline
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
+    from rbrm.run_stages import EvalStage, OnlineStage, ProbeStage, RerankStage, SampleStage
 
     def stage_inputs(fast: bool, **changes) -> dict:
         monkeypatch.setattr(rbrm.models, "cpu_prefers_bf16", lambda: fast)
-        pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, **changes), {"device": "cpu"}))
+        ctx = RunContext(load_config(tiny_config(tmp_path, tiny_model_dir, **changes), {"device": "cpu"}))
         seen = {}
-
-        def record(name, inputs, body):
-            seen[name] = inputs
-            pipeline.records[name] = {"key": name}
-            return pipeline.records[name]
-
-        monkeypatch.setattr(pipeline, "_stage", record)
-        pipeline.probe(), pipeline.sample(), pipeline.rerank(), pipeline.evaluate("base"), pipeline.online()
+        for make in (ProbeStage, SampleStage, RerankStage, lambda c: EvalStage(c, "base"),
+                     lambda c: next(iter(OnlineStage(c).before()))):
+            stage = make(ctx)
+            seen[stage.name] = stage.inputs()
+            ctx.records[stage.name] = {"key": stage.name}
         return seen
 
     bf16, fp32 = stage_inputs(True), stage_inputs(False)
@@ -231,13 +229,14 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
     import torch
     from peft import get_peft_model
 
-    from rbrm.pipeline import Pipeline
+    from rbrm.online import sampling_policy, trainable_policy
     from rbrm.run_config import load_config
+    from rbrm.run_context import RunContext
 
-    pipeline = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "float32"}),
-                                    {"device": "cpu"}))
-    assert pipeline.sampling_policy(None) is pipeline.inference_model("float32")[0]
-    trained = get_peft_model(pipeline.training_model(), pipeline.config.lora_config())
+    ctx = RunContext(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "float32"}), {"device": "cpu"}))
+    base = ctx.inference_model("float32")[0]
+    assert sampling_policy(ctx.model_path, None, True, "float32", "cpu", base) is base
+    trained = get_peft_model(ctx.training_model(), ctx.config.lora_config())
     with torch.no_grad():
         for name, weight in trained.named_parameters():
             if "lora_B" in name:  # B starts at 0; a non-zero B makes the adapter change the function
@@ -246,14 +245,12 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
     trained.save_pretrained(adapter)
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     with torch.no_grad():
-        merged = pipeline.sampling_policy(adapter)
+        merged = sampling_policy(ctx.model_path, adapter, True, "float32", "cpu")
         assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
-        want = pipeline.training_model(adapter).eval()(ids).logits
-        base = pipeline.inference_model("float32")[0](ids).logits
+        want = trainable_policy(ctx.model_path, adapter, True, "cpu").eval()(ids).logits
         assert torch.allclose(merged(ids).logits, want, atol=1e-4)
-        assert not torch.allclose(base, want, atol=1e-2)  # the adapter matters, so the check above means something
-    bf16 = Pipeline(load_config(tiny_config(tmp_path, tiny_model_dir, sample={"dtype": "bfloat16"}), {"device": "cpu"}))
-    assert bf16.sampling_policy(adapter).dtype == torch.bfloat16
+        assert not torch.allclose(base(ids).logits, want, atol=1e-2)  # the adapter matters: the check above means something
+    assert sampling_policy(ctx.model_path, adapter, True, "bfloat16", "cpu").dtype == torch.bfloat16
 
 
 def test_shipped_configs_load():
@@ -474,8 +471,8 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+    from rbrm.errors import RbrmError
     from rbrm.files import read_jsonl
-    from rbrm.run_config import PipelineConfigError
 
     torch.manual_seed(0)
     config = LlamaConfig.from_pretrained(tiny_model_dir)
@@ -502,7 +499,7 @@ def test_online_samples_scored_by_an_external_reward_model(tmp_path, tiny_model_
         if scorer == "minilm":  # 1 - the judge's unsafe probability
             assert all(0.0 <= r["score"] <= 1.0 for r in rank) and len({r["score"] for r in rank}) > 1
     for scorer, message in (("no-such-scorer", "expected probe, a judge"), ("refusal", "no pairs")):
-        with pytest.raises(PipelineConfigError, match=message):  # the keyword judge ties every sample of these prompts
+        with pytest.raises(RbrmError, match=message):  # the keyword judge ties every sample of these prompts
             run(tiny_config(tmp_path, tiny_model_dir, methods=["base", "online"], out_dir=str(tmp_path / scorer),
                             online={"rounds": 2, "scorer": scorer}))
 
@@ -658,7 +655,8 @@ def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_
     for seed_config in seed_configs(load_config(path)):
         pipelines.append(Pipeline(seed_config))
         pipelines[-1].load_records(["base", "rbrm"])
-    across = compare_across_runs(pipelines, "rbrm", pipelines, "base", resamples=50)
+    views = [p.view() for p in pipelines]
+    across = compare_across_runs(views, "rbrm", views, "base", resamples=50)
     assert across["unsafe"] == verdict and across["helpful"] == helped
     # the same seed in a separate run folder reproduces that seed's samples and training exactly
     again = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], out_dir=str(tmp_path / "again"))

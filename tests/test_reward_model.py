@@ -270,7 +270,7 @@ def test_recalibration_on_the_policys_answers_tempers_an_overconfident_probe():
     """A probe that separates its own data perfectly, applied to answers whose labels it gets wrong a quarter of
     the time with the same large rewards: the scale fitted on those answers is smaller, and the calibration
     error there drops."""
-    from rbrm.features import FeatureSet
+    from rbrm.feature_files import FeatureSet
     from rbrm.reward_model import recalibrate
 
     g = torch.Generator().manual_seed(4)

@@ -363,7 +363,7 @@ def test_every_probe_parameter_learns_and_is_saved(tokenizer, tmp_path):
     for key, value in trainer.reward_model.state_dict().items():
         assert torch.equal(saved.state_dict()[key], value)
     assert saved.config["dpo"]["probe_steps"] == 3
-    from rbrm.dpo import CONFIDENCE_FILE
+    from rbrm.layout import CONFIDENCE_FILE
 
     history = json.loads(open(os.path.join(trainer.args.output_dir, CONFIDENCE_FILE)).read())
     assert history["scale"] == 7.5 and len(history["gamma"]) == 3 * 2  # 3 steps of 2 training pairs

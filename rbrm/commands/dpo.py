@@ -15,8 +15,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import ModelConfig, get_peft_config
 
-from ..dpo import REWARD_DIR, ConfidenceDPOConfig, ConfidenceDPOTrainer, machine_defaults, pairs_dataset
-from ..files import write_json
+from ..dpo import REWARD_DIR, ConfidenceDPOConfig, machine_defaults, pairs_dataset, train_dpo
 from ..models import (
     DEFAULT_MODEL,
     load_causal_lm,
@@ -87,14 +86,10 @@ def run_dpo(script: DPOCommandConfig, config: ConfidenceDPOConfig, model_args: M
     tokenizer = load_tokenizer(path)
     train = pairs_dataset(script.pairs, tokenizer, script.limit, script.format)
     evaluation = pairs_dataset(script.eval_pairs, tokenizer, None, script.format) if script.eval_pairs else None
-    trainer = ConfidenceDPOTrainer(model, ref_model=ref_model, args=config, train_dataset=train,
-                                   eval_dataset=evaluation, processing_class=tokenizer,
-                                   peft_config=get_peft_config(model_args), reward_model=script.reward)
     resume = checkpoint_to_resume(config.output_dir, config.resume_from_checkpoint, script.overwrite_output_dir)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
+    trainer = train_dpo(model, tokenizer, config, train, ref_model=ref_model, peft_config=get_peft_config(model_args),
+                        reward_model=script.reward, eval_dataset=evaluation, resume=resume)
     if trainer.accelerator.is_main_process:
-        write_json(os.path.join(config.output_dir, "dpo_log.json"), trainer.state.log_history)
         counts = trainer.pair_counts.get("train", {})
         print(f"saved the policy to {config.output_dir}"
               + (f" and the probe to {os.path.join(config.output_dir, REWARD_DIR)}" if script.reward else "")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..features import examples_to_rows, extract_features, feature_metadata, resolve_layers, save_features
+from ..feature_files import save_features
+from ..features import examples_to_rows, extract_features, feature_metadata, resolve_layers
 from ..formats import load_examples
 from ..models import DEFAULT_MODEL, load_model
 

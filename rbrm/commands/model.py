@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..features import examples_to_rows, extract_features, load_features, resolve_layers
+from ..feature_files import load_features
+from ..features import examples_to_rows, extract_features, resolve_layers
 from ..formats import load_examples
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_pca, safe_unsafe_rows

@@ -51,6 +51,7 @@ from trl.data_utils import extract_prompt
 from ..features import POOLINGS, context_length, decoder_layers, pool
 from ..files import write_json
 from ..flops import ModelShape, forward_flops, probe_flops, training_flops
+from ..layout import CONFIDENCE_FILE
 from ..reward_model import HybridRewardModel, pairwise_loss
 from ..trl_compat import DPOTrainerHooks, global_then_local_main_first, without_patched_forward
 from .config import ConfidenceDPOConfig
@@ -64,8 +65,7 @@ REWARD_OPTIMIZER_FILE = "optimizer.pt"
 # Above this share of pairs whose end-of-turn token is cut off by max_length, the trainer warns at the start.
 TRUNCATION_WARN_FRACTION = 0.1
 COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token count so far, restored on resume
-# In each checkpoint and the final model: every training pair's gamma so far, in order (restored on resume)
-CONFIDENCE_FILE = "rbrm_confidence.json"
+# CONFIDENCE_FILE (rbrm.layout), in each checkpoint and the final model: every training pair's gamma so far, in order
 
 
 # ----------------------------------------------------------------------------------- hidden states
