@@ -1,12 +1,16 @@
 """DPO with per-pair preference confidence from the hybrid reward (docs/method.md §4), laid out as TRL lays out
 its trainers: `config.py` (the config dataclass), `data.py` (pairs rendered, tokenised and collated with the token
-contract of `rbrm.render`), `lm_head.py` (completion log-probs on CPUs), `trainer.py` (the `DPOTrainer` subclass).
+contract of `rbrm.render`), `lm_head.py` (completion log-probs on CPUs), `trainer.py` (the `DPOTrainer` subclass),
+and `safedpo.py` (the SafeDPO baseline's data: safety-labelled pairs into rows whose `safety_margin` the trainer
+reads with `ConfidenceDPOConfig.safety_margin`).
 The command, `rbrm dpo`, is `rbrm.commands.dpo`, as TRL's is `trl/scripts/dpo.py`.
 """
 
 from .config import CONFIDENCE_MODES, ConfidenceDPOConfig, machine_defaults, trains_on_cpu
 from .data import pairs_dataset, preference_dataset, render_and_tokenize
+from .safedpo import SAFETY_MARGIN_COLUMN, load_safedpo_rows, safedpo_dataset, safedpo_rows, safedpo_transform
 from .trainer import CONFIDENCE_FILE, REWARD_DIR, ConfidenceDPOTrainer
 
-__all__ = ["CONFIDENCE_FILE", "CONFIDENCE_MODES", "REWARD_DIR", "ConfidenceDPOConfig", "ConfidenceDPOTrainer",
-           "machine_defaults", "pairs_dataset", "preference_dataset", "render_and_tokenize", "trains_on_cpu"]
+__all__ = ["CONFIDENCE_FILE", "CONFIDENCE_MODES", "REWARD_DIR", "SAFETY_MARGIN_COLUMN", "ConfidenceDPOConfig",
+           "ConfidenceDPOTrainer", "load_safedpo_rows", "machine_defaults", "pairs_dataset", "preference_dataset",
+           "render_and_tokenize", "safedpo_dataset", "safedpo_rows", "safedpo_transform", "trains_on_cpu"]
