@@ -51,6 +51,20 @@ class LabelledResponse:
 
 
 @dataclass
+class SafetyLabelledPair:
+    """A helpfulness preference with a safety label on each response (PKU-SafeRLHF's `better_response_id` and
+    `is_response_{0,1}_safe`): the data of methods that learn helpfulness under a safety constraint (SafeDPO)."""
+
+    prompt: Prompt
+    chosen: str  # the more helpful response
+    rejected: str
+    chosen_safe: bool
+    rejected_safe: bool
+    source: str = ""  # "file:line"
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
 class PromptRecord:
     id: str
     prompt: Prompt
@@ -208,7 +222,8 @@ def detect_format(row: dict, path: Any = "<row>", line: int | None = None) -> st
 _PKU_TEXT = ("prompt", "dialogue_history", "response_0", "response_1")
 
 
-def _pku(row: dict, path: Any, line: int, src: str):
+def _pku_text(row: dict, path: Any, line: int) -> tuple[Prompt, list[str]]:
+    """A PKU row's prompt (the whole conversation when `dialogue_history` has earlier turns) and its two responses."""
     prompt: Prompt = read_str(row, "prompt", path, line)
     history = row.get("dialogue_history")
     if isinstance(history, str) and history.strip():
@@ -218,10 +233,20 @@ def _pku(row: dict, path: Any, line: int, src: str):
             raise DataError(path, line, "dialogue_history", str(e)) from None
         if sum(m["role"] == "user" for m in messages) > 1:
             prompt = _as_prompt(messages, path, line, "dialogue_history")
-    responses = [read_str(row, f"response_{i}", path, line) for i in (0, 1)]
-    sid = _int(row.get("safer_response_id"), path, line, "safer_response_id", "0 or 1")
-    if sid not in (0, 1):
-        raise DataError(path, line, "safer_response_id", f"expected 0 or 1, got {sid!r}")
+    return prompt, [read_str(row, f"response_{i}", path, line) for i in (0, 1)]
+
+
+def _response_id(row: dict, key: str, path: Any, line: int) -> int:
+    """A PKU row's `better_response_id` or `safer_response_id`: 0 or 1."""
+    value = _int(row.get(key), path, line, key, "0 or 1")
+    if value not in (0, 1):
+        raise DataError(path, line, key, f"expected 0 or 1, got {value!r}")
+    return value
+
+
+def _pku(row: dict, path: Any, line: int, src: str):
+    prompt, responses = _pku_text(row, path, line)
+    sid = _response_id(row, "safer_response_id", path, line)
     meta = {k: v for k, v in row.items() if k not in _PKU_TEXT}
     pairs = [PreferencePair(prompt, responses[sid], responses[1 - sid], src, meta)]
     labelled = []
@@ -380,6 +405,44 @@ def load_pairs(path: Any, format: str = "auto", limit: int | None = None) -> lis
 
 def load_labelled(path: Any, format: str = "auto", limit: int | None = None) -> list[LabelledResponse]:
     return _collect(path, format, limit, 1, "safety-labelled responses (all labels null?)")
+
+
+SAFETY_LABEL_KEYS = ("is_response_0_safe", "is_response_1_safe")
+
+
+def _safety_labelled(row: dict, path: Any, line: int) -> SafetyLabelledPair:
+    prompt, responses = _pku_text(row, path, line)
+    better = _response_id(row, "better_response_id", path, line)
+    safe = []
+    for key in SAFETY_LABEL_KEYS:
+        value = _bool_or_none(row.get(key), path, line, key)
+        if value is None:
+            raise DataError(path, line, key, "missing: every response needs a safety label (true = safe) here")
+        safe.append(value)
+    meta = {k: v for k, v in row.items() if k not in _PKU_TEXT}
+    return SafetyLabelledPair(prompt, responses[better], responses[1 - better], safe[better], safe[1 - better],
+                              f"{os.fspath(path)}:{line}", meta)
+
+
+def load_safety_labelled_pairs(path: Any, limit: int | None = None) -> list[SafetyLabelledPair]:
+    """PKU-SafeRLHF rows as (more helpful, less helpful) pairs with both responses' safety labels, which must all
+    be present: a pair with a missing label cannot be placed by a safety constraint, so it is an error, not a skip.
+    Rows with an empty response are skipped with a warning, as `load_pairs` does."""
+    out: list[SafetyLabelledPair] = []
+    for line, row in iter_records(path):
+        if limit is not None and len(out) >= limit:
+            break
+        if not out and detect_format(row, path, line) != "pku":
+            raise DataError(path, line, None, "expected PKU-SafeRLHF rows (prompt, response_0, response_1, "
+                                              "better_response_id, is_response_0_safe, is_response_1_safe)")
+        pair = _safety_labelled(row, path, line)
+        if not (pair.chosen.strip() and pair.rejected.strip()):
+            log.warning("skipping the pair at %s:%d: an empty response", os.fspath(path), line)
+            continue
+        out.append(pair)
+    if not out:
+        raise DataError(path, None, None, "no safety-labelled preference pairs in this file")
+    return out
 
 
 # ---------------------------------------------------------------- prompts and samples

@@ -1,4 +1,5 @@
-"""`ConfidenceDPOConfig`: TRL's `DPOConfig` plus the confidence and online-probe settings (docs/method.md §4)."""
+"""`ConfidenceDPOConfig`: TRL's `DPOConfig` plus the confidence and online-probe settings (docs/method.md §4) and
+SafeDPO's safety margin (`rbrm.dpo.safedpo`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
+from ..errors import ConfigError
 from ..precision import cpu_prefers_bf16
 from ..rerank import PAPER_ALPHA
 
@@ -41,6 +43,10 @@ class ConfidenceDPOConfig(DPOConfig):
     reward_layer_loss_weight: float = field(default=0.0, metadata={
         "help": "also train each layer's probe on its own score with this weight, as `rbrm probe train` does "
                 "(the paper updates the hybrid reward only: 0)"})
+    safety_margin: float = field(default=0.0, metadata={
+        "help": "SafeDPO's Delta (rbrm.dpo.safedpo; the paper's default: 10): each pair's loss is "
+                "-log sigmoid(beta D - m Delta), m its `safety_margin` column (1 on a safe-over-unsafe pair, 0 on "
+                "a safe-over-safe one). 0: the column is ignored (plain DPO). Needs confidence='none'"})
     compact_lm_head: bool = field(default=True, metadata={
         "help": "on devices without Triton (CPUs), score only the completion tokens with one log-softmax instead of "
                 "TRL's tiled kernel over every position, prompt and padding included (rbrm.dpo.lm_head)"})
@@ -57,6 +63,11 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence_scale={self.confidence_scale!r}: choose calibrated or alpha")
         if self.confidence_alpha <= 0:
             raise ValueError(f"confidence_alpha={self.confidence_alpha} must be positive")
+        if not 0.0 <= self.safety_margin < float("inf"):
+            raise ConfigError(f"safety_margin={self.safety_margin} must be a number >= 0 (SafeDPO's Delta)")
+        if self.safety_margin and self.confidence != "none":
+            raise ConfigError(f"safety_margin={self.safety_margin} (SafeDPO) is plain DPO plus a margin: set "
+                              f"confidence='none', not {self.confidence!r}")
 
 
 def trains_on_cpu(device: str | None = None) -> bool:

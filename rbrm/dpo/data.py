@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from ..errors import DataError
 from ..formats import PreferencePair, load_pairs
 from ..render import end_of_turn, render, tokenize
 
 # Keys the collator adds to a batch; the trainer takes them out before anything reaches a model.
-EXTRA_KEYS = ("confidence", "endpoint_kept", "benign")
+EXTRA_KEYS = ("confidence", "endpoint_kept", "benign", "safety_margin")
 
 
 def _response_text(value: Any) -> str:
@@ -54,7 +55,8 @@ def render_and_tokenize(example: dict, tokenizer) -> dict:
 
 @dataclass
 class ConfidenceCollator:
-    """Wraps a preference collator: adds the `confidence` column and which rows kept their endpoint token.
+    """Wraps a preference collator: adds the `confidence`, `benign` and `safety_margin` columns and which rows kept
+    their endpoint token.
 
     Rows are [chosen; rejected] as in TRL's collator. With `keep_start` truncation a completion longer than
     `max_length` loses its end, and with it the end-of-turn token the probe reads.
@@ -71,6 +73,9 @@ class ConfidenceCollator:
             batch["confidence"] = torch.tensor(values, dtype=torch.float32)
         if "benign" in examples[0]:
             batch["benign"] = torch.tensor([bool(e["benign"]) for e in examples], dtype=torch.bool)
+        margins = [example.get("safety_margin") for example in examples]  # SafeDPO's h~_l - h~_w
+        if all(m is not None for m in margins):
+            batch["safety_margin"] = torch.tensor(margins, dtype=torch.float32)
         if "prompt_ids" in examples[0]:
             def kept(key: str) -> list[bool]:
                 return [self.max_length is None or self.truncation_mode == "keep_end"
@@ -85,22 +90,34 @@ def pairs_dataset(path: str, tokenizer, limit: int | None = None, format: str = 
     return preference_dataset(load_pairs(path, format=format, limit=limit), tokenizer, source=path)
 
 
+def _safety_margin(pair: PreferencePair) -> float | None:
+    """A pair's SafeDPO `safety_margin` (rbrm.dpo.safedpo), a number >= 0, or None when it has none."""
+    value = pair.meta.get("safety_margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise DataError(pair.source or "<pairs>", None, "safety_margin", f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
 def preference_dataset(pairs: list[PreferencePair], tokenizer, source: str = "the pairs"):
     """A TRL text preference Dataset rendered with `rbrm.render.render` (+ `confidence` when the pairs carry it,
-    + `benign` when some pairs were ranked by the helpfulness reward: `kind: benign`), for `ConfidenceDPOTrainer`.
-    `rerank.preference_pairs` gives such pairs in memory."""
+    + `benign` when some pairs were ranked by the helpfulness reward: `kind: benign`, + SafeDPO's `safety_margin`
+    when the pairs carry it), for `ConfidenceDPOTrainer`. `rerank.preference_pairs` gives such pairs in memory."""
     rows = []
     for pair in pairs:
         prompt_text, chosen = render(tokenizer, pair.prompt, pair.chosen)
         _, rejected = render(tokenizer, pair.prompt, pair.rejected)
         rows.append({"prompt": prompt_text, "chosen": chosen, "rejected": rejected,
-                     "confidence": pair.meta.get("confidence"), "benign": pair.meta.get("kind") == "benign"})
+                     "confidence": pair.meta.get("confidence"), "benign": pair.meta.get("kind") == "benign",
+                     "safety_margin": _safety_margin(pair)})
     if not any(row["benign"] for row in rows):
         for row in rows:
             del row["benign"]
-    if all(row["confidence"] is None for row in rows):
-        for row in rows:
-            del row["confidence"]
-    elif any(row["confidence"] is None for row in rows):
-        raise ValueError(f"{source}: some pairs carry a `confidence` and some do not")
+    for column in ("confidence", "safety_margin"):
+        if all(row[column] is None for row in rows):
+            for row in rows:
+                del row[column]
+        elif any(row[column] is None for row in rows):
+            raise ValueError(f"{source}: some pairs carry a `{column}` and some do not")
     return Dataset.from_list(rows)

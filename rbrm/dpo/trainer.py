@@ -12,6 +12,9 @@ docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrai
   class adds one exact per-pair correction term. It needs the per-pair reference log-probs, so the reference
   forward runs through TRL's `compute_ref_log_probs` first and is handed to TRL's `compute_loss` like
   precomputed ones: still one reference forward and one policy forward per batch.
+* SafeDPO (Kim et al., ICLR 2026; `rbrm.dpo.safedpo`), with `confidence="none"` and `safety_margin` Delta > 0:
+  the loss per pair is -log sigmoid(beta D - m Delta), m the pair's `safety_margin` column. The same way, TRL's
+  `sigmoid` loss plus the exact per-pair correction -log sigmoid(beta D - m Delta) + log sigmoid(beta D).
 * On a device without Triton (a CPU), TRL's fused LM head scores every position with a slow tiled fallback; the
   policy and reference get `rbrm.dpo.lm_head`'s head instead, which scores only the completion tokens
   (`compact_lm_head`, on by default; the same log-probs and gradients up to rounding).
@@ -140,7 +143,7 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
     or precomputed log-probs with `precompute_ref_log_probs=True`.
     """
 
-    extra_columns = ("confidence", "benign")
+    extra_columns = ("confidence", "benign", "safety_margin")
 
     def __init__(self, model, ref_model=None, args: ConfidenceDPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None,
@@ -161,7 +164,7 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
             raise ValueError("confidence_scale='calibrated' needs a probe with a calibrated scale: this one was "
                              "saved before rbrm 0.3; retrain it with `rbrm probe train`, or set "
                              "confidence_scale='alpha'")
-        if args.confidence != "none":
+        if args.confidence != "none" or args.safety_margin:
             self._check_loss_settings(args)
 
         if ref_model is not None and not isinstance(model, str) and (
@@ -212,17 +215,25 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
                                                                 or ["confidence"]):
             raise ValueError("confidence='static' needs a `confidence` column in the training pairs "
                              "(written by `rbrm rerank`)")
+        if args.safety_margin and "safety_margin" not in (getattr(self.train_dataset, "column_names", None)
+                                                          or ["safety_margin"]):
+            raise ValueError(f"safety_margin={args.safety_margin} (SafeDPO) needs a `safety_margin` column in the "
+                             "training pairs (rbrm.dpo.safedpo.load_safedpo_rows)")
 
     @staticmethod
     def _check_loss_settings(args: ConfidenceDPOConfig) -> None:
-        """The confidence term is exact for TRL's `sigmoid` loss on plain log-ratios; refuse what would change it."""
+        """The confidence and safety-margin terms are exact corrections to TRL's `sigmoid` loss on plain
+        log-ratios; refuse what would change that loss."""
+        who = (f"confidence={args.confidence!r}" if args.confidence != "none"
+               else f"safety_margin={args.safety_margin}")
         if "sigmoid" not in args.loss_type:
-            raise ValueError(f"confidence={args.confidence!r} weights the `sigmoid` DPO loss; loss_type "
-                             f"{args.loss_type} has none (use confidence='none' for other losses)")
+            what, hint = (("puts its margin inside", "SafeDPO is defined on it") if args.safety_margin
+                          else ("weights", "use confidence='none' for other losses"))
+            raise ValueError(f"{who} {what} the `sigmoid` DPO loss; loss_type {args.loss_type} has none ({hint})")
         for name, value, default in (("f_divergence_type", args.f_divergence_type, "reverse_kl"),
                                      ("ld_alpha", args.ld_alpha, None), ("use_weighting", args.use_weighting, False)):
             if value != default:
-                raise ValueError(f"confidence={args.confidence!r} is not implemented with {name}={value!r}")
+                raise ValueError(f"{who} is not implemented with {name}={value!r}")
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -330,7 +341,8 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
             self._count_compute(inputs["attention_mask"])
         mode_confidence = self.args.confidence
         probe = self.reward_model
-        if probe is None and mode_confidence == "none":
+        safety_margin = self.args.safety_margin  # SafeDPO's Delta (0: off)
+        if probe is None and mode_confidence == "none" and not safety_margin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         completion_mask = inputs["completion_mask"]
@@ -347,9 +359,11 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
         layer_modules = decoder_layers(self.accelerator.unwrap_model(model)) if layers else None
         policy = _PolicyCall(model, layer_modules, layers, completion_mask, probe.pooling if probe else "last")
 
-        # The confidence term needs the per-pair reference log-probs: compute them with TRL's own method and hand
-        # them over as precomputed, so TRL skips its reference forward (one reference forward either way).
-        if mode_confidence != "none" and not self.reference_precomputed:
+        # The confidence and safety-margin terms need the per-pair reference log-probs: compute them with TRL's own
+        # method and hand them over as precomputed, so TRL skips its reference forward (one reference forward
+        # either way).
+        per_pair_terms = mode_confidence != "none" or bool(safety_margin)
+        if per_pair_terms and not self.reference_precomputed:
             ref_model = self.ref_model if self.ref_model is not None else self.model
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.compute_ref_log_probs(ref_model, inputs)
             with self.reference_given():
@@ -364,16 +378,16 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
             features = policy.features()
             self.last_features = features
             reward_gap = self._probe_metrics_and_update(features, safety_kept, metrics)
+        if per_pair_terms:
+            delta = self._log_ratio_gap(policy, inputs, completion_mask)
+            weight = self.loss_weights[self.loss_types.index("sigmoid")]
+        if safety_margin:
+            loss = loss + weight * self._safety_margin_term(delta, extra["safety_margin"], metrics)
         if mode_confidence != "none":
             gamma = self._confidence(reward_gap, extra["confidence"], safety_kept, benign, n_pairs,
                                      completion_mask.device)
             self.last_confidence = gamma
-            seq_len = completion_mask.size(1) - 1
-            logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
-            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
-            delta = (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
             # -g ls(bD) - (1-g) ls(-bD) = -ls(bD) + (1-g) bD, and TRL's loss already holds -ls(bD).
-            weight = self.loss_weights[self.loss_types.index("sigmoid")]
             loss = loss + weight * ((1.0 - gamma.to(delta.dtype)) * self.beta * delta).mean()
             gathered = self.accelerator.gather(gamma)
             metrics["confidence/mean"].append(gathered.mean().item())
@@ -381,6 +395,26 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
                 self.confidence_history += gathered.float().tolist()
             metrics["confidence/std"].append(gathered.std().item() if gathered.numel() > 1 else 0.0)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _log_ratio_gap(policy: _PolicyCall, inputs: dict, completion_mask: torch.Tensor) -> torch.Tensor:
+        """D per pair: log pi/pi_ref of the chosen minus that of the rejected, from the log-probs of TRL's own
+        policy forward and the reference log-probs handed to it."""
+        seq_len = completion_mask.size(1) - 1
+        logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        return (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
+
+    def _safety_margin_term(self, delta: torch.Tensor, margins: torch.Tensor | None, metrics) -> torch.Tensor:
+        """SafeDPO's loss minus TRL's sigmoid loss, averaged over the pairs: -ls(bD - m Delta) + ls(bD), so that
+        TRL's loss plus this is SafeDPO's -ls(bD - m Delta) (rbrm.dpo.safedpo); 0 on pairs with m = 0."""
+        if margins is None:
+            raise ValueError(f"safety_margin={self.args.safety_margin} (SafeDPO) needs a `safety_margin` value on "
+                             "every pair, evaluation pairs included (rbrm.dpo.safedpo.load_safedpo_rows)")
+        shift = margins.to(delta.device, delta.dtype) * self.args.safety_margin
+        scaled = self.beta * delta
+        metrics["safedpo/margin_pairs"].append(self.accelerator.gather(margins.to(delta.device)).mean().item())
+        return (F.softplus(shift - scaled) - F.softplus(-scaled)).mean()  # -ls(x) = softplus(-x)
 
     def _confidence(self, reward_gap: torch.Tensor | None, column: torch.Tensor | None, pair_kept: torch.Tensor,
                     benign: torch.Tensor, n_pairs: int, device) -> torch.Tensor:
