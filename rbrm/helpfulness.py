@@ -314,45 +314,29 @@ def decision_metrics(rows: list[dict], pred: np.ndarray) -> dict:
             "deflection_recall": float((~pred[deflect]).mean()) if deflect.any() else None}
 
 
-def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int = 0,
-                           data_dir: str | os.PathLike | None = None, cs: Sequence[float] = CS,
-                           pools: Sequence[str] = POOLS, device: str | None = None) -> dict:
-    """Fit both heads, measure them, save safetensors + JSON; returns the metadata with the measurements.
-
-    Settings are chosen on training data only: the reference head's C by grouped 5-fold CV over XSTest prompts
-    (balanced accuracy, groups shuffled with `seed`); the no-reference head's C and training pool by
-    leave-one-model-out accuracy over the dev answers to benign questions. The check rows only measure.
-    """
-    root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
-    encoder = MemoEncoder(EmbeddingJudge(device=device or "cpu").encoder)
-    references = load_references(root)
-    xs = load_xstest_answers(references, root)
-    dev = load_labelled_answers(root / DEV_LABELS)
-    check = [r for r in load_labelled_answers(root / CHECK_LABELS) if r["benign"]]
-
-    def features(rows: list[dict], refs: list[list[str]]) -> np.ndarray:
-        return helpfulness_features([r["prompt"] for r in rows], [r["response"] for r in rows], refs, encoder)
-
-    x_xs = features(xs, [r["references"] for r in xs])[:, head_columns("reference")]
-    x_dev = features(dev, [[] for _ in dev])[:, head_columns("no_reference")]
-    x_check = features(check, [[a for _, a in references.get(reference_key(r["prompt"]), [])] for r in check])
-    y_xs, y_dev = np.array([r["label"] for r in xs]), np.array([r["label"] for r in dev])
-
-    # reference head: C by grouped CV over XSTest prompts
-    groups = np.array([reference_key(r["prompt"]) for r in xs])
-    order = np.random.default_rng(seed).permutation(len(xs))
+def choose_reference_c(x_xs: np.ndarray, y_xs: np.ndarray, prompts: list[str], cs: Sequence[float],
+                       seed: int) -> tuple[float, list[dict]]:
+    """The reference head's C, by grouped 5-fold CV over XSTest prompts (balanced accuracy; groups shuffled with
+    `seed`); returns (C, the CV table)."""
+    groups = np.array(prompts)
+    order = np.random.default_rng(seed).permutation(len(prompts))
     splits = [(order[tr], order[va]) for tr, va in GroupKFold(n_splits=5).split(order, y_xs[order], groups[order])]
     ref_cv = []
     for c in cs:
-        oof = np.zeros(len(xs))
+        oof = np.zeros(len(prompts))
         for tr, va in splits:
             coef, icpt = fit_head(x_xs[tr], y_xs[tr], c)
             oof[va] = expit(x_xs[va] @ coef + icpt)
         m = binary_metrics(y_xs, oof >= 0.5)
         ref_cv.append({"C": c, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]})
     ref_c = max(ref_cv, key=lambda r: (round(r["balanced_accuracy"], 3), -r["C"]))["C"]
+    return ref_c, ref_cv
 
-    # no-reference head: C and pool by leave-one-model-out over the dev answers to benign questions
+
+def choose_no_reference_head(dev: list[dict], x_dev: np.ndarray, y_dev: np.ndarray, cs: Sequence[float],
+                             pools: Sequence[str]) -> tuple[str, float, list[dict], dict]:
+    """The no-reference head's training pool and C, by leave-one-model-out over the dev answers to benign
+    questions; returns (pool, C, the grid, the held-out heads of the chosen setting per model)."""
     models = sorted({r["model"] for r in dev})
     benign = np.array([r["benign"] for r in dev])
     by_model = np.array([r["model"] for r in dev])
@@ -382,12 +366,13 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
     pool, no_ref_c = chosen["pool"], chosen["C"]
     held_heads = lomo(pool, no_ref_c)
 
-    coef, intercept = {}, {}
-    coef["reference"], intercept["reference"] = fit_head(x_xs, y_xs, ref_c)
-    coef["no_reference"], intercept["no_reference"] = fit_head(x_dev[in_pool(pool)], y_dev[in_pool(pool)], no_ref_c)
+    return pool, no_ref_c, no_ref_cv, held_heads
 
-    # measurement on the check rows, per model: with the references (how XSTest prompts are judged), and
-    # without them, by a no-reference head fitted without that model's dev rows where it has any
+
+def measure_on_check(check: list[dict], x_check: np.ndarray, coef: dict, intercept: dict,
+                     held_heads: dict) -> dict[str, dict]:
+    """Agreement on the check rows per model: with the references (how XSTest prompts are judged), and without
+    them, by a no-reference head fitted without that model's dev rows where it has any."""
     check_models = sorted({r["model"] for r in check})
     no_refs = x_check.copy()
     no_refs[:, FEATURES.index("reference_sim")] = np.nan
@@ -404,10 +389,13 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
         measured["without_references"][model] = decision_metrics(subset, without[rows])
     measured["with_references"]["all"] = decision_metrics(check, with_refs)
     measured["without_references"]["all"] = decision_metrics(check, without)
-    n_with_refs = int((~np.isnan(x_check[:, FEATURES.index("reference_sim")])).sum())
+    return measured
 
-    tensors = {f"{h}.{k}": v for h in HEADS for k, v in
-               (("coef", coef[h]), ("intercept", np.array([intercept[h]], dtype=np.float64)))}
+
+def helpfulness_meta(tensors: dict, coef: dict, intercept: dict, ref_c: float, ref_cv: list, no_ref_c: float,
+                     pool: str, no_ref_cv: list, in_pool: np.ndarray, held_heads: dict, measured: dict,
+                     n_with_refs: int, references: dict, xs: list, y_xs: np.ndarray, seed: int) -> dict:
+    """helpfulness.json: the heads, how they were chosen and on what, and what they measured."""
     meta = {
         "name": HelpfulnessJudge.name, "version": "2+" + digest(b"".join(tensors[k].tobytes() for k in sorted(tensors)), 10), "weights_file": HELPFUL_WEIGHTS, "threshold": 0.5,
         "score": "sigmoid(features . coef + intercept) of the reference head where the prompt has references, "
@@ -426,7 +414,7 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
                              "class_weight": "balanced",
                              "coef": dict(zip(HEADS["no_reference"], coef["no_reference"].round(4).tolist())),
                              "intercept": round(intercept["no_reference"], 4),
-                             "training_data": {"dev_rows": int(in_pool(pool).sum()),
+                             "training_data": {"dev_rows": int(in_pool.sum()),
                                                "label": "helpful (benign) or engages (harmful, ENGAGES)"},
                              "selection": {"method": "leave-one-model-out over dev, mean accuracy on benign rows",
                                            "grid": [{k: v for k, v in r.items() if k != "by_held_out_model"}
@@ -441,6 +429,49 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
         },
         "build": {"function": "rbrm.helpfulness.build_helpfulness_head", "seed": seed},
     }
+    return meta
+
+
+def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int = 0,
+                           data_dir: str | os.PathLike | None = None, cs: Sequence[float] = CS,
+                           pools: Sequence[str] = POOLS, device: str | None = None) -> dict:
+    """Fit both heads, measure them, save safetensors + JSON; returns the metadata with the measurements.
+
+    Settings are chosen on training data only: the reference head's C by grouped 5-fold CV over XSTest prompts
+    (balanced accuracy, groups shuffled with `seed`); the no-reference head's C and training pool by
+    leave-one-model-out accuracy over the dev answers to benign questions. The check rows only measure.
+    """
+    root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
+    encoder = MemoEncoder(EmbeddingJudge(device=device or "cpu").encoder)
+    references = load_references(root)
+    xs = load_xstest_answers(references, root)
+    dev = load_labelled_answers(root / DEV_LABELS)
+    check = [r for r in load_labelled_answers(root / CHECK_LABELS) if r["benign"]]
+
+    def features(rows: list[dict], refs: list[list[str]]) -> np.ndarray:
+        return helpfulness_features([r["prompt"] for r in rows], [r["response"] for r in rows], refs, encoder)
+
+    x_xs = features(xs, [r["references"] for r in xs])[:, head_columns("reference")]
+    x_dev = features(dev, [[] for _ in dev])[:, head_columns("no_reference")]
+    x_check = features(check, [[a for _, a in references.get(reference_key(r["prompt"]), [])] for r in check])
+    y_xs, y_dev = np.array([r["label"] for r in xs]), np.array([r["label"] for r in dev])
+
+    ref_c, ref_cv = choose_reference_c(x_xs, y_xs, [reference_key(r["prompt"]) for r in xs], cs, seed)
+
+    pool, no_ref_c, no_ref_cv, held_heads = choose_no_reference_head(dev, x_dev, y_dev, cs, pools)
+    in_pool = np.array([r["benign"] for r in dev]) | (pool == "benign+harmful")
+
+    coef, intercept = {}, {}
+    coef["reference"], intercept["reference"] = fit_head(x_xs, y_xs, ref_c)
+    coef["no_reference"], intercept["no_reference"] = fit_head(x_dev[in_pool], y_dev[in_pool], no_ref_c)
+
+    measured = measure_on_check(check, x_check, coef, intercept, held_heads)
+    n_with_refs = int((~np.isnan(x_check[:, FEATURES.index("reference_sim")])).sum())
+
+    tensors = {f"{h}.{k}": v for h in HEADS for k, v in
+               (("coef", coef[h]), ("intercept", np.array([intercept[h]], dtype=np.float64)))}
+    meta = helpfulness_meta(tensors, coef, intercept, ref_c, ref_cv, no_ref_c, pool, no_ref_cv, in_pool, held_heads,
+                            measured, n_with_refs, references, xs, y_xs, seed)
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     with atomic_path(out / HELPFUL_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "rbrm-helpfulness-heads"})

@@ -11,6 +11,8 @@ the loss carries confidence (the paper's table at small scale):
   online      an iterative online baseline: every round samples fresh responses from the current policy,
               scores them with the same (frozen) hybrid reward on the initial policy's states, and runs plain
               DPO on them; the rounds add up to the same number of updates
+  safedpo     SafeDPO (Kim et al., ICLR 2026): offline DPO on pairs with per-response safety labels, the safe
+              answer preferred and a safety margin in the loss; no reward model, no sampling (`safedpo` section)
 
 A new baseline is one more `Method` here, plus its own stage (`rbrm.run_stages.STAGES`) if its pairs come from
 somewhere new; the report and the figures know methods only through these attributes.
@@ -50,10 +52,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dpo_rerank", "(c) DPO, re-ranked pairs", pairs="rerank", stages=("probe", "sample", "rerank"),
            compared_with=("base",), construction=("sample", "rerank")),
     Method("rbrm", "(d) RBRM: re-ranked + online confidence", pairs="rerank", stages=("probe", "sample", "rerank"),
-           confidence="online", compared_with=("base", "dpo_rerank", "dpo_static", "online"),
+           confidence="online", compared_with=("base", "dpo_rerank", "dpo_static", "online", "safedpo"),
            construction=("sample", "rerank")),
     Method("online", "(e) online sampling + DPO", pairs="online", stages=("probe",), compared_with=("base",),
            construction=("online",), online=True, costs_against="rbrm"),
+    Method("safedpo", "(f) SafeDPO: safety-labelled pairs", pairs="safety_pairs", stages=("safety_pairs",),
+           compared_with=("base",), construction=("safety_pairs",)),
 )}
 
 # The method every other is measured against: the one that does not train.

@@ -22,7 +22,7 @@ from .methods import METHODS
 from .report import RunView, write_report, write_seeds_report
 from .run_config import PipelineConfig
 from .run_context import RunContext
-from .run_stages import STAGES, EvalStage, RankingStage, TrainStage
+from .run_stages import STAGES, TRAINING, EvalStage, RankingStage, TrainStage
 
 
 class Pipeline:
@@ -47,10 +47,8 @@ class Pipeline:
         return list(dict.fromkeys(s for m in methods for s in self.context.stages_of(m)))
 
     def training_stage(self, method: str):
-        """A method's own training: one DPO run on its pair stage's pairs, or the stage that is its training
-        (online)."""
-        source = METHODS[method].pairs
-        return STAGES[source](self.context) if source == method else TrainStage(self.context, method)
+        """A method's own training: one DPO run on its pair stage's pairs, or its own stage (`TRAINING`)."""
+        return TRAINING.get(method, TrainStage)(self.context, method)
 
     def run(self) -> dict:
         ctx, methods = self.context, self.config.methods

@@ -223,6 +223,29 @@ def _second_opinion(diff: dict | None, diff2: dict | None, name: str) -> str:
     return f"Second judge ({name}): {d2}; the finding {agree}."
 
 
+def audited_rate(audit: dict | None, method: str, side: str = "harmful") -> float | None:
+    """The audit's estimate of a method's rate (unsafe on harmful sets, helpful on benign ones): the
+    prediction-powered one where it exists, else the audit's own; None without an audit of that side."""
+    found = (((audit or {}).get("methods") or {}).get(method) or {}).get(side)
+    estimate = (found.get("ppi") or found.get("audit")) if found else None
+    return estimate.get("rate") if estimate else None
+
+
+def audit_opinion(audit: dict | None, name_a: str, name_b: str, diff: dict | None) -> tuple[str, dict | None]:
+    """A paired finding checked against the human audit: the audited unsafe rates of both methods and whether the
+    judge's direction holds. It *flips* when the judge finds a direction and the audited difference does not
+    share its sign. ("", None) while either method lacks an audit of its harmful answers."""
+    ra, rb = audited_rate(audit, name_a), audited_rate(audit, name_b)
+    if ra is None or rb is None or diff is None:
+        return "", None
+    d, sign = ra - rb, _sign(diff)
+    flips = sign != 0 and d * sign <= 0
+    text = (f" Human audit: {100 * ra:.1f}% against {100 * rb:.1f}% unsafe ({100 * d:+.1f} points); "
+            + ("**the finding FLIPS under the audit**." if flips else
+               "the judge's direction holds." if sign else "the judge saw no clear difference."))
+    return text, {"audited_difference": d, "flips": flips}
+
+
 def _second_judge_name(run) -> str:
     return run.second_judge
 
@@ -350,6 +373,7 @@ def write_report(run) -> dict:
     mark_helpfulness(methods)
     findings = []
     second_name = _second_judge_name(run)
+    audit = audit_summary(run.path(), methods=config.methods)
     for a, b in COMPARISONS:
         if a in methods and b in methods:
             diff = paired_difference(flags[a][0], flags[b][0], resamples, config.seed)
@@ -359,7 +383,10 @@ def write_report(run) -> dict:
                 diff2 = paired_difference(flags[a][1], flags[b][1], resamples, config.seed)
                 methods[a].setdefault("vs_second_judge", {})[b] = diff2
                 text += " " + _second_opinion(diff, diff2, second_name)
-            findings.append(text + helpfulness_cost(methods, a))
+            audited, check = audit_opinion(audit, a, b, diff)
+            if check:
+                methods[a].setdefault("vs_audit", {})[b] = check
+            findings.append(text + audited + helpfulness_cost(methods, a))
     findings += helpfulness_flags(methods)
     ratio = None
     pair = next(((m, METHODS[m].costs_against) for m in methods if METHODS[m].costs_against in methods), None)
@@ -391,7 +418,7 @@ def write_report(run) -> dict:
         "probe": {k: v for k, v in probe_metrics.items() if not isinstance(v, (list, dict))},
         "ranking_quality": ranking, "figures": figures, "stage_seconds": stage_seconds(run),
         "stage_cpu_shares": stage_cpu_shares(run),
-        "audit": audit_summary(run.path(), methods=config.methods),
+        "audit": audit,
         **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {}),
     }
     write_json(run.path("report.json"), report)
@@ -487,9 +514,61 @@ def _software(info: dict) -> str:
     return "; " + ", ".join(parts) if parts else ""
 
 
+def findings_section(report: dict) -> list[str]:
+    """report.md's findings: the paired verdicts, then what training, the confidence, the re-ranking and the
+    hybrid reward measured."""
+    m = report["methods"]
+    lines: list[str] = []
+    lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
+    if report.get("excluded_training_prompts"):
+        lines.append(f"- {report['excluded_training_prompts']} sampling prompts were dropped because they are "
+                     "evaluation prompts.")
+    for name, row in m.items():
+        t = row.get("training")
+        if t:
+            bits = [f"{k} {v['first']:.3g} → {v['last']:.3g}" for k, v in t.items() if isinstance(v, dict)]
+            lines.append(f"- {name} training (first → last logged step): {'; '.join(bits)}")
+        c = row.get("confidence")
+        if c and c.get("n"):
+            q = c["quantiles"]
+            lines.append(f"- {name} confidence gamma over {c['n']} training pairs (scale {c['scale']:.3g}): median "
+                         f"{q['q50']:.3f}, 5-95% {q['q05']:.3f}–{q['q95']:.3f}; {c['at_floor']:.0%} at the floor "
+                         f"{c['floor']:g}, {c['at_one']:.0%} at 1")
+    rq = report.get("ranking_quality")
+    if rq:
+        auc = f"AUC {rq['auc']:.3f} of the reward against the judge's safe verdict" if rq.get("auc") is not None \
+            else "no AUC (the judge gives one verdict to all)"
+        if rq.get("within_prompt_auc") is not None:
+            auc += (f", {rq['within_prompt_auc']:.3f} within a prompt (over the {rq['within_prompt_pairs']} pairs of "
+                    f"one prompt's samples it tells apart; re-ranking compares only these)")
+        lines.append(f"- re-ranking, judged by {rq['judge']} on the {rq['samples']} samples ({rq['judged_unsafe_rate']:.0%} "
+                     f"unsafe): {auc}" + (f"; of the {rq['pairs']} pairs the judge calls the chosen answer safer in "
+                                         f"{rq['chosen_safer']:.0%}, the same in {rq['same_verdict']:.0%} and less "
+                                         f"safe in {rq['chosen_less_safe']:.0%}; its unsafe score orders "
+                                         f"{rq['judge_score_agrees']:.0%} of the pairs as the reward does"
+                                         if rq.get("pairs") else ""))
+    probe = report.get("probe") or {}
+    if probe:
+        side = [("hybrid", probe.get("val_pair_accuracy", probe.get("val_accuracy"))),
+                ("mean of the probes", probe.get("val_mean_probe_accuracy")),
+                ("best probe", probe.get("val_best_probe_accuracy")),
+                ("scikit-learn best layer", probe.get("baseline_val_accuracy")),
+                ("test (hybrid)", probe.get("test_pair_accuracy", probe.get("test_accuracy")))]
+        text = ", ".join(f"{k} {v:.3f}" for k, v in side if v is not None)
+        if probe.get("calibration_data_ece") is not None:
+            text += (f"; on the policy's labelled answers (`probe.calibration_data`, {probe['calibration_data_rows']} "
+                     f"rows) AUC {probe.get('calibration_data_auc', float('nan')):.3f}, calibrated scale "
+                     f"{probe['calibration_scale']:.3g} (ECE there {probe['calibration_data_ece_before']:.3f} with "
+                     f"the probe data's own calibration, {probe['calibration_data_ece']:.3f} after, in-sample)")
+        elif probe.get("val_ece") is not None:
+            text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
+        lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
+    return lines
+
+
 def render_markdown(report: dict, run) -> str:
     m = report["methods"]
-    lines = [f"# rbrm run: {report['name']}", "",
+    lines = [f"# rbrm pipeline: {report['name']}", "",
              f"{report['date']} · config `{report['config']}` · model `{report['model']}` · judge "
              f"`{report['judge']}` · machine: {report['machine'].get('cpu') or report['machine']['platform']}, "
              f"{report['machine']['cpu_count']} cores" + (f", {report['machine']['gpu']}" if report['machine'].get(
@@ -538,50 +617,7 @@ def render_markdown(report: dict, run) -> str:
     else:
         lines += ["", "No human audit of this run yet: its rates rest on the offline instruments alone. `rbrm audit "
                   f"--run {run.path()}` labels a blind sample of its answers (README, \"Auditing a run\")."]
-    lines += ["", "## Findings", ""] + [f"- {f}" for f in report["findings"]]
-    if report.get("excluded_training_prompts"):
-        lines.append(f"- {report['excluded_training_prompts']} sampling prompts were dropped because they are "
-                     "evaluation prompts.")
-    for name, row in m.items():
-        t = row.get("training")
-        if t:
-            bits = [f"{k} {v['first']:.3g} → {v['last']:.3g}" for k, v in t.items() if isinstance(v, dict)]
-            lines.append(f"- {name} training (first → last logged step): {'; '.join(bits)}")
-        c = row.get("confidence")
-        if c and c.get("n"):
-            q = c["quantiles"]
-            lines.append(f"- {name} confidence gamma over {c['n']} training pairs (scale {c['scale']:.3g}): median "
-                         f"{q['q50']:.3f}, 5-95% {q['q05']:.3f}–{q['q95']:.3f}; {c['at_floor']:.0%} at the floor "
-                         f"{c['floor']:g}, {c['at_one']:.0%} at 1")
-    rq = report.get("ranking_quality")
-    if rq:
-        auc = f"AUC {rq['auc']:.3f} of the reward against the judge's safe verdict" if rq.get("auc") is not None \
-            else "no AUC (the judge gives one verdict to all)"
-        if rq.get("within_prompt_auc") is not None:
-            auc += (f", {rq['within_prompt_auc']:.3f} within a prompt (over the {rq['within_prompt_pairs']} pairs of "
-                    f"one prompt's samples it tells apart; re-ranking compares only these)")
-        lines.append(f"- re-ranking, judged by {rq['judge']} on the {rq['samples']} samples ({rq['judged_unsafe_rate']:.0%} "
-                     f"unsafe): {auc}" + (f"; of the {rq['pairs']} pairs the judge calls the chosen answer safer in "
-                                         f"{rq['chosen_safer']:.0%}, the same in {rq['same_verdict']:.0%} and less "
-                                         f"safe in {rq['chosen_less_safe']:.0%}; its unsafe score orders "
-                                         f"{rq['judge_score_agrees']:.0%} of the pairs as the reward does"
-                                         if rq.get("pairs") else ""))
-    probe = report.get("probe") or {}
-    if probe:
-        side = [("hybrid", probe.get("val_pair_accuracy", probe.get("val_accuracy"))),
-                ("mean of the probes", probe.get("val_mean_probe_accuracy")),
-                ("best probe", probe.get("val_best_probe_accuracy")),
-                ("scikit-learn best layer", probe.get("baseline_val_accuracy")),
-                ("test (hybrid)", probe.get("test_pair_accuracy", probe.get("test_accuracy")))]
-        text = ", ".join(f"{k} {v:.3f}" for k, v in side if v is not None)
-        if probe.get("calibration_data_ece") is not None:
-            text += (f"; on the policy's labelled answers (`probe.calibration_data`, {probe['calibration_data_rows']} "
-                     f"rows) AUC {probe.get('calibration_data_auc', float('nan')):.3f}, calibrated scale "
-                     f"{probe['calibration_scale']:.3g} (ECE there {probe['calibration_data_ece_before']:.3f} with "
-                     f"the probe data's own calibration, {probe['calibration_data_ece']:.3f} after, in-sample)")
-        elif probe.get("val_ece") is not None:
-            text += f"; calibrated scale {probe['calibration_scale']:.3g}, validation ECE {probe['val_ece']:.3f}"
-        lines.append(f"- hybrid reward (stage 1, {probe.get('fit', 'joint')} fit), held-out accuracy: {text}")
+    lines += findings_section(report)
     lines += compute_ledger(m) + curve_section(report)
     times = report.get("stage_seconds") or {}
     if times:
@@ -708,6 +744,78 @@ def compare_across_runs(a: list, method_a: str, b: list, method_b: str, resample
     return out
 
 
+def render_seeds_markdown(report: dict, config, second: str, matched: dict | None, stages: list[str],
+                          times: list[dict], shares: list[dict], figure: str) -> str:
+    """The seeds report's report.md."""
+    methods, against_base, findings = report["methods"], report["against_base"], report["findings"]
+    lines = [f"# rbrm pipeline: {config.name}, {len(report['seeds'])} seeds", "",
+             f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
+             f"{', '.join(map(str, report['seeds']))} (each changes sampling, the probe's split and DPO)", "",
+             "Mean ± sd over seeds; each seed's full report: " + ", ".join(
+                 f"[{path}]({path})" for path in report["seed_reports"]) + ".", "",
+             f"| method | unsafe rate | unsafe, 2nd judge ({second}) | refusal rate | over-refusal | helpfulness | "
+             "unsafe per seed |", "|---|---|---|---|---|---|---|"]
+    for name, row in methods.items():
+        cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
+        per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {per_seed} |")
+    lines += ["", HELPFULNESS_CAVEAT]
+    lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
+    lines += [f"- {f}" for f in findings]
+    for name, g in against_base.items():
+        kept = f", and keeps {100 * g['helpfulness_kept']:.0f}% of its helpfulness" if g["helpfulness_kept"] else ""
+        lines.append(f"- {name} removes {100 * g['relative_safety_gain']:.0f}% of the base model's unsafe answers "
+                     f"(relative, mean over seeds){kept}.")
+    for name, row in methods.items():
+        gammas = [r["confidence"] for r in row["seeds"] if r.get("confidence", {}).get("n")]
+        if gammas:
+            lines.append(f"- {name} confidence gamma per seed (median; share at the floor; share at 1): " + ", ".join(
+                f"{c['quantiles']['q50']:.3f}; {c['at_floor']:.0%}; {c['at_one']:.0%}" for c in gammas))
+    if matched:
+        lines += ["", "- Matched-safety compute ratio online / RBRM on the means over seeds: " + (
+            f"{matched['ratio']:.3g}x ({matched['reason']})" if matched["ratio"] is not None else
+            f"none ({matched['reason']})") + "; every seed's curve is in its own report and in report.json."]
+    lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock). "
+              + time_note([{n: c.get(n) for n in t} for t, c in zip(times, shares)]), "",
+              "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |", "|---|" + "---|" * len(times)]
+    for name in stages:
+        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.0f}{time_mark(c.get(name))}" if name in t else "-"
+                                                 for t, c in zip(times, shares)) + " |")
+    lines.append("| **all** | " + " | ".join(f"{sum(t.values()):.0f}" for t in times) + " |")
+    lines += ["", "## Figures", "", "### Unsafe rate against helpfulness, one point per seed", "",
+              f"![safety against helpfulness]({os.path.relpath(figure, config.run_dir)})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def seed_findings(methods: dict, flags: dict, resamples: int, seed: int, second: str) -> list[str]:
+    """The seeds report's paired verdicts (`COMPARISONS`), each a two-level bootstrap over seeds and prompts under
+    both judges and on helpfulness; the differences go into `methods[a]["vs"]` and its siblings."""
+    findings = []
+    for a, b in COMPARISONS:
+        if a not in methods or b not in methods:
+            continue
+        diff = seed_prompt_difference(_seed_diffs([f[0] for f in flags[a]], [f[0] for f in flags[b]]), resamples,
+                                      seed)
+        if not diff:
+            continue
+        methods[a].setdefault("vs", {})[b] = diff
+        text = (_verdict(a, b, diff).replace(" prompts:", f" prompts × {diff['seeds']} seeds:")
+                + " Per seed: " + ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"]) + ".")
+        diff2 = seed_prompt_difference(_seed_diffs([f[1] for f in flags[a]], [f[1] for f in flags[b]]), resamples,
+                                       seed)
+        if diff2:
+            methods[a].setdefault("vs_second_judge", {})[b] = diff2
+            text += " " + _second_opinion(diff, diff2, second)
+        helped = seed_prompt_difference(_seed_diffs([f[2] for f in flags[a]], [f[2] for f in flags[b]]), resamples,
+                                        seed)
+        if helped:
+            methods[a].setdefault("helpfulness_vs", {})[b] = helped
+            text += (f" Helpfulness difference {100 * helped['difference']:+.1f} points [{100 * helped['ci'][0]:+.1f}, "
+                     f"{100 * helped['ci'][1]:+.1f}] over {helped['n']} benign prompts.")
+        findings.append(text)
+    return findings
+
+
 def write_seeds_report(config, pipelines: list) -> dict:
     """report.json/report.md over seeds: per-seed rates under methods.<m>.seeds, their means (and sd) at the
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
@@ -728,29 +836,8 @@ def write_seeds_report(config, pipelines: list) -> dict:
             values = [r[key] for r in rows if r[key] is not None]
             if values:
                 methods[method][key], methods[method][f"{key}_sd"] = _mean_sd(values)
-    findings, second = [], _second_judge_name(pipelines[0])
-    for a, b in COMPARISONS:
-        if a not in methods or b not in methods:
-            continue
-        diff = seed_prompt_difference(_seed_diffs([f[0] for f in flags[a]], [f[0] for f in flags[b]]), resamples,
-                                      config.seed)
-        if not diff:
-            continue
-        methods[a].setdefault("vs", {})[b] = diff
-        text = (_verdict(a, b, diff).replace(" prompts:", f" prompts × {diff['seeds']} seeds:")
-                + " Per seed: " + ", ".join(f"{100 * d:+.1f}" for d in diff["per_seed"]) + ".")
-        diff2 = seed_prompt_difference(_seed_diffs([f[1] for f in flags[a]], [f[1] for f in flags[b]]), resamples,
-                                       config.seed)
-        if diff2:
-            methods[a].setdefault("vs_second_judge", {})[b] = diff2
-            text += " " + _second_opinion(diff, diff2, second)
-        helped = seed_prompt_difference(_seed_diffs([f[2] for f in flags[a]], [f[2] for f in flags[b]]), resamples,
-                                        config.seed)
-        if helped:
-            methods[a].setdefault("helpfulness_vs", {})[b] = helped
-            text += (f" Helpfulness difference {100 * helped['difference']:+.1f} points [{100 * helped['ci'][0]:+.1f}, "
-                     f"{100 * helped['ci'][1]:+.1f}] over {helped['n']} benign prompts.")
-        findings.append(text)
+    second = _second_judge_name(pipelines[0])
+    findings = seed_findings(methods, flags, resamples, config.seed, second)
     against_base = {}
     for name, row in methods.items():
         base = methods.get(BASE)
@@ -789,42 +876,6 @@ def write_seeds_report(config, pipelines: list) -> dict:
               "figures": {"safety_helpfulness_seeds": figure},
               **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {})}
     write_json(os.path.join(config.run_dir, "report.json"), report)
-    lines = [f"# rbrm run: {config.name}, {len(pipelines)} seeds", "",
-             f"{report['date']} · model `{config.model}` · judge `{report['judge']}` · seeds "
-             f"{', '.join(map(str, report['seeds']))} (each changes sampling, the probe's split and DPO)", "",
-             "Mean ± sd over seeds; each seed's full report: " + ", ".join(
-                 f"[{path}]({path})" for path in report["seed_reports"]) + ".", "",
-             f"| method | unsafe rate | unsafe, 2nd judge ({second}) | refusal rate | over-refusal | helpfulness | "
-             "unsafe per seed |", "|---|---|---|---|---|---|---|"]
-    for name, row in methods.items():
-        cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
-        per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
-        lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines += ["", HELPFULNESS_CAVEAT]
-    lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
-    lines += [f"- {f}" for f in findings]
-    for name, g in against_base.items():
-        kept = f", and keeps {100 * g['helpfulness_kept']:.0f}% of its helpfulness" if g["helpfulness_kept"] else ""
-        lines.append(f"- {name} removes {100 * g['relative_safety_gain']:.0f}% of the base model's unsafe answers "
-                     f"(relative, mean over seeds){kept}.")
-    for name, row in methods.items():
-        gammas = [r["confidence"] for r in row["seeds"] if r.get("confidence", {}).get("n")]
-        if gammas:
-            lines.append(f"- {name} confidence gamma per seed (median; share at the floor; share at 1): " + ", ".join(
-                f"{c['quantiles']['q50']:.3f}; {c['at_floor']:.0%}; {c['at_one']:.0%}" for c in gammas))
-    if matched:
-        lines += ["", "- Matched-safety compute ratio online / RBRM on the means over seeds: " + (
-            f"{matched['ratio']:.3g}x ({matched['reason']})" if matched["ratio"] is not None else
-            f"none ({matched['reason']})") + "; every seed's curve is in its own report and in report.json."]
-    lines += ["", "## Where the time goes", "", "Wall seconds per stage and seed (each stage's own clock). "
-              + time_note([{n: c.get(n) for n in t} for t, c in zip(times, shares)]), "",
-              "| stage | " + " | ".join(f"seed {s}" for s in report["seeds"]) + " |", "|---|" + "---|" * len(times)]
-    for name in stages:
-        lines.append(f"| {name} | " + " | ".join(f"{t[name]:.0f}{time_mark(c.get(name))}" if name in t else "-"
-                                                 for t, c in zip(times, shares)) + " |")
-    lines.append("| **all** | " + " | ".join(f"{sum(t.values()):.0f}" for t in times) + " |")
-    lines += ["", "## Figures", "", "### Unsafe rate against helpfulness, one point per seed", "",
-              f"![safety against helpfulness]({os.path.relpath(figure, config.run_dir)})", ""]
-    text = "\n".join(lines) + "\n"
+    text = render_seeds_markdown(report, config, second, matched, stages, times, shares, figure)
     write_text_atomic(os.path.join(config.run_dir, "report.md"), lambda f: f.write(text))
     return report

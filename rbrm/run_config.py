@@ -116,6 +116,16 @@ class StaticPairsSection:
     max_prompt_tokens: int | None = None
 
 
+@dataclass
+class SafeDPOSection:
+    """The SafeDPO baseline: pairs with per-response safety labels (PKU-SafeRLHF layout) from `data`, the first
+    `limit` after SafeDPO's transformation, trained with the margin Delta = `margin` (the paper's default 10)."""
+
+    data: str | None = None
+    limit: int | None = None
+    margin: float = 10.0
+
+
 ONLINE_SAMPLES = ("updates", "all")
 
 
@@ -160,7 +170,7 @@ class EvalSection:
 
 
 SECTIONS = {"sample": SampleSection, "rerank": RerankSection, "static_pairs": StaticPairsSection,
-            "online": OnlineSection, "eval": EvalSection}
+            "safedpo": SafeDPOSection, "online": OnlineSection, "eval": EvalSection}
 
 
 @dataclass
@@ -185,6 +195,7 @@ class PipelineConfig:
     dpo: dict = field(default_factory=dict)  # ConfidenceDPOConfig options (stage 3, every method alike)
     lora: dict | None = field(default_factory=lambda: dict(DEFAULT_LORA))  # peft.LoraConfig options; null: full
     static_pairs: StaticPairsSection = field(default_factory=StaticPairsSection)
+    safedpo: SafeDPOSection = field(default_factory=SafeDPOSection)
     online: OnlineSection = field(default_factory=OnlineSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
@@ -421,6 +432,11 @@ def check(config: PipelineConfig, path: str) -> None:
         raise PipelineConfigError(f"{path}: `sample.prompts` is needed for re-ranking and online sampling")
     if "static_pairs" in sources and not config.static_pairs.data:
         raise PipelineConfigError(f"{path}: `static_pairs.data` is needed for dpo_static")
+    if "safety_pairs" in sources and not config.safedpo.data:
+        raise PipelineConfigError(f"{path}: `safedpo.data` (pairs with per-response safety labels) is needed for "
+                                  "safedpo")
+    if "safety_pairs" in sources and not 0 <= config.safedpo.margin < float("inf"):
+        raise PipelineConfigError(f"{path}: `safedpo.margin` must be a number >= 0; got {config.safedpo.margin}")
     if not config.eval.prompts:
         raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
     if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds

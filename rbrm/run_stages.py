@@ -13,7 +13,7 @@ import os
 
 from accelerate.utils import is_peft_model
 
-from .dpo import pairs_dataset, train_dpo
+from .dpo import load_safedpo_rows, pairs_dataset, train_dpo
 from .evaluation import DRIFT_FILE, RESPONSES_FILE, evaluate, per_token_kl, ranking_quality, set_dir
 from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
@@ -191,12 +191,16 @@ class TrainStage(Stage):
                 "lora": ctx.config.lora, "pairs": file_digest(ctx.layout.pairs(self.method.pairs)),
                 "after": self.after(), "seed": ctx.config.seed}
 
+    def dpo_overrides(self) -> dict:
+        """Settings of this method's DPO beyond the shared `dpo` section (none for plain DPO and RBRM)."""
+        return {}
+
     def run(self, directory: str) -> dict:
         ctx = self.ctx
         tokenizer = load_tokenizer(ctx.model_path)
         reward = ctx.layout.reward_model() if self.method.confidence == "online" else None
         train_dir = os.path.join(directory, "train")
-        trainer = train_dpo(ctx.training_model(), tokenizer, ctx.dpo_args(self.name, train_dir),
+        trainer = train_dpo(ctx.training_model(), tokenizer, ctx.dpo_args(self.name, train_dir, **self.dpo_overrides()),
                             pairs_dataset(ctx.layout.pairs(self.method.pairs), tokenizer),
                             peft_config=ctx.config.lora_config(), reward_model=reward,
                             log_path=os.path.join(directory, "dpo_log.json"))
@@ -243,7 +247,7 @@ class OnlineStage(Stage):
 
     name = "online"
 
-    def __init__(self, ctx: RunContext):
+    def __init__(self, ctx: RunContext, method: str = "online"):
         super().__init__(ctx)
         self.rounds_done: list[str] = []
 
@@ -348,11 +352,42 @@ class EvalStage(Stage):
         return {"eval_generation_flops": generation, "judge_flops": judging}
 
 
+class SafetyPairsStage(Stage):
+    """SafeDPO's pairs: the `safedpo.data` pairs after its transformation (the safe answer chosen, both-unsafe
+    pairs dropped), the first `limit`, each with its `safety_margin` (`rbrm.dpo.safedpo`)."""
+
+    name = "safety_pairs"
+
+    def inputs(self) -> dict:
+        s = self.ctx.config.safedpo
+        return {**self.ctx.base_inputs(), "safety_pairs": {"data": s.data, "limit": s.limit},
+                "data": file_digest(s.data)}
+
+    def run(self, directory: str) -> dict:
+        s = self.ctx.config.safedpo
+        rows = load_safedpo_rows(s.data, s.limit)
+        write_jsonl(os.path.join(directory, "pairs.jsonl"), rows)
+        return {"pairs": len(rows), "flops": 0}  # labels given: no sampling, no scoring
+
+
+class SafeDPOTrainStage(TrainStage):
+    """SafeDPO's training: plain DPO on its pairs plus the safety margin Delta (`safedpo.margin`) in the loss."""
+
+    def inputs(self) -> dict:
+        return {**super().inputs(), "safety_margin": self.ctx.config.safedpo.margin}
+
+    def dpo_overrides(self) -> dict:
+        return {"safety_margin": self.ctx.config.safedpo.margin}
+
+
 # The stages a `Method` may name in `stages` or `pairs`, by name.
 STAGES: dict[str, type[Stage]] = {
     "probe": ProbeStage, "helpfulness_probe": HelpfulnessProbeStage, "sample": SampleStage, "rerank": RerankStage,
-    "static_pairs": StaticPairsStage, "online": OnlineStage,
+    "static_pairs": StaticPairsStage, "safety_pairs": SafetyPairsStage, "online": OnlineStage,
 }
+
+# A method's own training stage, where it is not one DPO run on its pairs (`TrainStage`).
+TRAINING: dict[str, type[Stage]] = {"online": OnlineStage, "safedpo": SafeDPOTrainStage}
 
 
 def save_merged(model, tokenizer, out_dir: str) -> None:

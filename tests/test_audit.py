@@ -393,3 +393,26 @@ def test_audit_in_a_real_terminal_labels_quits_and_resumes(tmp_path):
                                                              ("s004", "deflection")]
     for name in (*METHODS, *SETS):  # blind: no method or set name on the screen
         assert name not in first + second, name
+
+
+def test_a_finding_that_flips_under_the_audit_says_so():
+    """The judge calls rbrm safer than base; an audit that rates rbrm no safer marks the finding as flipped, one
+    that agrees says the direction holds, and without an audit of both methods nothing is said."""
+    from rbrm.report import audit_opinion
+
+    safer = {"difference": -0.2, "ci": [-0.3, -0.1], "n": 50}
+    unclear = {"difference": -0.02, "ci": [-0.1, 0.06], "n": 50}
+
+    def audit(rbrm_rate: float, base_rate: float, ppi: bool = True) -> dict:
+        side = lambda r: {"audit": {"rate": r + 0.01}, "ppi": {"rate": r} if ppi else None}  # noqa: E731
+        return {"methods": {"rbrm": {"harmful": side(rbrm_rate)}, "base": {"harmful": side(base_rate)}}}
+
+    text, check = audit_opinion(audit(0.5, 0.4), "rbrm", "base", safer)
+    assert check == {"audited_difference": pytest.approx(0.1), "flips": True} and "FLIPS" in text
+    text, check = audit_opinion(audit(0.2, 0.4), "rbrm", "base", safer)
+    assert not check["flips"] and "holds" in text and "20.0% against 40.0%" in text  # the PPI rate where there is one
+    text, check = audit_opinion(audit(0.2, 0.4, ppi=False), "rbrm", "base", safer)
+    assert "21.0% against 41.0%" in text  # else the audit's own rate
+    assert not audit_opinion(audit(0.5, 0.4), "rbrm", "base", unclear)[1]["flips"]  # no direction, nothing to flip
+    assert audit_opinion(None, "rbrm", "base", safer) == ("", None)
+    assert audit_opinion({"methods": {"rbrm": {"harmful": None}}}, "rbrm", "base", safer) == ("", None)

@@ -190,3 +190,30 @@ def test_trl_private_names_appear_only_in_the_compat_module():
              for name, line in private_trl_uses(path, names)]
     assert not found, "\n".join(found)
     assert private_trl_uses(PACKAGE / "trl_compat.py", names)  # and the check sees the ones there
+
+
+def test_the_report_only_reads():
+    """The report is statistics over what the stages recorded and a renderer: it imports nothing from the method
+    floor (no model, judge run or feature extraction) and never sees a Pipeline, only a `RunView`."""
+    method_floor = 1
+    reached = [f"rbrm.report:{line} imports {t}" for t, _, line in imports("rbrm.report", MODULES["rbrm.report"])
+               if layer(t) == method_floor or t == "rbrm.pipeline"]
+    assert not reached, "\n".join(reached)
+    assert "Pipeline" not in MODULES["rbrm.report"].read_text(encoding="utf-8")
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_exceeds_80_lines():
+    """A reader sees a whole function at once; longer ones are split where a part has a name."""
+    long = [f"{m}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for m, path in MODULES.items() for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_the_pipeline_is_a_driver():
+    """The driver stays small: the stages, the run context and the online baseline live elsewhere."""
+    assert len(MODULES["rbrm.pipeline"].read_text(encoding="utf-8").splitlines()) <= 250

@@ -260,7 +260,7 @@ def test_shipped_configs_load():
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name and "rbrm" in config.methods
     compare = load_config("configs/compare.yaml")
-    assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online"]
+    assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online", "safedpo"]
     assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
     assert load_config("configs/compute.yaml").online_rounds == [1, 2, 4, 8]
     paper = load_config("configs/paper.yaml")
@@ -453,9 +453,9 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     assert stage_records(run_dir) == before
     assert "running" not in capsys.readouterr().out
 
-    # --report-only redraws the same numbers from the finished stages.
+    # --report-only redraws the same report from the finished stages: the report only reads what they recorded.
     again = run(path, "--report-only")
-    assert again["methods"] == report["methods"]
+    assert {k: v for k, v in again.items() if k != "date"} == {k: v for k, v in report.items() if k != "date"}
     assert stage_records(run_dir) == before
 
     # A changed evaluation setting reruns the evaluations only.
@@ -551,7 +551,7 @@ def test_the_compute_table_lists_online_by_rounds_and_comparisons_come_from_the_
     rows = [{"method": "online", "rounds": r, "flops": 4.45e13 - r, "unsafe_rate": 0.2} for r in (1, 2, 32, 4)]
     lines = curve_section({"compute_curve": rows, "matched_safety_compute_ratio": {"ratio": None, "reason": "x"}})
     assert [line.split(" | ")[1] for line in lines if line.startswith("| online")] == ["1", "2", "4", "32"]
-    assert COMPARISONS[0] == ("rbrm", "base") and len(COMPARISONS) == 7
+    assert COMPARISONS[0] == ("rbrm", "base") and len(COMPARISONS) == 9
     assert all(a in METHODS and b in METHODS for a, b in COMPARISONS)
 
 
@@ -726,3 +726,30 @@ def test_a_method_that_loses_helpfulness_is_flagged():
     assert len(flags) == 1 and "FLAG: deflects keeps 30%" in flags[0] and "i'm glad you're enjoying" in flags[0]
     assert "80%" in flags[0] and "1.234" in flags[0]
     assert "keeps 30%" in helpfulness_cost(methods, "deflects") and helpfulness_cost(methods, "base") == ""
+
+
+def test_a_new_baseline_is_one_method_and_its_stages_safedpo(tmp_path, tiny_model_dir):
+    """SafeDPO came in as one Method plus its own stages: its pairs carry SafeDPO's margin, its DPO key holds Delta,
+    and the report (untouched) gives it a row, a finding against the base model and RBRM's finding against it."""
+    from rbrm.files import read_jsonl
+
+    path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "dpo_rerank", "rbrm", "safedpo"],
+                       safedpo={"data": "data/xstest/derived_unsafe_prompt_pairs_pku_format.jsonl", "limit": 6,
+                                "margin": 5.0})
+    report = run(path)
+    run_dir = tmp_path / "runs" / "tiny"
+    pairs = read_jsonl(str(run_dir / "safety_pairs" / "pairs.jsonl"))
+    assert len(pairs) == 6 and all(p["safety_margin"] == 1.0 for p in pairs)  # XSTest: one safe, one unsafe answer
+    record = json.loads((run_dir / "safedpo" / "stage.json").read_text())
+    assert record["inputs"]["safety_margin"] == 5.0 and record["compute"]["pairs"] == 6
+    logged = json.loads((run_dir / "safedpo" / "dpo_log.json").read_text())
+    assert any("safedpo/margin_pairs" in row for row in logged)  # the trainer saw the margin column
+    row = report["methods"]["safedpo"]
+    assert row["compute_by_stage"]["safety_pairs"]["pairs"] == 6 and row["unsafe_rate"] is not None
+    assert "base" in row["vs"] and "safedpo" in report["methods"]["rbrm"]["vs"]
+    # a bad margin fails before any stage runs
+    from rbrm.run_config import PipelineConfigError, load_config
+
+    with pytest.raises(PipelineConfigError, match="`safedpo.margin` must be a number >= 0"):
+        load_config(tiny_config(tmp_path, tiny_model_dir, methods=["base", "safedpo"],
+                                safedpo={"data": "x.jsonl", "margin": -1.0}))

@@ -170,6 +170,61 @@ def _pyrit_refusal_agreement(root: Path) -> dict | None:
                             [is_refusal(r["assistant_response"]) for r in rows])
 
 
+def _repeated_splits(rows: list[dict], features: np.ndarray, y: np.ndarray, baseline: np.ndarray, c: float,
+                     threshold: float, seed: int, n_repeats: int) -> dict | None:
+    """The chosen recipe refitted on `n_repeats` more prompt splits: how much the held-out figures move."""
+    repeats = []
+    for rep_seed in range(seed + 1, seed + 1 + n_repeats):
+        rep_test = split_by_prompt(rows, rep_seed)
+        rep_head = fit_linear_head(features[~rep_test], y[~rep_test], c)
+        rep_pred = rep_head.predict_proba(features[rep_test])[:, 1] >= threshold
+        repeats.append({"seed": rep_seed, "minilm": binary_metrics(y[rep_test], rep_pred),
+                        "refusal_baseline": binary_metrics(y[rep_test], baseline[rep_test])})
+    repeated = None
+    if repeats:
+        repeated = {"note": f"recipe and C fixed as chosen on seed {seed}; one refit per split",
+                    "seeds": [r["seed"] for r in repeats]}
+        for judge_name in ("minilm", "refusal_baseline"):
+            for key in ("accuracy", "unsafe_recall", "safe_recall", "balanced_accuracy"):
+                vals = np.array([r[judge_name][key] for r in repeats])
+                repeated[f"{judge_name}.{key}"] = {"mean": float(vals.mean()), "std": float(vals.std()),
+                                                   "min": float(vals.min()), "max": float(vals.max())}
+    return repeated
+
+
+def _judge_meta(version: str, encoder, recipe: str, c: float, coef: np.ndarray, threshold: float, split: dict,
+                cv_table, heldout: dict, repeated: dict | None, refusal_check: dict, seed: int) -> dict:
+    """minilm_judge.json: what the weights are, what they were fitted on and chosen by, and what they measured."""
+    meta = {
+        "name": "minilm",
+        "version": version,
+        "weights_file": "minilm_judge.safetensors",
+        "encoder": {"name": ENCODER_HUB_ID, "package": ENCODER_PACKAGE, "normalize_embeddings": True,
+                    "max_seq_length": int(encoder.max_seq_length)},
+        "features": {"recipe": recipe, "description": FEATURE_RECIPES[recipe] + " + [is_refusal(response)]",
+                     "n_features": int(coef.shape[0]), "separator": SEP},
+        "head": {"type": "logistic_regression", "C": c, "class_weight": "balanced", "threshold": threshold,
+                 "score": "sigmoid(features . coef + intercept)"},
+        "training_data": {
+            "xstest": "XSTest v2 completions (5 models x 450 prompts); unsafe = unsafe prompt and "
+                      "final_label 1_full_compliance; refusals, partial refusals and compliance with safe "
+                      "prompts are safe",
+            "salad_qa": "Salad-Bench example_qa.jsonl (label 1 = unsafe)",
+            "not_used": "derived_unsafe_prompt_pairs_pku_format.jsonl (rebuilt from the same XSTest "
+                        "completions); PyRIT refusal sets (refusal labels only; used to check is_refusal)",
+        },
+        "split": split,
+        "selection": {"method": "grouped 5-fold CV on training rows; balanced accuracy; the smallest "
+                                f"recipe within {PARSIMONY_TOL} of the best",
+                      "chosen": {"recipe": recipe, "C": c}, "cv": cv_table},
+        "heldout_metrics": heldout,
+        "repeated_splits": repeated,
+        "refusal_pattern_agreement": refusal_check,
+        "build": {"function": "rbrm.judges.build_minilm_judge", "seed": seed},
+    }
+    return meta
+
+
 def build_minilm_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
                        data_dir: str | os.PathLike | None = None,
                        recipes: Sequence[str] = BUILD_RECIPES, cs: Sequence[float] = BUILD_CS,
@@ -217,22 +272,7 @@ def build_minilm_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
                                          refusal_pred[xs_test]),
         "pyrit_all": _pyrit_refusal_agreement(root),
     }
-    repeats = []
-    for rep_seed in range(seed + 1, seed + 1 + n_repeats):
-        rep_test = split_by_prompt(rows, rep_seed)
-        rep_head = fit_linear_head(features[recipe][~rep_test], y[~rep_test], c)
-        rep_pred = rep_head.predict_proba(features[recipe][rep_test])[:, 1] >= threshold
-        repeats.append({"seed": rep_seed, "minilm": binary_metrics(y[rep_test], rep_pred),
-                        "refusal_baseline": binary_metrics(y[rep_test], baseline[rep_test])})
-    repeated = None
-    if repeats:
-        repeated = {"note": f"recipe and C fixed as chosen on seed {seed}; one refit per split",
-                    "seeds": [r["seed"] for r in repeats]}
-        for judge_name in ("minilm", "refusal_baseline"):
-            for key in ("accuracy", "unsafe_recall", "safe_recall", "balanced_accuracy"):
-                vals = np.array([r[judge_name][key] for r in repeats])
-                repeated[f"{judge_name}.{key}"] = {"mean": float(vals.mean()), "std": float(vals.std()),
-                                                   "min": float(vals.min()), "max": float(vals.max())}
+    repeated = _repeated_splits(rows, features[recipe], y, baseline, c, threshold, seed, n_repeats)
     split = {
         "method": "by prompt: per XSTest prompt type a quarter of the prompts (all 5 models' answers) and "
                   "40% of Salad-Bench QA questions are held out; numpy default_rng(seed)",
@@ -242,33 +282,8 @@ def build_minilm_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
         "test_rows": int(test.sum()), "test_unsafe": int(y[test].sum()), "test_prompts": len(set(groups[test])),
     }
     version = "1+" + digest(coef.tobytes() + intercept.tobytes(), 10)
-    meta = {
-        "name": "minilm",
-        "version": version,
-        "weights_file": "minilm_judge.safetensors",
-        "encoder": {"name": ENCODER_HUB_ID, "package": ENCODER_PACKAGE, "normalize_embeddings": True,
-                    "max_seq_length": int(encoder.max_seq_length)},
-        "features": {"recipe": recipe, "description": FEATURE_RECIPES[recipe] + " + [is_refusal(response)]",
-                     "n_features": int(coef.shape[0]), "separator": SEP},
-        "head": {"type": "logistic_regression", "C": c, "class_weight": "balanced", "threshold": threshold,
-                 "score": "sigmoid(features . coef + intercept)"},
-        "training_data": {
-            "xstest": "XSTest v2 completions (5 models x 450 prompts); unsafe = unsafe prompt and "
-                      "final_label 1_full_compliance; refusals, partial refusals and compliance with safe "
-                      "prompts are safe",
-            "salad_qa": "Salad-Bench example_qa.jsonl (label 1 = unsafe)",
-            "not_used": "derived_unsafe_prompt_pairs_pku_format.jsonl (rebuilt from the same XSTest "
-                        "completions); PyRIT refusal sets (refusal labels only; used to check is_refusal)",
-        },
-        "split": split,
-        "selection": {"method": "grouped 5-fold CV on training rows; balanced accuracy; the smallest "
-                                f"recipe within {PARSIMONY_TOL} of the best",
-                      "chosen": {"recipe": recipe, "C": c}, "cv": cv_table},
-        "heldout_metrics": heldout,
-        "repeated_splits": repeated,
-        "refusal_pattern_agreement": refusal_check,
-        "build": {"function": "rbrm.judges.build_minilm_judge", "seed": seed},
-    }
+    meta = _judge_meta(version, encoder, recipe, c, coef, threshold, split, cv_table, heldout, repeated,
+                       refusal_check, seed)
     with atomic_path(out / meta["weights_file"]) as tmp:
         save_file({"coef": coef, "intercept": intercept}, str(tmp),
                   metadata={"format": "rbrm-minilm-judge", "version": version})
