@@ -87,6 +87,7 @@ class Pipeline:
         methods = methods or self.config.methods
         trains = [m for m in methods if METHODS[m].trains]
         needed = set(self.shared_stages(trains)) | set(trains) | {f"{m}/eval" for m in methods}
+        needed |= {part for m in trains for part in self.training_stage(m).parts()}  # the online rounds
         for name in sorted(needed):
             self.context.load_record(name)
         if "rerank" in needed and os.path.exists(os.path.join(self.path("ranking"), "stage.json")):

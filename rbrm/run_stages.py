@@ -45,6 +45,10 @@ class Stage:
         """Stages of its own to run first (the online rounds)."""
         return []
 
+    def parts(self) -> list[str]:
+        """The names of the records `before()` leaves, for reading a finished run without running it."""
+        return []
+
     def after(self) -> list[str]:
         return [self.ctx.key_of(name) for name in self.reads]
 
@@ -267,6 +271,9 @@ class OnlineStage(Stage):
             yield stage
             self.rounds_done.append(stage.name)
             after = [ctx.key_of(stage.name)]
+
+    def parts(self) -> list[str]:
+        return [f"online_rounds/round_{r}" for r in range(self.ctx.config.online.rounds)]
 
     def inputs(self) -> dict:
         return {"after": [self.ctx.key_of(self.rounds_done[-1])]}
