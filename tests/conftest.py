@@ -14,6 +14,19 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def judge_builders():
+    """scripts/judge_builders.py: the builders of the shipped judges sit beside their script, not in the library."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "judge_builders.py"
+    spec = importlib.util.spec_from_file_location("judge_builders", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from rbrm.models import resolve_model
 

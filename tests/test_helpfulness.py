@@ -20,7 +20,6 @@ from rbrm.helpfulness import (
     WEIGHTS_DIR,
     HelpfulnessJudge,
     HelpfulnessWeightsError,
-    build_helpfulness_head,
     distinct_ratio,
     load_references,
     load_xstest_answers,
@@ -112,7 +111,7 @@ def test_weights_built_for_other_features_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_build_reproduces_shipped_heads(tmp_path):
+def test_build_reproduces_shipped_heads(tmp_path, judge_builders):
     """Refit with the shipped settings and seed: the same coefficients up to BLAS/lbfgs noise, the same measured
     figures.
 
@@ -123,7 +122,7 @@ def test_build_reproduces_shipped_heads(tmp_path):
     shipped = json.loads(HELPFUL_META.read_text())
     heads = shipped["heads"]
     cs = sorted({heads["reference"]["C"], heads["no_reference"]["C"]})
-    meta = build_helpfulness_head(tmp_path, seed=shipped["build"]["seed"], cs=cs, pools=(heads["no_reference"]["pool"],))
+    meta = judge_builders.build_helpfulness_head(tmp_path, seed=shipped["build"]["seed"], cs=cs, pools=(heads["no_reference"]["pool"],))
     assert meta["heads"]["reference"]["C"] == heads["reference"]["C"]
     assert meta["heads"]["no_reference"]["C"] == heads["no_reference"]["C"]
     old, new = load_file(str(WEIGHTS_DIR / HELPFUL_WEIGHTS)), load_file(str(tmp_path / HELPFUL_WEIGHTS))

@@ -288,7 +288,7 @@ def test_guard_judges_need_a_model() -> None:
 
 
 @pytest.mark.slow
-def test_build_reproduces_shipped_judge(tmp_path, minilm_meta) -> None:
+def test_build_reproduces_shipped_judge(tmp_path, minilm_meta, judge_builders) -> None:
     """Refit the shipped recipe and C with the shipped seed: the same split, the same decisions, the same metrics.
 
     Not bit for bit: the refit runs BLAS kernels that differ between CPUs (AMD and Intel, AMX or not) and lbfgs
@@ -301,7 +301,7 @@ def test_build_reproduces_shipped_judge(tmp_path, minilm_meta) -> None:
 
     chosen = minilm_meta["selection"]["chosen"]
     seed = minilm_meta["split"]["seed"]
-    metrics = judges.build_minilm_judge(tmp_path, seed=seed, recipes=(chosen["recipe"],), cs=(chosen["C"],))
+    metrics = judge_builders.build_minilm_judge(tmp_path, seed=seed, recipes=(chosen["recipe"],), cs=(chosen["C"],))
     assert metrics["split"] == minilm_meta["split"]  # integer counts from a seeded split: exact everywhere
 
     rows = judges.load_judge_data()

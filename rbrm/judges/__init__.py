@@ -7,7 +7,7 @@ Three kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult
 * `EmbeddingJudge` ("minilm", the default): all-MiniLM-L6-v2 sentence embeddings and a logistic-regression
   head trained on human-labelled responses shipped in `data/`. No guard model can be downloaded here, so
   this is the judge we can build, ship (safetensors + JSON, never pickle) and validate on held-out prompts.
-  `build_minilm_judge` rebuilds its weights reproducibly; the JSON records the held-out metrics.
+  `scripts/judge_builders.py` rebuilds its weights reproducibly; the JSON records the held-out metrics.
 * `GuardJudge` ("llamaguard", "mdjudge"): a generative guard model from a local folder (Llama Guard 1/2/3,
   MD-Judge v0.1), prompted in its published format, decoded greedily; its score is the first-token
   probability of "unsafe" against "safe", as the Llama Guard model cards describe.
@@ -15,8 +15,8 @@ Three kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult
 Every judge also reports `refusal` from the same keyword check (`is_refusal`), so refusal counts agree
 across judges.
 
-Modules: `base` (the interface and the keyword judge), `minilm` (the embedding judge), `build` (its labelled
-data, split, metrics and build), `guard` (guard-model prompts and output parsing); here the one judge factory,
+Modules: `base` (the interface and the keyword judge), `minilm` (the embedding judge), `labelled` (its labelled
+data, split and metrics), `guard` (guard-model prompts and output parsing); here the one judge factory,
 `get_judge`, and `judge_loader`, which checks a judge at once but may load it later.
 """
 
@@ -36,16 +36,6 @@ from .base import (
     check_pairs,
     judge_key,
 )
-from .build import (
-    REPO_DATA_DIR,
-    binary_metrics,
-    build_minilm_judge,
-    cross_validated_heads,
-    fit_linear_head,
-    load_judge_data,
-    read_labelled_csv,
-    split_by_prompt,
-)
 from .guard import (
     GUARD_VARIANTS,
     GuardJudge,
@@ -57,6 +47,14 @@ from .guard import (
     guess_guard_variant,
     normalise_variant,
     parse_guard_output,
+)
+from .labelled import (
+    REPO_DATA_DIR,
+    binary_metrics,
+    fit_linear_head,
+    load_judge_data,
+    read_labelled_csv,
+    split_by_prompt,
 )
 from .minilm import (
     FEATURE_RECIPES,
@@ -131,9 +129,7 @@ __all__ = [
     "build_guard_prompt",
     "build_llamaguard_prompt",
     "build_mdjudge_prompt",
-    "build_minilm_judge",
     "check_pairs",
-    "cross_validated_heads",
     "encoder_flops",
     "fit_linear_head",
     "get_judge",
