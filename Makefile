@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 run: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/quick.yaml
 
-# The paper's comparison at small scale (5 methods; 39 minutes on 2 AVX512-BF16 cores with rbrm 0.4.2), in runs/compare/.
+# The paper's comparison at small scale in make run's regime (6 methods with SafeDPO; about 2 hours on 2 shared CPU cores, 7 Dec 2026), in runs/compare/.
 compare: $(STAMP)
 	$(BIN)/rbrm pipeline --config configs/compare.yaml
 
