@@ -1,4 +1,4 @@
-"""The run's report: one row per method (safety, over-refusal, compute), the figures, and plain findings.
+"""The pipeline's report: one row per method (safety, over-refusal, compute), the figures, and plain findings.
 
 Rates come from `rbrm eval`'s judged rows. Harmful sets are pooled (prompts de-duplicated case- and
 space-insensitively); method differences use a paired bootstrap over the prompts both methods answered, so
@@ -73,7 +73,7 @@ class RunView:
         return self.records.get("sample", {}).get("compute", {}).get("excluded_eval_prompts")
 
 
-def method_results(run, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
+def method_results(run: RunView, method: str) -> tuple[dict, dict[str, dict], tuple[dict, dict, dict]]:
     """(row for report.json, set name -> summary for the rate figure, flags): flags maps each pooled harmful
     prompt to its unsafe verdict under the main and the second judge, and each benign prompt to `helpful`."""
     sets = run.eval_sets
@@ -145,7 +145,7 @@ def method_results(run, method: str) -> tuple[dict, dict[str, dict], tuple[dict,
     return row, figure_sets, (flags, flags2, helped)
 
 
-def _read_log(run, method: str) -> list[dict]:
+def _read_log(run: RunView, method: str) -> list[dict]:
     path = run.layout.dpo_log(method)
     if not os.path.exists(path):
         return []
@@ -153,7 +153,7 @@ def _read_log(run, method: str) -> list[dict]:
         return json.load(f)
 
 
-def _read_confidence(run, method: str) -> dict | None:
+def _read_confidence(run: RunView, method: str) -> dict | None:
     path = run.layout.confidence(method)
     if not os.path.exists(path):
         return None
@@ -246,7 +246,7 @@ def audit_opinion(audit: dict | None, name_a: str, name_b: str, diff: dict | Non
     return text, {"audited_difference": d, "flips": flips}
 
 
-def _second_judge_name(run) -> str:
+def _second_judge_name(run: RunView) -> str:
     return run.second_judge
 
 
@@ -363,7 +363,7 @@ def _count(n) -> str:
     return f"{int(n):,}"
 
 
-def write_report(run) -> dict:
+def write_report(run: RunView) -> dict:
     """report.json, report.md and figures/ for every method in the config; returns the report dict."""
     config = run.config
     resamples = config.eval.resamples
@@ -437,7 +437,7 @@ def _construction_flops(row: dict, method: str) -> int | None:
                for s in METHODS[method].construction)
 
 
-def curve_rows(run, methods: dict) -> list[dict]:
+def curve_rows(run: RunView, methods: dict) -> list[dict]:
     """report.json's `compute_curve`: online at each number of rounds, and every other trained method as a point."""
     seed = run.config.seed
     rows = []
@@ -566,7 +566,7 @@ def findings_section(report: dict) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict, run) -> str:
+def render_markdown(report: dict, run: RunView) -> str:
     m = report["methods"]
     lines = [f"# rbrm pipeline: {report['name']}", "",
              f"{report['date']} · config `{report['config']}` · model `{report['model']}` · judge "
@@ -634,7 +634,7 @@ def render_markdown(report: dict, run) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_figures(run, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
+def draw_figures(run: RunView, figure_sets: dict, probe_metrics: dict, methods: dict | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     fig_dir = run.path("figures")
     features_path = run.path("probe", "features.safetensors")
@@ -693,13 +693,13 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
 
 
-def stage_seconds(run) -> dict[str, float]:
+def stage_seconds(run: RunView) -> dict[str, float]:
     """Wall seconds of every finished stage of a run, in the order they ran (killed runs excepted)."""
     records = sorted(run.records.items(), key=lambda kv: kv[1].get("finished", ""))
     return {name: round(record["compute"].get("wall_seconds", 0.0), 1) for name, record in records}
 
 
-def stage_cpu_shares(run) -> dict[str, float | None]:
+def stage_cpu_shares(run: RunView) -> dict[str, float | None]:
     """Per stage, the share of the machine's CPU that other processes took while it ran (None: not measured)."""
     return {name: record["compute"].get("other_cpu_share") for name, record in run.records.items()}
 
@@ -816,7 +816,7 @@ def seed_findings(methods: dict, flags: dict, resamples: int, seed: int, second:
     return findings
 
 
-def write_seeds_report(config, pipelines: list) -> dict:
+def write_seeds_report(config, runs: list[RunView]) -> dict:
     """report.json/report.md over seeds: per-seed rates under methods.<m>.seeds, their means (and sd) at the
     top level, verdicts from the seed-and-prompt bootstrap under both judges and on helpfulness, the relative
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
@@ -825,7 +825,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
     methods, flags = {}, {}
     for method in config.methods:
         rows, flags[method] = [], []
-        for run in pipelines:
+        for run in runs:
             row, _, method_flags = method_results(run, method)
             rows.append({"seed": run.config.seed, **{k: row.get(k) for k in SEED_RATES},
                          "wall_seconds": row.get("wall_seconds"), "flops": row.get("flops"),
@@ -836,7 +836,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
             values = [r[key] for r in rows if r[key] is not None]
             if values:
                 methods[method][key], methods[method][f"{key}_sd"] = _mean_sd(values)
-    second = _second_judge_name(pipelines[0])
+    second = _second_judge_name(runs[0])
     findings = seed_findings(methods, flags, resamples, config.seed, second)
     against_base = {}
     for name, row in methods.items():
@@ -848,7 +848,7 @@ def write_seeds_report(config, pipelines: list) -> dict:
                                                    if base.get("helpfulness_rate") and "helpfulness_rate" in row
                                                    else None)}
     curve = []
-    for p in pipelines:  # each seed's own report carries its curve rows
+    for p in runs:  # each seed's own report carries its curve rows
         if os.path.exists(p.path("report.json")):
             with open(p.path("report.json")) as f:
                 curve += json.load(f).get("compute_curve") or []
@@ -861,18 +861,18 @@ def write_seeds_report(config, pipelines: list) -> dict:
                                                 ("flops", "construction_flops", "unsafe_rate")}}
                  for (m, k), rs in groups.items()]
         matched = matched_compute_ratio(means)
-    times = [stage_seconds(p) for p in pipelines]
-    shares = [stage_cpu_shares(p) for p in pipelines]
+    times = [stage_seconds(p) for p in runs]
+    shares = [stage_cpu_shares(p) for p in runs]
     stages = list(dict.fromkeys(name for t in times for name in t))
     figure = plot_seeds_safety_vs_helpfulness(
         {name: [(r["unsafe_rate"], r["helpfulness_rate"]) for r in row["seeds"] if r["helpfulness_rate"] is not None]
          for name, row in methods.items()}, os.path.join(config.run_dir, "figures", "safety_helpfulness_seeds.png"))
     report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "model": config.model, "judge": config.eval.judge,
-              "seeds": [p.config.seed for p in pipelines], "methods": methods, "against_base": against_base,
-              "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(pipelines, times)},
-              "stage_cpu_shares": {str(p.config.seed): c for p, c in zip(pipelines, shares)},
-              "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in pipelines],
+              "seeds": [p.config.seed for p in runs], "methods": methods, "against_base": against_base,
+              "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(runs, times)},
+              "stage_cpu_shares": {str(p.config.seed): c for p, c in zip(runs, shares)},
+              "seed_reports": [os.path.relpath(p.path("report.md"), config.run_dir) for p in runs],
               "figures": {"safety_helpfulness_seeds": figure},
               **({"compute_curve": curve, "matched_safety_compute_ratio": matched} if curve else {})}
     write_json(os.path.join(config.run_dir, "report.json"), report)
