@@ -728,6 +728,30 @@ def test_a_method_that_loses_helpfulness_is_flagged():
     assert "keeps 30%" in helpfulness_cost(methods, "deflects") and helpfulness_cost(methods, "base") == ""
 
 
+def test_the_helpfulness_flag_is_checked_against_the_audit():
+    """The measure flags a method the audit finds helpful (the flag flips) and misses one the audit finds unhelpful
+    (flagged by the audit); where the audit agrees it says so."""
+    from rbrm.report import helpfulness_flags, mark_audited_helpfulness, mark_helpfulness
+
+    methods = {"base": {"helpfulness_rate": 0.5}, "misread": {"helpfulness_rate": 0.2},
+               "agreed": {"helpfulness_rate": 0.1}, "hidden": {"helpfulness_rate": 0.48}}
+
+    def side(rate: float) -> dict:
+        return {"benign": {"audit": {"rate": rate}, "ppi": {"rate": rate}}}
+
+    audit = {"methods": {"base": side(0.6), "misread": side(0.54), "agreed": side(0.12), "hidden": side(0.3)}}
+    mark_helpfulness(methods)
+    mark_audited_helpfulness(methods, audit)
+    flags = "\n".join(helpfulness_flags(methods))
+    assert methods["misread"]["helpfulness_kept_audit"] == pytest.approx(0.9)
+    assert "FLAG: misread keeps 40%" in flags and "keeps 90%; **the flag FLIPS under the audit**" in flags
+    assert "FLAG: agreed keeps 20%" in flags and "keeps 20%; the flag holds" in flags
+    assert "FLAG (human audit): hidden keeps 50%" in flags and "measure says 96%" in flags
+    assert "base" not in {k for k, v in methods.items() if "helpfulness_kept_audit" in v}
+    mark_audited_helpfulness(methods := {"base": {"helpfulness_rate": 0.5}}, None)  # no audit: nothing added
+    assert methods == {"base": {"helpfulness_rate": 0.5}}
+
+
 def test_a_new_baseline_is_one_method_and_its_stages_safedpo(tmp_path, tiny_model_dir):
     """SafeDPO came in as one Method plus its own stages: its pairs carry SafeDPO's margin, its DPO key holds Delta,
     and the report (untouched) gives it a row, a finding against the base model and RBRM's finding against it."""
