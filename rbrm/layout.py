@@ -55,6 +55,11 @@ class RunLayout:
     def online_round(self, r: int, *parts: str) -> str:
         return self.path("online_rounds", f"round_{r}", *parts)
 
+    @property
+    def ranking_quality(self) -> str:
+        """The `ranking` stage's verdicts on the re-ranked samples, which the report reads."""
+        return self.path("ranking", "ranking_quality.json")
+
     def figure(self, name: str) -> str:
         return self.path("figures", name)
 

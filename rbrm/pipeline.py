@@ -35,10 +35,6 @@ class Pipeline:
         self.context = RunContext(config, config_path, shared)
         self.curve: list[tuple[int, Pipeline]] = []  # (rounds, the finished online run), when online_rounds
 
-    @property
-    def records(self) -> dict[str, dict]:
-        return self.context.records
-
     def path(self, *parts: str) -> str:
         return self.context.layout.path(*parts)
 
@@ -90,14 +86,15 @@ class Pipeline:
         needed |= {part for m in trains for part in self.training_stage(m).parts()}  # the online rounds
         for name in sorted(needed):
             self.context.load_record(name)
-        if "rerank" in needed and os.path.exists(os.path.join(self.path("ranking"), "stage.json")):
-            self.context.load_record("ranking")
+        if "rerank" in needed:  # the ranking quality, where the run has one (runs before it have none)
+            self.context.load_record("ranking", required=False)
 
     def view(self) -> RunView:
         """What the report reads: the config, the folder, the records, each method's stages, the curve's runs."""
         ctx = self.context
         return RunView(self.config, ctx.layout, ctx.records, {m: ctx.stages_of(m) for m in self.config.methods},
-                       ctx.eval_sets(), ctx.config_path, [(rounds, run.view()) for rounds, run in self.curve])
+                       ctx.eval_sets(), ctx.eval_measures()["second_judge"] or "none", ctx.config_path,
+                       [(rounds, run.view()) for rounds, run in self.curve])
 
     def report_only(self) -> dict:
         """Redraw report.md/json and the figures from finished stages, running nothing."""

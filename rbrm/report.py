@@ -57,16 +57,12 @@ class RunView:
     records: dict[str, dict]
     stages: dict[str, tuple[str, ...]]  # method -> the shared stages it needs (`RunContext.stages_of`)
     eval_sets: list
+    second_judge: str  # the independent second judge's name (`RunContext.eval_measures`), "none" without one
     config_path: str | None = None
     curve: list = field(default_factory=list)  # (rounds, RunView) of the online curve's runs
 
     def path(self, *parts: str) -> str:
         return self.layout.path(*parts)
-
-    @property
-    def second_judge(self) -> str:
-        e = self.config.eval
-        return str(e.second_judge if e.second_judge and e.second_judge != e.judge else "none")
 
     @property
     def excluded_training_prompts(self) -> int | None:
@@ -246,10 +242,6 @@ def audit_opinion(audit: dict | None, name_a: str, name_b: str, diff: dict | Non
     return text, {"audited_difference": d, "flips": flips}
 
 
-def _second_judge_name(run: RunView) -> str:
-    return run.second_judge
-
-
 HELPFULNESS_CAVEAT = ("Helpfulness: the share of answers on the benign sets that address the question "
                       "(`rbrm.helpfulness`). Measured on 255 carefully labelled SmolLM2 answers to XSTest's safe "
                       "questions: with reference answers (XSTest's) it agrees with the labels on 76% and sees 91% of "
@@ -398,7 +390,7 @@ def write_report(run: RunView) -> dict:
         methods[method], figure_sets[method], flags[method] = method_results(run, method)
     mark_helpfulness(methods)
     findings = []
-    second_name = _second_judge_name(run)
+    second_name = run.second_judge
     audit = audit_summary(run.path(), methods=config.methods)
     for a, b in COMPARISONS:
         if a in methods and b in methods:
@@ -433,7 +425,7 @@ def write_report(run: RunView) -> dict:
     if curve:
         figures["Unsafe rate and helpfulness against alignment compute"] = plot_compute_curve(
             curve, run.path("figures", "compute_curve.png"))
-    ranking = read_json(run.path("ranking", "ranking_quality.json"))  # the re-ranked samples, judged like answers
+    ranking = read_json(run.layout.ranking_quality)  # the re-ranked samples, judged like answers
     report = {
         "name": config.name, "config": run.config_path,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -607,7 +599,7 @@ def render_markdown(report: dict, run: RunView) -> str:
              "XSTest's safe prompts; 95% bootstrap intervals. Compute is what each method spent on alignment "
              "(evaluation excluded): tokens generated, tokens through a forward pass (feature extraction, "
              "scoring, DPO policy + reference), FLOPs (the compute ledger below), wall seconds.", "",
-             f"| method | unsafe rate | unsafe, 2nd judge ({_second_judge_name(run)}) | refusal rate | "
+             f"| method | unsafe rate | unsafe, 2nd judge ({run.second_judge}) | refusal rate | "
              "over-refusal | helpfulness* | top opening | KL from base | generated tokens | forward tokens | FLOPs | "
              "wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in m.items():
@@ -863,7 +855,7 @@ def write_seeds_report(config, runs: list[RunView]) -> dict:
             values = [r[key] for r in rows if r[key] is not None]
             if values:
                 methods[method][key], methods[method][f"{key}_sd"] = _mean_sd(values)
-    second = _second_judge_name(runs[0])
+    second = runs[0].second_judge
     findings = seed_findings(methods, flags, resamples, config.seed, second)
     against_base = {}
     for name, row in methods.items():

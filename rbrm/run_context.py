@@ -14,7 +14,8 @@ from .formats import load_prompts
 from .judges import JUDGE_NAMES, get_judge
 from .layout import RunLayout
 from .methods import METHODS
-from .models import default_device, load_causal_lm, load_model, resolve_dtype, resolve_model
+from .models import default_device, load_model, resolve_dtype, resolve_model
+from .online import trainable_policy
 from .render import matching_key, to_messages
 from .rerank import BENIGN_PREFIX, ClassifierReward, rerank_file, write_rerank_outputs
 from .run_config import PipelineConfig, PipelineConfigError
@@ -47,10 +48,12 @@ class RunContext:
         self.records[stage.name] = record
         return record
 
-    def load_record(self, name: str) -> dict:
-        """A finished stage's record, running nothing."""
+    def load_record(self, name: str, required: bool = True) -> dict | None:
+        """A finished stage's record, running nothing; None for an unfinished stage that is not `required`."""
         record = read_json(os.path.join(self.layout.stage(name), "stage.json"))
         if record is None:
+            if not required:
+                return None
             raise PipelineConfigError(f"stage {name} has not finished in {self.layout.root}")
         self.records[name] = record
         return record
@@ -77,7 +80,7 @@ class RunContext:
 
     def training_model(self):
         """A fresh trainable copy of the base policy (fp32 on CPU)."""
-        return load_causal_lm(self.model_path, dtype=resolve_dtype("auto", self.device, inference=False))
+        return trainable_policy(self.model_path, None, bool(self.config.lora), self.device)
 
     def reference_model(self):
         """The frozen initial policy, the reference of every online round (not the previous round's policy)."""

@@ -55,9 +55,6 @@ class Stage:
     def inputs(self) -> dict:
         raise NotImplementedError
 
-    def key(self) -> str:
-        return stage_key(self.inputs())
-
     def run(self, directory: str) -> dict:
         raise NotImplementedError
 
@@ -143,11 +140,11 @@ class RankingStage(Stage):
         return {"after": self.after(), "judge": e.judge, "judge_model": e.judge_model}
 
     def run(self, directory: str) -> dict:
-        rerank = self.ctx.layout.stage("rerank")
+        layout = self.ctx.layout
         judge = get_judge(self.ctx.config.eval.judge, self.ctx.config.eval.judge_model)
-        quality = ranking_quality(read_jsonl(os.path.join(rerank, "rank.jsonl")),
-                                  read_jsonl(os.path.join(rerank, "pairs.jsonl")), judge)
-        write_json(os.path.join(directory, "ranking_quality.json"), quality)
+        quality = ranking_quality(read_jsonl(layout.path("rerank", "rank.jsonl")),
+                                  read_jsonl(layout.pairs("rerank")), judge)
+        write_json(layout.ranking_quality, quality)
         return {"flops": 0}
 
 
@@ -313,7 +310,7 @@ class EvalStage(Stage):
 
     def run(self, directory: str) -> dict:
         ctx, e, sets = self.ctx, self.ctx.config.eval, self.ctx.eval_sets()
-        base = self.method == "base"
+        base = not METHODS[self.method].trains
         model_dir = ctx.model_path if base else ctx.layout.model(self.method)
         model, tokenizer = (ctx.inference_model(e.dtype) if base else
                             load_model(model_dir, dtype=e.dtype, device=ctx.device))
