@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, DynamicCache
@@ -92,18 +93,24 @@ class _StopForward(Exception):
 @contextmanager
 def capture_pooled(model: nn.Module, layers: list[int], pooling: str, mask_ref: dict,
                    stop_after_last: bool = False):
-    """Hooks that pool layer outputs into `captured[l]` ([B, d]) using `mask_ref["mask"]`.
+    """Hooks that pool layer outputs into `captured[l]` ([B, d], detached) using `mask_ref["mask"]`.
 
-    The hooks are removed on exit, so a later recomputation (gradient checkpointing) never fires them.
+    Used by feature extraction and by the DPO trainer around its one policy forward. The hooks are removed on
+    exit, so a later recomputation (gradient checkpointing) never fires them. A mask shorter than the states
+    (prompt-learning PEFT prepends virtual tokens) is left-padded with zeros.
     """
     captured: dict[int, torch.Tensor] = {}
-    modules = decoder_layers(model)
-    last = max(layers)
+    modules = decoder_layers(model) if layers else None
+    last = max(layers, default=0)
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = pool(hidden, mask_ref["mask"], pooling)
+            mask = mask_ref["mask"]
+            if hidden.shape[1] > mask.shape[1]:
+                mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0))
+            with torch.no_grad():
+                captured[layer] = pool(hidden.detach(), mask, pooling)
             if stop_after_last and layer == last:
                 raise _StopForward
 

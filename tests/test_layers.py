@@ -218,3 +218,11 @@ def test_no_function_exceeds_80_lines():
 def test_the_pipeline_is_a_driver():
     """The driver stays small: the stages, the run context and the online baseline live elsewhere."""
     assert len(MODULES["rbrm.pipeline"].read_text(encoding="utf-8").splitlines()) <= 250
+
+
+def test_hidden_states_are_captured_in_one_place():
+    """Feature extraction and the DPO trainer read the policy's states through the same hooks
+    (`rbrm.features.capture_pooled`), so the probe sees in training exactly what it was fitted on."""
+    hooking = [m for m, path in MODULES.items() if "register_forward_hook" in path.read_text(encoding="utf-8")]
+    assert hooking == ["rbrm.features"]
+    assert "capture_pooled" in MODULES["rbrm.dpo.trainer"].read_text(encoding="utf-8")

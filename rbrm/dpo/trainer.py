@@ -3,9 +3,9 @@
 docs/method.md §4. `ConfidenceDPOTrainer` is a small subclass of TRL's `DPOTrainer` (TRL 1.16, pinned), through
 `rbrm.trl_compat`, which holds every private TRL hook and attribute it needs:
 
-* Forward hooks on the decoder layers, installed around TRL's one policy forward and removed right after it
-  (gradient checkpointing's recomputation never fires them), pool every probed layer's output at the end-of-turn
-  token of each completion (or the mean over the completion), exactly like `rbrm.features`. No second forward.
+* `rbrm.features.capture_pooled`, the hooks feature extraction uses, installed around TRL's one policy forward and
+  removed right after it (gradient checkpointing's recomputation never fires them), pools every probed layer's
+  output at the end-of-turn token of each completion (or the mean over the completion). No second forward.
 * gamma = max(sigmoid(alpha (r_c - r_r)), floor), detached; the loss per pair is
   -gamma log sigmoid(beta D) - (1 - gamma) log sigmoid(-beta D). Because log sigmoid(-x) = log sigmoid(x) - x,
   that is TRL's own `sigmoid` loss plus (1 - gamma) beta D, so TRL computes everything it always does and this
@@ -51,7 +51,7 @@ from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl.data_utils import extract_prompt
 
-from ..features import POOLINGS, context_length, decoder_layers, pool
+from ..features import POOLINGS, capture_pooled, context_length
 from ..files import write_json
 from ..flops import ModelShape, forward_flops, probe_flops, training_flops
 from ..layout import CONFIDENCE_FILE
@@ -75,42 +75,27 @@ COMPUTE_FILE = "rbrm_compute.json"  # in each checkpoint: the forward-token coun
 
 
 class _PolicyCall:
-    """Stands in for the policy in TRL's `compute_loss`: its one fused forward runs with pooling hooks.
+    """Stands in for the policy in TRL's `compute_loss`: its one fused forward runs inside `capture_pooled`.
 
     The hooks live only for that call, so neither the reference forward (the same modules under PEFT) nor
     gradient checkpointing's recomputation in backward fires them.
     """
 
-    def __init__(self, model: nn.Module, layer_modules: nn.ModuleList | None, layers: list[int],
-                 mask: torch.Tensor, pooling: str):
-        self.model, self.layer_modules, self.layers = model, layer_modules, layers
-        self.mask, self.pooling = mask, pooling
+    def __init__(self, model: nn.Module, unwrapped: nn.Module, layers: list[int], mask: torch.Tensor, pooling: str):
+        self.model, self.unwrapped, self.layers, self.pooling = model, unwrapped, layers, pooling
+        self.mask_ref = {"mask": mask}
         self.pooled: dict[int, torch.Tensor] = {}
         self.output = None
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
-    def _hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            mask = self.mask
-            if hidden.shape[1] > mask.shape[1]:  # prompt-learning PEFT prepends virtual tokens
-                mask = F.pad(mask, (hidden.shape[1] - mask.shape[1], 0))
-            with torch.no_grad():
-                self.pooled[layer] = pool(hidden.detach(), mask, self.pooling).float()
-
-        return hook
-
     def __call__(self, *args, **kwargs):
         if self.output is not None or not kwargs.get("fused_lm_head"):
             return self.model(*args, **kwargs)  # e.g. the deprecated logits recomputation
-        handles = [self.layer_modules[layer - 1].register_forward_hook(self._hook(layer)) for layer in self.layers]
-        try:
+        with capture_pooled(self.unwrapped, self.layers, self.pooling, self.mask_ref) as captured:
             self.output = self.model(*args, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.pooled = dict(captured)
         return self.output
 
     def features(self) -> torch.Tensor:
@@ -118,7 +103,7 @@ class _PolicyCall:
         missing = [layer for layer in self.layers if layer not in self.pooled]
         if missing:
             raise RuntimeError(f"decoder layers {missing} did not run in the policy forward")
-        return torch.stack([self.pooled[layer] for layer in self.layers], 1)
+        return torch.stack([self.pooled[layer].float() for layer in self.layers], 1)
 
 
 def _zero3_enabled() -> bool:
@@ -356,8 +341,8 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
         safety_kept = pair_kept & ~benign
 
         layers = probe.layers if probe is not None else []
-        layer_modules = decoder_layers(self.accelerator.unwrap_model(model)) if layers else None
-        policy = _PolicyCall(model, layer_modules, layers, completion_mask, probe.pooling if probe else "last")
+        policy = _PolicyCall(model, self.accelerator.unwrap_model(model), layers, completion_mask,
+                             probe.pooling if probe else "last")
 
         # The confidence and safety-margin terms need the per-pair reference log-probs: compute them with TRL's own
         # method and hand them over as precomputed, so TRL skips its reference forward (one reference forward
