@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, DynamicCache
 from trl.trainer.utils import pad as trl_pad
 
+from .distributed import is_main, my_turn, splitting, sum_numbers, sum_tensor
 from .flops import ModelShape, prefix_forward_flops
 from .models import model_fingerprint
 from .render import Prompt, end_of_turn, prompt_key, render, tokenize
@@ -219,16 +220,19 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
     row_to_unique = [unique.setdefault((prompt_key(p), r), len(unique)) for p, r in rows]
     first = {u: i for i, u in reversed(list(enumerate(row_to_unique)))}
     rows = [rows[first[u]] for u in range(len(unique))]
-    out = torch.empty(len(rows), len(layers), model.config.hidden_size, dtype=torch.float32)
+    # Zeros, not empty: under a launcher each process fills the rows of its batches and the sum gives every row.
+    out = torch.zeros(len(rows), len(layers), model.config.hidden_size, dtype=torch.float32)
     groups = _make_groups(tokenizer, rows, share_prefix)
     stop_early = max(layers) < model.config.num_hidden_layers
     mask_ref: dict = {}
     tokens_run, flops = 0, 0
     shape = ModelShape.of(model)
     shape = shape.first_layers(max(layers)) if stop_early else shape
-    bar = tqdm(total=len(rows), desc="features", unit="resp", disable=not progress)
+    bar = tqdm(total=len(rows), desc="features", unit="resp", disable=not progress or not is_main())
     with capture_pooled(model, layers, pooling, mask_ref, stop_after_last=stop_early) as captured:
-        for batch in plan_batches(groups, batch_tokens, batch_size):
+        for index, batch in enumerate(plan_batches(groups, batch_tokens, batch_size)):
+            if not my_turn(index):  # another process's batch (rbrm.distributed)
+                continue
             prompt_ids, prompt_mask = pad([g.prompt_ids for g in batch], pad_id, device, side="left")
             positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
             mask_ref["mask"] = prompt_mask
@@ -259,6 +263,9 @@ def extract_features(model, tokenizer, rows: list[tuple[Prompt, str]], layers: l
                 tokens_run += int(mask.sum())
                 bar.update(len(batch))
     bar.close()
+    out = sum_tensor(out)
+    if splitting():
+        tokens_run, flops = (int(v) for v in sum_numbers(tokens_run, flops))
     if stats is not None:
         stats["forward_tokens"] = stats.get("forward_tokens", 0) + tokens_run
         stats["flops"] = stats.get("flops", 0) + flops

@@ -11,6 +11,8 @@ key is reused, a changed one is moved aside to `<stage>.old/` and rerun, and so 
 unfinished stage resumes where the stage itself can (sampling and evaluation keep their rows, DPO restarts from
 its last checkpoint) and restarts otherwise. Compute is counted per stage (generated tokens, forward-pass tokens,
 wall seconds summed over every run of the stage that ended) and summed per method over the stages it needs.
+Under a launcher (the config's `launch`) every process runs this driver; `RunContext.run` decides which stages
+run on every process, and the main process writes the report.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .distributed import is_main
 from .methods import METHODS
 from .report import RunView, write_report, write_seeds_report
 from .run_config import PipelineConfig
@@ -63,7 +66,7 @@ class Pipeline:
                 print(f"== online curve: {rounds} round(s) ({run.path()})", flush=True)
                 run.context.models = ctx.models  # the same base model, loaded once
                 run.run()
-        return write_report(self.view())
+        return write_report(self.view()) if is_main() else {}
 
     def curve_runs(self) -> list[tuple[int, Pipeline]]:
         """One online-only pipeline per `online_rounds` entry, in <run>/curve/online_r<R>/, sharing this run's
@@ -119,4 +122,4 @@ def run_seeds(config: PipelineConfig, config_path: str | None, report_only: bool
         pipeline = Pipeline(seed_config, config_path)
         pipeline.report_only() if report_only else pipeline.run()
         pipelines.append(pipeline)
-    return write_seeds_report(config, [p.view() for p in pipelines])
+    return write_seeds_report(config, [p.view() for p in pipelines]) if is_main() else {}

@@ -21,6 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
+from .distributed import is_main
 from .errors import ConfigError
 from .feature_files import FeatureSet, load_features, save_features
 from .features import (
@@ -368,7 +369,7 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
         fs, groups = _load_feature_file(config.features)
     else:
         fs, groups = _features_for(config, config.data, config.limit, model_cache, stats)
-        if config.features_out:
+        if config.features_out and is_main():  # under a launcher the features are every process's (summed)
             save_features(config.features_out, fs.features, {**fs.metadata, "groups": groups.tolist()},
                           fs.labels, fs.pair_index)
     settings = RewardTrainConfig(config.epochs, config.lr, config.weight_decay, config.batch_size, config.margin,
@@ -407,6 +408,8 @@ def run_probe_train(config: ProbeTrainConfig, stats: dict | None = None) -> dict
     if "model" in model_cache:
         model.check_model(model_cache["model"][0])
     model.config["train_metrics"] = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    if not is_main():  # every process fitted the same probe on the same features; the main one writes it
+        return metrics
     model.save(config.out)
     if config.metrics_out:
         write_json(config.metrics_out, metrics)

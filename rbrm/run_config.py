@@ -127,6 +127,20 @@ class SafeDPOSection:
 
 
 ONLINE_SAMPLES = ("updates", "all")
+LAUNCHERS = ("torchrun", "accelerate")
+
+
+@dataclass
+class LaunchSection:
+    """How `rbrm pipeline` starts its processes: one (no `launcher`), or `processes` on this machine under
+    `torchrun` or `accelerate launch` (with `accelerate_config`, e.g. TRL's multi_gpu.yaml), one per GPU or CPU
+    processes over gloo. The command re-runs itself under the launcher; sampling, re-ranking, DPO and the
+    evaluation's answers split over the processes (rbrm.distributed). In no stage key: the results equal one
+    process's up to rounding."""
+
+    launcher: str | None = None
+    processes: int = 1
+    accelerate_config: str | None = None
 
 
 @dataclass
@@ -170,7 +184,7 @@ class EvalSection:
 
 
 SECTIONS = {"sample": SampleSection, "rerank": RerankSection, "static_pairs": StaticPairsSection,
-            "safedpo": SafeDPOSection, "online": OnlineSection, "eval": EvalSection}
+            "safedpo": SafeDPOSection, "online": OnlineSection, "eval": EvalSection, "launch": LaunchSection}
 
 
 @dataclass
@@ -198,6 +212,7 @@ class PipelineConfig:
     safedpo: SafeDPOSection = field(default_factory=SafeDPOSection)
     online: OnlineSection = field(default_factory=OnlineSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
 
     @property
     def run_dir(self) -> str:
@@ -456,3 +471,15 @@ def check(config: PipelineConfig, path: str) -> None:
                                   f"got {config.online.samples!r}")
     if config.online_rounds and not config.probe.get("data"):
         raise PipelineConfigError(f"{path}: `probe.data` is needed for the online curve (`online_rounds`)")
+    launch = config.launch
+    if launch.launcher is not None and launch.launcher not in LAUNCHERS:
+        raise PipelineConfigError(f"{path}: `launch.launcher` must be one of {', '.join(LAUNCHERS)} (or null); "
+                                  f"got {launch.launcher!r}")
+    if launch.processes < 1:
+        raise PipelineConfigError(f"{path}: `launch.processes` must be at least 1; got {launch.processes}")
+    batch = int(config.dpo_setting("per_device_train_batch_size"))
+    if launch.launcher and batch % launch.processes:
+        raise PipelineConfigError(f"{path}: `dpo.per_device_train_batch_size` ({batch}) is the batch of one process "
+                                  f"and must split evenly over `launch.processes` ({launch.processes})")
+    if launch.accelerate_config and launch.launcher != "accelerate":
+        raise PipelineConfigError(f"{path}: `launch.accelerate_config` needs `launch.launcher: accelerate`")

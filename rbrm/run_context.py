@@ -8,6 +8,7 @@ import dataclasses
 import os
 
 from . import __version__
+from .distributed import barrier, broadcast, data_parallel, is_main, world_size
 from .dpo import ConfidenceDPOConfig, machine_defaults
 from .evaluation import load_set, over_refusal_set, parse_prompt_set
 from .formats import load_prompts
@@ -41,12 +42,39 @@ class RunContext:
     # ------------------------------------------------------------------------------------ running
 
     def run(self, stage) -> dict:
-        """Run `stage` (its `before()` stages first) unless it finished with the same key; keep its record."""
+        """Run `stage` (its `before()` stages first) unless it finished with the same key; keep its record.
+
+        Under a launcher (`rbrm.distributed`) the main process keeps the stage folder and its record. A
+        `parallel` stage runs on every process, inside `data_parallel()`; any other runs on the main process
+        while the others wait for its record."""
         for earlier in stage.before():
             self.run(earlier)
-        record = run_stage(self.layout.stage(stage.name), stage.inputs(), stage.run, stage.name)
+        directory, inputs = self.layout.stage(stage.name), stage.inputs()
+        if world_size() == 1:
+            record = run_stage(directory, inputs, stage.run, stage.name)
+        elif is_main():
+            record = broadcast(run_stage(directory, inputs, self.on_every_process(stage), stage.name))
+        else:  # the main process says "run" (True) for a parallel stage it runs, then sends the record
+            record = broadcast()
+            if record is True:
+                with data_parallel():
+                    stage.run(directory)
+                record = broadcast()
         self.records[stage.name] = record
         return record
+
+    @staticmethod
+    def on_every_process(stage):
+        """The main process's body of a stage: a parallel one first tells the others to join it."""
+        if not stage.parallel:
+            return stage.run
+
+        def body(directory: str) -> dict:
+            broadcast(True)
+            with data_parallel():
+                return stage.run(directory)
+
+        return body
 
     def load_record(self, name: str, required: bool = True) -> dict | None:
         """A finished stage's record, running nothing; None for an unfinished stage that is not `required`."""
@@ -134,6 +162,16 @@ class RunContext:
         return self.layout.reward_model("helpfulness_probe") if self.config.helpfulness_probe else None
 
     def dpo_args(self, method: str, output_dir: str, **overrides) -> ConfidenceDPOConfig:
+        """The method's DPO settings. Under a launcher of W processes each takes 1/W of
+        `per_device_train_batch_size`, which in a run config is the batch of one process: the optimiser sees the
+        same pairs per step on any number of processes, and the stage key does not change."""
+        processes = world_size()
+        if processes > 1 and "per_device_train_batch_size" not in overrides:
+            batch = int(self.config.dpo_setting("per_device_train_batch_size"))
+            if batch % processes:
+                raise PipelineConfigError(f"dpo.per_device_train_batch_size={batch} does not split over {processes} "
+                                          "processes: make it a multiple of launch.processes")
+            overrides["per_device_train_batch_size"] = batch // processes
         return self.config.dpo_args(output_dir, METHODS[method].confidence, machine_defaults(self.device),
                                     **overrides)
 
@@ -165,7 +203,9 @@ class RunContext:
                              alpha, r.min_gap, batch_tokens=r.batch_tokens, loaded=self.inference_model(r.dtype),
                              scorer=None if scorer == "probe" else self.external_scorer(scorer),
                              benign_reward_dir=self.helpfulness_reward())
-        write_rerank_outputs(result, out_dir, result.summary["alpha"])
+        if is_main():
+            write_rerank_outputs(result, out_dir, result.summary["alpha"])
+        barrier()  # an online round's processes read the pairs next
         return {"forward_tokens": result.summary.get("forward_tokens") or 0, "flops": result.summary.get("flops") or 0,
                 "pairs": len(result.pairs)}
 

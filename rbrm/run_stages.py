@@ -13,8 +13,17 @@ import os
 
 from accelerate.utils import is_peft_model
 
+from .distributed import alone, is_main, sum_numbers, world_size
 from .dpo import load_safedpo_rows, pairs_dataset, train_dpo
-from .evaluation import DRIFT_FILE, RESPONSES_FILE, evaluate, per_token_kl, ranking_quality, set_dir
+from .evaluation import (
+    DRIFT_FILE,
+    RESPONSES_FILE,
+    evaluate,
+    generate_sets,
+    per_token_kl,
+    ranking_quality,
+    set_dir,
+)
 from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
 from .formats import load_pairs
@@ -37,6 +46,7 @@ class Stage:
 
     name: str = ""
     reads: tuple[str, ...] = ()  # the stages whose outputs it reads (their keys are in its key)
+    parallel: bool = False  # under a launcher: runs on every process (rbrm.distributed), else on the main one
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -62,6 +72,8 @@ class Stage:
 class ProbeStage(Stage):
     """Stage 1: a hybrid reward on the policy's states (`probe`), or the helpfulness reward that ranks the benign
     pool prompts' samples (`helpfulness_probe`: helpful answers over deflections and refusals)."""
+
+    parallel = True  # the features split over the processes; each fits the same probe, the main one saves it
 
     def __init__(self, ctx: RunContext, name: str = "probe"):
         super().__init__(ctx)
@@ -90,6 +102,7 @@ class SampleStage(Stage):
     """Stage 2a: N samples per training prompt from the base policy, plus one per refusal opening."""
 
     name = "sample"
+    parallel = True
 
     def __init__(self, ctx: RunContext):
         super().__init__(ctx)
@@ -114,6 +127,7 @@ class RerankStage(Stage):
     """Stage 2b: the samples scored by the hybrid reward (benign ones by the helpfulness reward), paired."""
 
     name = "rerank"
+    parallel = True
 
     @property
     def reads(self) -> tuple[str, ...]:
@@ -181,6 +195,8 @@ class TrainStage(Stage):
     """Stage 3: DPO (RBRM: with online confidence) from the base policy on a pair stage's `pairs.jsonl`; the merged
     policy goes to `<method>/model`."""
 
+    parallel = True  # TRL's trainer under the launcher's process group
+
     def __init__(self, ctx: RunContext, method: str):
         super().__init__(ctx)
         self.name, self.method = method, METHODS[method]
@@ -205,12 +221,16 @@ class TrainStage(Stage):
                             pairs_dataset(ctx.layout.pairs(self.method.pairs), tokenizer),
                             peft_config=ctx.config.lora_config(), reward_model=reward,
                             log_path=os.path.join(directory, "dpo_log.json"))
-        save_merged(trainer.model, tokenizer, os.path.join(directory, "model"))
-        return {"forward_tokens": trainer.forward_tokens, "flops": trainer.flops, "steps": trainer.state.global_step,
+        if is_main():
+            save_merged(trainer.model, tokenizer, os.path.join(directory, "model"))
+        forward_tokens, flops = (int(v) for v in sum_numbers(trainer.forward_tokens, trainer.flops))  # every process's
+        return {"forward_tokens": forward_tokens, "flops": flops, "steps": trainer.state.global_step,
                 "pairs": len(trainer.train_dataset)}
 
 
 class OnlineRoundStage(Stage):
+    parallel = True  # sampling, scoring and DPO, each split over the processes
+
     def __init__(self, ctx: RunContext, r: int, prompts: list, after: list[str], steps: int):
         super().__init__(ctx)
         self.name, self.r, self.prompts, self.previous_after, self.steps = f"online_rounds/round_{r}", r, prompts, \
@@ -296,6 +316,8 @@ class EvalStage(Stage):
     """Stage 4: greedy answers to the evaluation sets, judged (main and second judge, helpfulness on benign
     sets), the per-token KL from the base policy on benign answers, and the evaluation's own compute."""
 
+    parallel = True  # the answers; judging and the figures on the main process
+
     def __init__(self, ctx: RunContext, method: str):
         super().__init__(ctx)
         self.method = method
@@ -314,12 +336,23 @@ class EvalStage(Stage):
         model_dir = ctx.model_path if base else ctx.layout.model(self.method)
         model, tokenizer = (ctx.inference_model(e.dtype) if base else
                             load_model(model_dir, dtype=e.dtype, device=ctx.device))
+        if world_size() > 1:  # every process answers its share of the prompts; the main one then judges them all
+            generate_sets(model, tokenizer, sets, directory, DecodingConfig.greedy(e.max_new_tokens), e.batch_prompts,
+                          ctx.config.seed)
+            if not is_main():
+                return {}
+        with alone():
+            return self.judged(model, tokenizer, model_dir, directory)
+
+    def judged(self, model, tokenizer, model_dir: str, directory: str) -> dict:
+        """The answers (generated here unless all processes made them), judged; the drift; the compute."""
+        ctx, e, sets = self.ctx, self.ctx.config.eval, self.ctx.eval_sets()
         loader = judge_loader(e.judge, e.judge_model)
         summaries = evaluate(model, tokenizer, sets, loader, directory, DecodingConfig.greedy(e.max_new_tokens),
                              model_info={"name": self.method, "path": model_dir}, batch_prompts=e.batch_prompts,
                              seed=ctx.config.seed, resamples=e.resamples, plot=False,
                              helpfulness=ctx.eval_measures()["helpfulness"], second_judge=ctx.second_judge())
-        if not base:
+        if METHODS[self.method].trains:
             write_json(os.path.join(directory, DRIFT_FILE), self.drift(model, sets, directory))
         return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values()),
                 **self.flops(model, tokenizer, sets, directory,

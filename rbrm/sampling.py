@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from .distributed import barrier, gather, is_main, my_turn, splitting, world_size
 from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
 from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
@@ -343,7 +344,7 @@ def generate_responses(model, tokenizer, prompts: list, n: int = 8, settings: De
     `stats`, if given, receives generated_tokens, seconds and calls of this run (not of earlier runs).
     """
     prompts = prompt_records(prompts)
-    with exclusive_writer(out_path) if out_path else contextlib.nullcontext():
+    with exclusive_writer(out_path) if out_path and is_main() else contextlib.nullcontext():
         return _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed,
                                    progress, max_sequences, backend, engine, stats, prefill, first_index)
 
@@ -399,6 +400,24 @@ def drop_too_long(prompts: list, texts: list[str], tokenizer, limit: int | None,
     return kept, kept_texts, dropped
 
 
+def _run_call(backend: Backend, call: list[tuple[int, range]], ids: list[str], texts: list[str], prompts: list,
+              seed: int, done: dict, prefill: str, first_index: int) -> tuple[list[dict], int]:
+    """One planned generate call: (its rows not yet in `done`, the tokens it generated)."""
+    seed_here = call_seed(seed, [(ids[p], r.start, r.stop) for p, r in call])
+    results = backend([texts[p] for p, _ in call], [len(r) for _, r in call], seed_here)
+    made = {(p, i): out for (p, r), outs in zip(call, results) for i, out in zip(r, outs)}
+    rows = []
+    for p, i in [(p, i) for p, r in call for i in r if (ids[p], i) not in done]:
+        response, finish, num_tokens = made[(p, i)]
+        row = {"prompt_id": ids[p], "sample_index": first_index + i, "prompt": prompts[p].prompt,
+               "response": prefill + response, "finish_reason": finish, "num_tokens": num_tokens,
+               **({"prefill": prefill} if prefill else {})}
+        if getattr(prompts[p], "category", None) is not None:
+            row["category"] = prompts[p].category
+        rows.append(row)
+    return rows, sum(out[2] for out in made.values())
+
+
 def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_prompts, seed, progress,
                         max_sequences, backend, engine, stats, prefill, first_index) -> list[dict]:
     settings = settings or DecodingConfig()
@@ -419,40 +438,37 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
                 "model": model_identity(model), "settings": settings.effective(), "n": n, "seed": seed,
                 "layout": {"batch_prompts": batch_prompts, "max_sequences": max_sequences},
                 **({"prefill": prefill, "first_index": first_index} if prefill or first_index else {})}
-        _check_meta(out_path, meta)
+        if is_main():
+            _check_meta(out_path, meta)
+        if splitting():  # the others read the rows once the main process has checked the file
+            barrier()
         done = {(pid, i - first_index): row for (pid, i), row in _existing_rows(out_path, prompts_by_id).items()}
     backend = backend or hf_backend(model, tokenizer, settings)
     wanted = len(prompts) * n
     todo = wanted - sum(1 for k in done if k[0] in prompts_by_id and k[1] < n)
-    bar = tqdm(total=wanted, initial=wanted - todo, desc="sample", unit="seq", disable=not progress)
+    bar = tqdm(total=wanted, initial=wanted - todo, desc="sample", unit="seq", disable=not progress or not is_main())
     new_rows: list[dict] = []
     tokens, n_calls, start = 0, 0, time.perf_counter()
-    for call in calls:
-        missing = [(p, i) for p, r in call for i in r if (ids[p], i) not in done]
-        if not missing:
-            continue
-        seed_here = call_seed(seed, [(ids[p], r.start, r.stop) for p, r in call])
-        results = backend([texts[p] for p, _ in call], [len(r) for _, r in call], seed_here)
-        made = {(p, i): out for (p, r), outs in zip(call, results) for i, out in zip(r, outs)}
-        rows = []
-        for p, i in missing:
-            response, finish, num_tokens = made[(p, i)]
-            row = {"prompt_id": ids[p], "sample_index": first_index + i, "prompt": prompts[p].prompt,
-                   "response": prefill + response, "finish_reason": finish, "num_tokens": num_tokens,
-                   **({"prefill": prefill} if prefill else {})}
-            if getattr(prompts[p], "category", None) is not None:
-                row["category"] = prompts[p].category
-            rows.append(row)
-        if out_path:
-            append_jsonl(out_path, rows)
-        for row in rows:
-            done[(row["prompt_id"], row["sample_index"] - first_index)] = row
-        new_rows += rows
-        n_calls += 1
-        tokens += sum(out[2] for out in made.values())
-        bar.update(len(rows))
+    pending = [call for call in calls if any((ids[p], i) not in done for p, r in call for i in r)]
+    # Under a launcher each process makes every world_size-th call (each call's seed is its own, so the rows are
+    # those of one process); the main process appends every call's rows in plan order.
+    for first in range(0, len(pending), world_size()):
+        turn = pending[first:first + world_size()]
+        mine = [call for k, call in enumerate(turn) if my_turn(first + k)]
+        made_here = [_run_call(backend, call, ids, texts, prompts, seed, done, prefill, first_index) for call in mine]
+        for rows, call_tokens in (made for per_process in gather(made_here) for made in per_process):
+            if out_path and is_main():
+                append_jsonl(out_path, rows)
+            for row in rows:
+                done[(row["prompt_id"], row["sample_index"] - first_index)] = row
+            new_rows += rows
+            n_calls += 1
+            tokens += call_tokens
+            bar.update(len(rows))
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
     bar.close()
+    if splitting() and out_path:  # every process may read the file next: the main process's rows are in it
+        barrier()
     if stats is not None:
         stats.update(generated_tokens=tokens, seconds=time.perf_counter() - start, calls=n_calls,
                      new_rows=len(new_rows), skipped_too_long=len(too_long))

@@ -31,7 +31,7 @@ class _FixedLogits(nn.Module):
         super().__init__()
         self.table = nn.Parameter(table)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
         return SimpleNamespace(logits=self.table[input_ids % self.table.shape[0]])
 
 

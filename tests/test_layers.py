@@ -22,7 +22,7 @@ PACKAGE = REPO / "rbrm"
 LAYERS = [  # bottom first
     ("files, formats and models", {"__init__", "errors", "render", "files", "formats", "models", "flops", "machine",
                                    "stages", "methods", "refusal", "memory", "precision", "layout",
-                                   "feature_files"}),
+                                   "feature_files", "distributed"}),
     ("method", {"trl_compat", "features", "reward_model", "probe_train", "sampling", "rerank", "dpo", "online"}),
     ("evaluation", {"judges", "helpfulness", "evaluation", "plots"}),
     ("pipeline", {"report", "run_config", "run_context", "run_stages", "pipeline"}),

@@ -41,6 +41,7 @@ from .run import (
     SUMMARY_FORMAT,
     evaluate,
     generate_set,
+    generate_sets,
     safety_rates,
     summarize_set,
     summary_table,
@@ -51,7 +52,7 @@ from .statistics import aggregate, bootstrap_ci, pct, ranking_quality, rate_with
 __all__ = [
     "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE",
     "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table",
-    "bootstrap_ci", "check_limit", "evaluate", "generate_set", "judge_cache_path", "judge_rows",
+    "bootstrap_ci", "check_limit", "evaluate", "generate_set", "generate_sets", "judge_cache_path", "judge_rows",
     "load_set", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct", "safety_rates",
     "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set", "summary_table",
     "within_prompt_auc", "write_summaries",

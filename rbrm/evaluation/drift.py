@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -40,33 +41,47 @@ def opening_share(responses: Sequence[str], words: int = OPENING_WORDS) -> tuple
     return count / len(openings), top
 
 
+def _answer_log_probs(model, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                      keep: int) -> torch.Tensor:
+    """Log-softmax of the next-token logits at the last `keep` positions only (the answers' predictions, with left
+    padding): the vocabulary-wide part never runs over prompt positions."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+    return F.log_softmax(logits[:, -keep:].float(), dim=-1)
+
+
 @torch.inference_mode()
 def per_token_kl(model, ref_model, tokenizer, rows: Sequence[tuple[Prompt, str]], batch_size: int = 16) -> dict:
     """Mean KL(model || ref_model) over the answer tokens of `rows` (prompt, the model's own answer).
 
     Each answer is rendered with `rbrm.render.render` (the token contract of every stage) and both models read
-    the same tokens; the KL at a position is over the whole vocabulary. Padding is on the right and masked.
-    Returns {"kl": mean per token, "tokens": answer tokens counted, "answers": answers with a token}.
+    the same tokens; the KL at a position is over the whole vocabulary. Rows are batched by length and padded on
+    the left (positions from the mask), so the answers' predictions sit in the last columns and only those are
+    scored. Returns {"kl": mean per token, "tokens": answer tokens counted, "answers": answers with a token}.
     """
-    sequences, masks = [], []
+    sequences = []  # (prompt + answer ids, answer length)
     for prompt, response in rows:
         prompt_ids, answer_ids = tokenize(tokenizer, *render(tokenizer, prompt, response))
-        if not answer_ids:
-            continue
-        sequences.append(prompt_ids + answer_ids)
-        # position t predicts token t+1: the predictions of the answer tokens sit at len(prompt)-1 ... end-1
-        masks.append([0] * (len(prompt_ids) - 1) + [1] * len(answer_ids) + [0])
+        if answer_ids:
+            sequences.append((prompt_ids + answer_ids, len(answer_ids)))
+    sequences.sort(key=lambda s: len(s[0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(sequences), batch_size):
-        batch, mask = sequences[start:start + batch_size], masks[start:start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], device=device)
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
-        answer = torch.tensor([m + [0] * (width - len(m)) for m in mask], device=device, dtype=torch.bool)
-        log_p = F.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
-        log_q = F.log_softmax(ref_model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+        batch = sequences[start:start + batch_size]
+        width = max(len(s) for s, _ in batch)
+        # position t predicts token t+1: an answer of A tokens is predicted at columns width-A-1 ... width-2
+        keep = max(a for _, a in batch) + 1
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s, _ in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s, _ in batch], device=device)
+        positions = (attention.cumsum(1) - 1).clamp_min(0)
+        answer = torch.tensor([[0] * (keep - a - 1) + [1] * a + [0] for _, a in batch], device=device,
+                              dtype=torch.bool)
+        log_p = _answer_log_probs(model, ids, attention, positions, keep)
+        log_q = _answer_log_probs(ref_model, ids, attention, positions, keep)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         total += float(kl[answer].sum())
         tokens += int(answer.sum())

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from ..distributed import is_main
 from ..errors import ConfigError
 from ..files import write_json, write_jsonl, write_text_atomic
 from ..helpfulness import HelpfulnessJudge
@@ -45,6 +46,19 @@ def generate_set(model, tokenizer, prompts: list, settings, directory: str, batc
     return rows, stats
 
 
+def generate_sets(model, tokenizer, sets: Sequence[PromptSet], out_dir: str, settings, batch_prompts: int = 8,
+                  seed: int = 0, progress: bool = True, prompts: dict | None = None) -> dict[str, tuple[list, dict]]:
+    """Every set's greedy answers (`generate_set`), in the folders `evaluate` reads. Under a launcher every
+    process calls it inside `rbrm.distributed.data_parallel()` and the main process then evaluates."""
+    prompts = prompts or {s.name: load_set(s) for s in sets}
+    generated = {}
+    for s in sets:
+        log.info("generating %s (%d prompts)", s.name, len(prompts[s.name]))
+        generated[s.name] = generate_set(model, tokenizer, prompts[s.name], settings,
+                                         set_dir(out_dir, s, len(sets) > 1), batch_prompts, seed, progress)
+    return generated
+
+
 def _add_compute(directory: str, stats: dict) -> dict:
     """Generation seconds, tokens and calls summed over every run that completed in this folder.
 
@@ -55,7 +69,7 @@ def _add_compute(directory: str, stats: dict) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             totals.update(json.load(f))
-    if stats.get("calls"):
+    if stats.get("calls") and is_main():  # under a launcher the main process keeps the ledger
         totals["generation_seconds"] = round(totals["generation_seconds"] + stats["seconds"], 3)
         totals["generated_tokens"] += stats["generated_tokens"]
         totals["generate_calls"] += stats["calls"]
@@ -175,11 +189,7 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
     model_info = {**model_identity(model), **(model_info or {})}
     generation = {**settings.effective(), "n": 1, "seed": seed, "batch_prompts": batch_prompts}
 
-    generated: dict[str, tuple[list[dict], dict]] = {}
-    for s in sets:
-        log.info("generating %s (%d prompts)", s.name, len(prompts[s.name]))
-        generated[s.name] = generate_set(model, tokenizer, prompts[s.name], settings, dirs[s.name], batch_prompts,
-                                         seed, progress)
+    generated = generate_sets(model, tokenizer, sets, out_dir, settings, batch_prompts, seed, progress, prompts)
     del model  # so that `release_model` can drop the last reference before a guard model loads
     if release_model is not None:
         release_model()
