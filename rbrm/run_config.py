@@ -477,6 +477,9 @@ def check(config: PipelineConfig, path: str) -> None:
                                   f"got {launch.launcher!r}")
     if launch.processes < 1:
         raise PipelineConfigError(f"{path}: `launch.processes` must be at least 1; got {launch.processes}")
+    if launch.processes > 1 and not launch.launcher:
+        raise PipelineConfigError(f"{path}: `launch.processes` ({launch.processes}) needs `launch.launcher` "
+                                  f"({' or '.join(LAUNCHERS)})")
     batch = int(config.dpo_setting("per_device_train_batch_size"))
     if launch.launcher and batch % launch.processes:
         raise PipelineConfigError(f"{path}: `dpo.per_device_train_batch_size` ({batch}) is the batch of one process "

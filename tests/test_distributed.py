@@ -44,7 +44,8 @@ def test_launch_settings_are_checked_before_any_stage(tmp_path):
     bad = [({"launcher": "mpirun", "processes": 2}, "launch.launcher"),
            ({"launcher": "torchrun", "processes": 0}, "launch.processes"),
            ({"launcher": "torchrun", "processes": 3}, "split evenly over `launch.processes`"),
-           ({"processes": 2, "accelerate_config": "x.yaml"}, "launch.accelerate_config")]
+           ({"processes": 2}, "needs `launch.launcher`"),
+           ({"launcher": "torchrun", "accelerate_config": "x.yaml"}, "launch.accelerate_config")]
     for launch, message in bad:
         path = tiny_config(tmp_path, "unused", launch=launch)
         with pytest.raises(PipelineConfigError, match=message.replace("`", ".").replace(".", ".")):
