@@ -93,6 +93,11 @@ def splitting() -> bool:
     return _data_parallel[0] and world_size() > 1
 
 
+def split_ways() -> int:
+    """Over how many processes a loop is split here: the world inside `data_parallel()`, else 1."""
+    return world_size() if splitting() else 1
+
+
 def my_turn(index: int) -> bool:
     """Whether the `index`-th batch of a split loop is this process's (round robin); always True unsplit."""
     return not splitting() or index % world_size() == rank()

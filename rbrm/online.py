@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 from peft import PeftModel
 
-from .distributed import sum_numbers
-from .dpo import ConfidenceDPOConfig, pairs_dataset, train_dpo
+from .dpo import ConfidenceDPOConfig, dpo_compute, pairs_dataset, train_dpo
 from .errors import ConfigError
 from .files import read_jsonl
 from .flops import LLAMA_7B, forward_flops
@@ -68,7 +67,7 @@ def run_round(directory: str, r: int, *, sampler, policy, reference, tokenizer, 
     train = pairs_dataset(os.path.join(directory, "pairs", "pairs.jsonl"), tokenizer)
     trainer = train_dpo(policy, tokenizer, args, train, ref_model=reference, peft_config=peft_config,
                         save_to=os.path.join(directory, "policy"), log_path=os.path.join(directory, "dpo_log.json"))
-    dpo_tokens, dpo_flops = (int(v) for v in sum_numbers(trainer.forward_tokens, trainer.flops))  # every process's
+    dpo_tokens, dpo_flops = dpo_compute(trainer)
     return {"generated_tokens": compute["generated_tokens"],
             "forward_tokens": compute["forward_tokens"] + scored["forward_tokens"] + dpo_tokens,
             "flops": compute["flops"] + scored["flops"] + dpo_flops,

@@ -134,8 +134,8 @@ LAUNCHERS = ("torchrun", "accelerate")
 class LaunchSection:
     """How `rbrm pipeline` starts its processes: one (no `launcher`), or `processes` on this machine under
     `torchrun` or `accelerate launch` (with `accelerate_config`, e.g. TRL's multi_gpu.yaml), one per GPU or CPU
-    processes over gloo. The command re-runs itself under the launcher; sampling, re-ranking, DPO and the
-    evaluation's answers split over the processes (rbrm.distributed). In no stage key: the results equal one
+    processes over gloo. The command re-runs itself under the launcher; the probe's features, sampling,
+    re-ranking, DPO and the evaluation's answers split over the processes (rbrm.distributed). In no stage key: the results equal one
     process's up to rounding."""
 
     launcher: str | None = None

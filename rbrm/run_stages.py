@@ -13,8 +13,8 @@ import os
 
 from accelerate.utils import is_peft_model
 
-from .distributed import alone, is_main, sum_numbers, world_size
-from .dpo import load_safedpo_rows, pairs_dataset, train_dpo
+from .distributed import alone, is_main, world_size
+from .dpo import dpo_compute, load_safedpo_rows, pairs_dataset, train_dpo
 from .evaluation import (
     DRIFT_FILE,
     RESPONSES_FILE,
@@ -223,7 +223,7 @@ class TrainStage(Stage):
                             log_path=os.path.join(directory, "dpo_log.json"))
         if is_main():
             save_merged(trainer.model, tokenizer, os.path.join(directory, "model"))
-        forward_tokens, flops = (int(v) for v in sum_numbers(trainer.forward_tokens, trainer.flops))  # every process's
+        forward_tokens, flops = dpo_compute(trainer)
         return {"forward_tokens": forward_tokens, "flops": flops, "steps": trainer.state.global_step,
                 "pairs": len(trainer.train_dataset)}
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .distributed import barrier, gather, is_main, my_turn, splitting, world_size
+from .distributed import barrier, gather, is_main, my_turn, split_ways, splitting
 from .errors import ConfigError, DataError, RbrmError
 from .features import context_length, pad
 from .files import append_jsonl, digest, exclusive_writer, read_json_file, read_jsonl, write_json
@@ -452,8 +452,8 @@ def _generate_responses(model, tokenizer, prompts, n, settings, out_path, batch_
     pending = [call for call in calls if any((ids[p], i) not in done for p, r in call for i in r)]
     # Under a launcher each process makes every world_size-th call (each call's seed is its own, so the rows are
     # those of one process); the main process appends every call's rows in plan order.
-    for first in range(0, len(pending), world_size()):
-        turn = pending[first:first + world_size()]
+    for first in range(0, len(pending), split_ways()):
+        turn = pending[first:first + split_ways()]
         mine = [call for k, call in enumerate(turn) if my_turn(first + k)]
         made_here = [_run_call(backend, call, ids, texts, prompts, seed, done, prefill, first_index) for call in mine]
         for rows, call_tokens in (made for per_process in gather(made_here) for made in per_process):

@@ -9,10 +9,10 @@ The command, `rbrm dpo`, is `rbrm.commands.dpo`, as TRL's is `trl/scripts/dpo.py
 from .config import CONFIDENCE_MODES, ConfidenceDPOConfig, machine_defaults, trains_on_cpu
 from .data import pairs_dataset, preference_dataset, render_and_tokenize
 from .safedpo import SAFETY_MARGIN_COLUMN, load_safedpo_rows, safedpo_dataset, safedpo_rows, safedpo_transform
-from .train import last_checkpoint, train_dpo
+from .train import dpo_compute, last_checkpoint, train_dpo
 from .trainer import REWARD_DIR, ConfidenceDPOTrainer
 
 __all__ = ["CONFIDENCE_MODES", "REWARD_DIR", "SAFETY_MARGIN_COLUMN", "ConfidenceDPOConfig", "ConfidenceDPOTrainer",
-           "last_checkpoint", "load_safedpo_rows", "machine_defaults", "pairs_dataset", "preference_dataset",
+           "dpo_compute", "last_checkpoint", "load_safedpo_rows", "machine_defaults", "pairs_dataset", "preference_dataset",
            "render_and_tokenize", "safedpo_dataset", "safedpo_rows", "safedpo_transform", "train_dpo",
            "trains_on_cpu"]

@@ -10,7 +10,7 @@ import shutil
 from datasets import load_from_disk
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..distributed import barrier, is_main, world_size
+from ..distributed import barrier, is_main, sum_numbers, world_size
 from ..files import write_json
 from .config import ConfidenceDPOConfig
 from .trainer import ConfidenceDPOTrainer
@@ -32,6 +32,12 @@ def shared_on_disk(dataset, directory: str):
         dataset.save_to_disk(directory)
     barrier()
     return load_from_disk(directory)
+
+
+def dpo_compute(trainer: ConfidenceDPOTrainer) -> tuple[int, int]:
+    """(forward tokens, FLOPs) of a finished DPO run, every process's share summed: each trainer counts its own."""
+    forward_tokens, flops = sum_numbers(trainer.forward_tokens, trainer.flops)
+    return int(forward_tokens), int(flops)
 
 
 def train_dpo(model, tokenizer, args: ConfidenceDPOConfig, train_dataset, *, ref_model=None, peft_config=None,
