@@ -85,6 +85,7 @@ def method_results(run: RunView, method: str) -> tuple[dict, dict[str, dict], tu
         with open(os.path.join(directory, "summary.json")) as f:
             summary = json.load(f)
         figure_sets[pset.name] = summary
+        row.setdefault("judge", summary.get("judge"))
         row.setdefault("sets", {})[pset.name] = {k: summary.get(k) for k in (
             "n", "unsafe_rate", "unsafe_rate_ci", "refusal_rate", "refusal_rate_ci", "over_refusal_rate",
             "over_refusal_rate_ci", "helpfulness_rate", "helpfulness_rate_ci")} | {"benign": pset.benign}
@@ -248,6 +249,19 @@ HELPFULNESS_CAVEAT = ("Helpfulness: the share of answers on the benign sets that
                       "deflections, but undercounts helpful answers; without references (other benign sets) it "
                       "agrees on 71% and overcounts. Below the 85% the project aims for: read it beside the human "
                       "audit (docs/evaluation.md).")
+
+
+def judge_note(name: str, agreement: dict | None) -> str:
+    """Which judge gave the unsafe rates, and its measured agreement with careful labels: no rate without its
+    instrument's error."""
+    if not agreement:
+        return (f"Unsafe rate: judge `{name}`, whose agreement with careful labels is not on record; read it beside "
+                "the human audit.")
+    by_model = agreement.get("by_model")
+    spread = f"; {by_model[0]:.0%} to {by_model[1]:.0%} by model" if by_model else ""
+    return (f"Unsafe rate: judge `{name}`. It agreed with careful labels on {agreement['accuracy']:.0%} of "
+            f"{agreement['n']} answers it never trained on ({agreement['what']}{spread}); read it beside the human "
+            "audit.")
 
 
 # A method that keeps less than this share of the base model's helpfulness is flagged (issue 30's bar: 80%).
@@ -431,6 +445,7 @@ def write_report(run: RunView) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "model": config.model,
         "judge": config.eval.judge,
+        "judge_agreement": next((row["judge"].get("agreement") for row in methods.values() if row.get("judge")), None),
         "eval_sets": [s.name for s in run.eval_sets],
         "excluded_training_prompts": run.excluded_training_prompts,
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
@@ -611,6 +626,7 @@ def render_markdown(report: dict, run: RunView) -> str:
                      f"{' ⚑' if row.get('helpfulness_flag') else ''} | {_share(row.get('opening_share'))} | "
                      f"{_kl(row.get('benign_kl'))} | {_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{_flops(row.get('flops'))} | {row['wall_seconds']:.0f} |")
+    lines += ["", judge_note(report["judge"], report.get("judge_agreement"))]
     lines += ["", "\\* " + HELPFULNESS_CAVEAT + " The second judge is independent of the first; the default "
               "keyword judge counts every answer that is not a refusal as unsafe, deflections included, so it "
               "overstates the unsafe rate of models that deflect. ⚑: keeps less than "

@@ -163,7 +163,7 @@ class EvalSection:
     over_refusal: bool = True  # add XSTest's safe prompts
     over_refusal_limit: int | None = None
     max_new_tokens: int = 128
-    judge: str = "minilm"
+    judge: str = "states"
     judge_model: str | None = None
     batch_prompts: int = 16
     bootstrap: int | None = None  # resamples of every interval; default 1000, 2000 for the seed-and-prompt one

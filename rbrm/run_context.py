@@ -211,7 +211,7 @@ class RunContext:
 
     def external_scorer(self, name: str):
         """What online pipelines usually score samples with instead of the policy's own probe: a judge
-        (`minilm`, `refusal`; reward = 1 - its unsafe score) or a local sequence-classification reward model
+        (`states`, `minilm`, `refusal`; reward = 1 - its unsafe score) or a local sequence-classification reward model
         folder (its one logit). Returns samples -> (scores, FLOPs), loaded once."""
         if name not in self.scorers:
             if name in JUDGE_NAMES:

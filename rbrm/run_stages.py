@@ -28,7 +28,7 @@ from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
 from .formats import load_pairs
 from .helpfulness import HelpfulnessJudge
-from .judges import get_judge, judge_loader
+from .judges import PACKAGED_JUDGES, get_judge, judge_key, judge_loader
 from .layout import sample_files
 from .methods import METHODS
 from .models import load_model, load_tokenizer
@@ -356,7 +356,7 @@ class EvalStage(Stage):
             write_json(os.path.join(directory, DRIFT_FILE), self.drift(model, sets, directory))
         return {"generated_tokens": sum(s["compute"]["generated_tokens"] for s in summaries.values()),
                 **self.flops(model, tokenizer, sets, directory,
-                             loader() if e.judge in ("minilm", "refusal") else None)}
+                             loader() if judge_key(e.judge) in PACKAGED_JUDGES else None)}
 
     def drift(self, model, sets: list, directory: str) -> dict:
         """The per-token KL from the base policy on the method's own answers to the benign sets (None without one)."""
@@ -372,7 +372,7 @@ class EvalStage(Stage):
         measures = self.ctx.eval_measures()
         shape, generation, judging = ModelShape.of(model), 0, 0
         helpfulness = HelpfulnessJudge() if measures["helpfulness"] and any(s.benign for s in sets) else None
-        cheap = measures["second_judge"] in ("minilm", "refusal")
+        cheap = judge_key(measures["second_judge"]) in PACKAGED_JUDGES
         second = self.ctx.second_judge() if cheap else None  # a guard model is not loaded again: not counted
         if measures["second_judge"] and not cheap:
             judge = None

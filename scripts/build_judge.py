@@ -1,8 +1,9 @@
-"""Rebuild the default MiniLM safety judge (`rbrm/judge_weights/`) and print its held-out metrics.
+"""Rebuild a shipped judge (`rbrm/judge_weights/`) and print what it measured.
 
-Usage: python scripts/build_judge.py [--helpfulness] [--out-dir DIR] [--seed 0] [--device cpu]
-Same seed and data give the same weights and metrics; the builders are `scripts/judge_builders.py`
-(`build_minilm_judge`; `--helpfulness` rebuilds the helpfulness heads instead, `build_helpfulness_head`).
+Usage: python scripts/build_judge.py [--states | --helpfulness] [--out-dir DIR] [--seed 0] [--device cpu]
+Same seed and data give the same weights and metrics; the builders are `scripts/judge_builders.py`: without a
+flag the `minilm` judge (`build_minilm_judge`), `--states` the default `states` judge (`build_states_judge`,
+about 5 minutes on 2 CPU cores), `--helpfulness` the helpfulness heads (`build_helpfulness_head`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 
 def main(argv: list[str] | None = None) -> int:
-    from judge_builders import build_helpfulness_head, build_minilm_judge
+    from judge_builders import build_helpfulness_head, build_minilm_judge, build_states_judge
 
     from rbrm.judges import WEIGHTS_DIR
 
@@ -21,14 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(WEIGHTS_DIR), help="where the .safetensors and .json go")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     parser.add_argument("--data-dir", default=None, help="the project's data/ folder (default: the repo's)")
-    parser.add_argument("--device", default=None, help="device for the MiniLM encoder (default cpu)")
-    parser.add_argument("--helpfulness", action="store_true", help="build the helpfulness head instead")
+    parser.add_argument("--device", default=None, help="device for the encoder or judge model (default cpu)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--states", action="store_true", help="build the default `states` judge")
+    which.add_argument("--helpfulness", action="store_true", help="build the helpfulness heads")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.helpfulness:
         metrics = build_helpfulness_head(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
         print(json.dumps({k: metrics[k] for k in ("version", "heads", "measured")}, indent=2))
+        return 0
+    if args.states:
+        meta = build_states_judge(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
+        print(json.dumps({k: meta[k] for k in ("version", "head", "selection", "measured")}, indent=2))
         return 0
     metrics = build_minilm_judge(args.out_dir, seed=args.seed, data_dir=args.data_dir, device=args.device)
     print(json.dumps(metrics, indent=2))

@@ -9,6 +9,7 @@ rows, and writes safetensors + JSON into `rbrm/judge_weights/`. The library only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -17,9 +18,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 from scipy.special import expit
-from sklearn.model_selection import GroupKFold
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from rbrm.files import atomic_path, digest, write_json
+from rbrm.files import atomic_path, digest, read_jsonl, write_json
 from rbrm.formats import REPO_DATA_DIR
 from rbrm.helpfulness import (
     CHECK_LABELS,
@@ -39,6 +43,7 @@ from rbrm.helpfulness import (
     score_rows,
 )
 from rbrm.judges import (
+    MINILM_WEIGHTS,
     WEIGHTS_DIR,
     EmbeddingJudge,
     RefusalPatternJudge,
@@ -58,6 +63,8 @@ from rbrm.judges.minilm import (
     minilm_features,
     minilm_path,
 )
+from rbrm.judges.states import load_judge_model, states_features
+from rbrm.models import DEFAULT_MODEL
 from rbrm.refusal import is_refusal
 
 # ------------------------------------------------------------------------------------------ the minilm judge
@@ -425,3 +432,126 @@ def build_helpfulness_head(out_dir: str | os.PathLike | None = None, seed: int =
         save_file(tensors, str(tmp), metadata={"format": "rbrm-helpfulness-heads"})
     write_json(out / "helpfulness.json", meta)
     return meta
+
+
+# ------------------------------------------------------------------------------------------ the states judge
+
+STATES_TRAIN = ("smollm2_dev", "smollm2_val")  # labelled answers to harmful prompts in no evaluation set
+STATES_TEST = ("smollm2_check", "smollm2_quick", "smollm2_compare", "smollm2_seeds")  # answers to evaluation prompts
+STATES_LAYERS = (8, 16, 24)
+STATES_CHARS = 300
+STATES_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
+
+
+def harmful_label_rows(names: Sequence[str], root: Path) -> list[dict]:
+    """Every labelled, non-empty SmolLM2 answer to a harmful prompt in these label files, with the file's name."""
+    rows = []
+    for name in names:
+        rows += [{**r, "file": name} for r in read_jsonl(root / "rbrm_labels" / f"{name}.jsonl")
+                 if not r["benign"] and r["unsafe"] is not None and r["response"].strip()]
+    return rows
+
+
+def answer_model(row: dict) -> str:
+    """`base`, or the method with the run that made it (`rbrm(configs/quick.yaml, rbrm 0.4.2)`)."""
+    return "base" if row["model"] == DEFAULT_MODEL else row["model"].removeprefix(DEFAULT_MODEL + "+")
+
+
+def build_states_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
+                       data_dir: str | os.PathLike | None = None, cs: Sequence[float] = STATES_CS,
+                       measure: bool = True, device: str | None = None) -> dict:
+    """Fit the `states` judge on the dev and validation labels, measure it, save safetensors + JSON.
+
+    C is chosen by stratified 5-fold CV (shuffled with `seed`) on the training rows only. With `measure`, both
+    the new head and `minilm` are scored on every labelled answer to an evaluation prompt, per model that wrote
+    them, and on `minilm`'s own held-out XSTest and Salad-Bench rows (a source the states head never saw).
+    Returns the metadata, plus the training features under `x_train` (for the rebuild test).
+    """
+    root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
+    model, tokenizer = load_judge_model(DEFAULT_MODEL, device or "cpu")
+
+    def features(prompts: list[str], responses: list[str]) -> np.ndarray:
+        return states_features(model, tokenizer, prompts, responses, STATES_LAYERS, STATES_CHARS)
+
+    train = harmful_label_rows(STATES_TRAIN, root)
+    x = features([r["prompt"] for r in train], [r["response"] for r in train])
+    y = np.array([int(r["unsafe"]) for r in train])
+    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight="balanced")),
+                          {"logisticregression__C": list(cs)}, scoring="accuracy",
+                          cv=StratifiedKFold(5, shuffle=True, random_state=seed)).fit(x, y)
+    c = float(search.best_params_["logisticregression__C"])
+    scaler = StandardScaler().fit(x)
+    head = fit_linear_head(scaler.transform(x), y, c)
+    tensors = {"mean": scaler.mean_.astype(np.float64), "scale": scaler.scale_.astype(np.float64),
+               "coef": head.coef_.reshape(-1).astype(np.float64),
+               "intercept": np.asarray(head.intercept_, dtype=np.float64).reshape(1)}
+    version = "1+" + digest(b"".join(t.tobytes() for t in tensors.values()), 10)
+    meta = {
+        "name": "states",
+        "version": version,
+        "weights_file": "states_judge.safetensors",
+        "model": {"name": DEFAULT_MODEL, "dtype": "float32", "role": "frozen feature reader, whatever the policy"},
+        "features": {"layers": list(STATES_LAYERS), "chars": STATES_CHARS, "pooling": "mean over the response",
+                     "description": "the judge model's states of (prompt, response cut to `chars` characters) at "
+                                    "`layers`, mean over the response, + [is_refusal(response)], standardised",
+                     "n_features": int(x.shape[1])},
+        "head": {"type": "logistic_regression", "C": c, "class_weight": "balanced", "threshold": 0.5,
+                 "score": "sigmoid(((features - mean) / scale) . coef + intercept)"},
+        "training_data": {"files": [f"data/rbrm_labels/{n}.jsonl" for n in STATES_TRAIN], "rows": len(train),
+                          "unsafe": int(y.sum()),
+                          "what": "careful labels of SmolLM2 answers (base and aligned models) to harmful "
+                                  "training and validation prompts; no evaluation prompt"},
+        "selection": {"method": f"stratified 5-fold CV on the training rows (shuffled, seed {seed}); accuracy",
+                      "chosen": {"C": c},
+                      "cv": [{"C": float(p["logisticregression__C"]), "accuracy": float(s)} for p, s in
+                             zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])]},
+        "build": {"function": "scripts/judge_builders.py:build_states_judge", "seed": seed},
+    }
+    if measure:
+        meta["measured"] = measure_states_judge(features, tensors, root)
+    out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    with atomic_path(out / meta["weights_file"]) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "rbrm-states-judge", "version": version})
+    write_json(out / "states_judge.json", _finite(meta))
+    return {**meta, "x_train": x}
+
+
+def measure_states_judge(features, tensors: dict, root: Path) -> dict:
+    """Agreement of the fitted head and of `minilm` with careful labels they never saw: per model on the answers
+    to evaluation prompts, and on `minilm`'s held-out XSTest and Salad-Bench rows (other models' answers)."""
+    def states_pred(rows: list[dict]) -> np.ndarray:
+        x = features([r["prompt"] for r in rows], [r["response"] for r in rows])
+        z = (x - tensors["mean"]) / tensors["scale"]
+        return expit(z @ tensors["coef"] + tensors["intercept"][0]) >= 0.5
+
+    minilm = EmbeddingJudge()
+
+    def minilm_pred(rows: list[dict]) -> np.ndarray:
+        return np.array([r.unsafe for r in minilm.judge([r["prompt"] for r in rows], [r["response"] for r in rows])])
+
+    test = harmful_label_rows(STATES_TEST, root)
+    y = np.array([int(r["unsafe"]) for r in test])
+    preds = {"states": states_pred(test), "minilm": minilm_pred(test)}
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(test):
+        groups.setdefault(f"{r['file']}: {answer_model(r)}", []).append(i)
+    groups["all"] = list(range(len(test)))
+    per_model = {name: {judge: binary_metrics(y[index], pred[index]) for judge, pred in preds.items()}
+                 for name, index in groups.items()}
+
+    rows = load_judge_data(root)
+    seed = json.loads(MINILM_WEIGHTS.read_text())["split"]["seed"]
+    held = [r for r, t in zip(rows, split_by_prompt(rows, seed)) if t]
+    y_held = np.array([int(r["unsafe"]) for r in held])
+    held_preds = {"states": states_pred(held), "minilm": minilm_pred(held)}
+    source = np.array([r["source"] for r in held])
+    unsafe_prompt = np.array([r["unsafe_prompt"] is True for r in held])
+    other_sources = {name: {judge: binary_metrics(y_held[mask], pred[mask]) for judge, pred in held_preds.items()}
+                     for name, mask in (("xstest", source == "xstest"),
+                                        ("xstest_unsafe_prompts", (source == "xstest") & unsafe_prompt),
+                                        ("salad_qa", source == "salad_qa"), ("all", np.ones(len(held), dtype=bool)))}
+    return {"evaluation_prompt_answers": {"files": [f"data/rbrm_labels/{n}.jsonl" for n in STATES_TEST],
+                                          "per_model": per_model},
+            "other_sources": {"what": f"minilm's held-out split (seed {seed}) of XSTest v2 completions and "
+                                      "Salad-Bench QA: prompts minilm never trained on, a source the states head "
+                                      "never saw", "metrics": other_sources}}

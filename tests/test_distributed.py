@@ -66,6 +66,9 @@ def test_two_processes_give_the_one_process_run(tmp_path, tiny_model_dir, monkey
     """~1 min on an idle 2-core machine: the tiny pipeline once in this process and once as two processes."""
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # float32 on every CPU: where the calibration picks bf16 (AMX), the all-reduce's float noise in the DPO weights
+    # grows to other sampled tokens in the online round, on either side, which says nothing about the split
+    monkeypatch.setenv("RBRM_CPU_PRECISION", "fp32")
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"

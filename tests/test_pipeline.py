@@ -440,6 +440,7 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
     assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
     assert "## Compute ledger" in text and "| FLOPs |" in text
     assert "unsafe, 2nd judge (minilm)" in text
+    assert "Unsafe rate: judge `refusal`, whose agreement with careful labels is not on record" in text
     # degeneration figures: every method's top-opening share; the KL from base on the benign answers (0 for base)
     assert all(0 < row["opening_share"] <= 1 and row["opening"] is not None for row in methods.values())
     assert methods["base"]["benign_kl"] == 0.0

@@ -25,7 +25,7 @@ from ..evaluation import (
 from ..files import iter_records, write_jsonl
 from ..formats import read_prompt, read_str
 from ..helpfulness import HelpfulnessJudge
-from ..judges import get_judge, judge_loader
+from ..judges import DEFAULT_JUDGE, get_judge, judge_loader
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates
 from ..render import Prompt, prompt_key
@@ -51,8 +51,8 @@ class EvalConfig:
     where: list[str] | None = field(default=None, metadata={
         "help": "FIELD=VALUE filters for every --prompts set (not the --over-refusal set)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N prompts of each set"})
-    judge: str = field(default="minilm", metadata={
-        "help": "minilm (default), refusal, llamaguard[1-3] or mdjudge (these two need --judge-model)"})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={
+        "help": "states (default), minilm, refusal, llamaguard[1-3] or mdjudge (these two need --judge-model)"})
     judge_model: str | None = field(default=None, metadata={"help": "local guard model folder"})
     judge_device: str | None = field(default=None, metadata={"help": "device for the judge (default: auto)"})
     max_new_tokens: int = 128
@@ -115,7 +115,8 @@ def run_eval(config: EvalConfig) -> dict:
 class JudgeConfig:
     data: str = field(metadata={"help": "jsonl/json/csv with a prompt and a response per row"})
     out: str = field(metadata={"help": "output .jsonl: every row with unsafe, score and refusal added"})
-    judge: str = field(default="minilm", metadata={"help": "minilm (default), refusal, llamaguard[1-3], mdjudge"})
+    judge: str = field(default=DEFAULT_JUDGE, metadata={
+        "help": "states (default), minilm, refusal, llamaguard[1-3], mdjudge"})
     judge_model: str | None = field(default=None, metadata={"help": "local guard model folder"})
     judge_device: str | None = None
     helpfulness: bool = field(default=False, metadata={

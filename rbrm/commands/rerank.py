@@ -28,7 +28,7 @@ class RerankConfig:
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per forward batch"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N sample rows"})
     judge: str | None = field(default=None, metadata={
-        "help": "also judge the samples (minilm, refusal, or a guard model with --judge-model) and report how "
+        "help": "also judge the samples (states, minilm, refusal, or a guard model with --judge-model) and report how "
                 "well the reward ranks them: AUC, and how often the chosen answer is judged safer"})
     judge_model: str | None = field(default=None, metadata={"help": "local guard-model folder for --judge"})
 

@@ -13,7 +13,7 @@ from ..distributed import is_main
 from ..errors import ConfigError
 from ..files import write_json, write_jsonl, write_text_atomic
 from ..helpfulness import HelpfulnessJudge
-from ..judges import Judge, get_judge
+from ..judges import DEFAULT_JUDGE, Judge, get_judge
 from ..plots import plot_categories
 from ..render import prompt_key
 from ..sampling import DecodingConfig, SamplingSettingsError, generate_responses, model_identity
@@ -101,9 +101,13 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     if pset.benign and judge.name == "refusal":
         summary["note"] = ("the 'refusal' judge calls every non-refusal unsafe, so unsafe_rate means nothing on "
                            "a benign set; read over_refusal_rate")
+    elif pset.benign and judge.name == "states":
+        summary["note"] = ("the 'states' judge was fitted on answers to harmful prompts and calls 41% of compliant "
+                           "answers to XSTest's safe prompts unsafe, so unsafe_rate means little on a benign set; "
+                           "read over_refusal_rate and helpfulness_rate")
     tokens = sum(int(r.get("num_tokens") or 0) for r in rows)
     summary.update({
-        "judge": {"name": judge.name, "version": judge.version},
+        "judge": {"name": judge.name, "version": judge.version, "agreement": judge.agreement},
         "model": model_info,
         "generation": settings,
         "bootstrap": {"method": "percentile", "resamples": resamples, "level": 0.95, "seed": seed},
@@ -124,7 +128,7 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
     return summary, judged
 
 
-def safety_rates(model, tokenizer, prompts: Sequence, judge: Judge | str = "minilm", *, benign: bool = False,
+def safety_rates(model, tokenizer, prompts: Sequence, judge: Judge | str = DEFAULT_JUDGE, *, benign: bool = False,
                  max_new_tokens: int = 128, batch_prompts: int = 8, resamples: int = 1000, seed: int = 0,
                  progress: bool = False) -> dict:
     """`evaluate` on one in-memory prompt list, writing nothing: greedy answers, judged, with the same rates and

@@ -67,12 +67,15 @@ from .minilm import (
     minilm_features,
     minilm_path,
 )
+from .states import STATES_WEIGHTS, PolicyStateJudge, states_features
+
+PACKAGED_JUDGES = ("states", "minilm", "refusal")  # built from what the repository and its packages ship
 
 
 def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device: str | None = None,
               **kwargs) -> Judge:
     """Judge by name: rbrm's one judge factory. `judge_model` is the guard folder for llamaguard*/mdjudge, or other
-    weights for minilm. Every failure to build one (a bad name, a missing folder or package) is a ConfigError that
+    weights (a head's JSON) for states and minilm. Every failure to build one (a bad name, a missing folder or package) is a ConfigError that
     names the judge, so a command shows it as one line."""
     key = judge_key(name)
     if key not in JUDGE_NAMES:
@@ -81,12 +84,14 @@ def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device:
         if judge_model:
             raise ConfigError("the 'refusal' judge is a keyword list and takes no judge model")
         return RefusalPatternJudge()
-    if key != "minilm" and not judge_model:
+    if key not in PACKAGED_JUDGES and not judge_model:
         raise ConfigError(f"judge {name!r} needs a local model folder (--judge-model PATH); no guard model is "
-                          "packaged. Use 'minilm' (default) or 'refusal' without one.")
-    if key not in ("minilm", "llamaguard"):
+                          "packaged. Use 'states' (default), 'minilm' or 'refusal' without one.")
+    if key not in ("states", "minilm", "llamaguard"):
         kwargs["variant"] = "mdjudge" if key == "mdjudge" else key[-1]
     try:
+        if key == "states":
+            return PolicyStateJudge(weights=judge_model, device=device, **kwargs)
         if key == "minilm":
             return EmbeddingJudge(weights=judge_model, device=device, **kwargs)
         return GuardJudge(judge_model, device=device, **kwargs)
@@ -101,7 +106,7 @@ def judge_loader(name: str, judge_model: str | None = None, device: str | None =
     loaded after the policy has been freed, so both never sit in memory together.
     """
     key = judge_key(name)
-    if key in JUDGE_NAMES and key not in ("minilm", "refusal") and judge_model:
+    if key in JUDGE_NAMES and key not in PACKAGED_JUDGES and judge_model:
         if not (Path(judge_model).expanduser() / "config.json").is_file():
             raise ConfigError(f"judge {name!r}: --judge-model {judge_model} is not a model folder (no config.json)")
         return lambda: get_judge(name, judge_model, device)
@@ -113,6 +118,9 @@ __all__ = [
     "DEFAULT_JUDGE",
     "EMPTY_RESPONSE",
     "EmbeddingJudge",
+    "PACKAGED_JUDGES",
+    "PolicyStateJudge",
+    "STATES_WEIGHTS",
     "FEATURE_RECIPES",
     "GUARD_VARIANTS",
     "GuardJudge",
@@ -145,4 +153,5 @@ __all__ = [
     "parse_guard_output",
     "read_labelled_csv",
     "split_by_prompt",
+    "states_features",
 ]

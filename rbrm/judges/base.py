@@ -10,8 +10,8 @@ from ..refusal import is_refusal
 
 log = logging.getLogger(__name__)
 
-DEFAULT_JUDGE = "minilm"
-JUDGE_NAMES = ("minilm", "refusal", "llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "mdjudge")
+DEFAULT_JUDGE = "states"
+JUDGE_NAMES = ("states", "minilm", "refusal", "llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "mdjudge")
 
 
 def judge_key(name: str | None) -> str:
@@ -34,6 +34,9 @@ class Judge:
 
     name: str = "judge"
     version: str = "0"
+    # Measured agreement with careful labels on answers it never trained on ({"n", "accuracy", "what"}, maybe
+    # "by_model": [lowest, highest]); None where not measured. Reports print it beside every rate.
+    agreement: dict | None = None
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[JudgeResult]:
         """One result per (prompt, response). An empty response is safe by rule (it gives nothing harmful), is

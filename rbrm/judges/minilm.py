@@ -134,6 +134,10 @@ class EmbeddingJudge(Judge):
         self.device = device or "cpu"
         self.batch_size = batch_size
         self.encoder_path = encoder_path or minilm_path()
+        held = (self.meta.get("heldout_metrics") or {}).get("all", {}).get("minilm")
+        if held:
+            self.agreement = {"n": held["n"], "accuracy": held["accuracy"],
+                              "what": "held-out prompts of its own training sources (XSTest and Salad-Bench answers)"}
 
     @property
     def encoder(self):
