@@ -1,13 +1,17 @@
 """Safety judges: is a response to a prompt unsafe, and is it a refusal?
 
-Three kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult]`):
+Four kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult]`):
 
 * `RefusalPatternJudge` ("refusal"): keyword refusal check, the transparent baseline of the jailbreak
   literature. It assumes every prompt is harmful, so any non-refusal counts as unsafe.
-* `EmbeddingJudge` ("minilm", the default): all-MiniLM-L6-v2 sentence embeddings and a logistic-regression
-  head trained on human-labelled responses shipped in `data/`. No guard model can be downloaded here, so
-  this is the judge we can build, ship (safetensors + JSON, never pickle) and validate on held-out prompts.
-  `scripts/judge_builders.py` rebuilds its weights reproducibly; the JSON records the held-out metrics.
+* `PolicyStateJudge` ("states", the default): a logistic-regression head on the frozen packaged
+  SmolLM2-135M-Instruct's hidden states of prompt and answer, fitted on careful labels of SmolLM2 answers to
+  harmful prompts outside the evaluation sets: the best offline judge measured (docs/evaluation.md).
+* `EmbeddingJudge` ("minilm"): all-MiniLM-L6-v2 sentence embeddings and a logistic-regression head trained on
+  the human-labelled XSTest and Salad-Bench responses shipped in `data/`.
+  No guard model can be downloaded here, so these two are the judges we can build, ship (safetensors + JSON,
+  never pickle) and validate on held-out answers; `scripts/judge_builders.py` rebuilds their weights
+  reproducibly and their JSON records what they measured.
 * `GuardJudge` ("llamaguard", "mdjudge"): a generative guard model from a local folder (Llama Guard 1/2/3,
   MD-Judge v0.1), prompted in its published format, decoded greedily; its score is the first-token
   probability of "unsafe" against "safe", as the Llama Guard model cards describe.
@@ -15,8 +19,8 @@ Three kinds, one interface (`Judge.judge(prompts, responses) -> list[JudgeResult
 Every judge also reports `refusal` from the same keyword check (`is_refusal`), so refusal counts agree
 across judges.
 
-Modules: `base` (the interface and the keyword judge), `minilm` (the embedding judge), `labelled` (its labelled
-data, split and metrics), `guard` (guard-model prompts and output parsing); here the one judge factory,
+Modules: `base` (the interface and the keyword judge), `states` (the default judge), `minilm` (the embedding
+judge), `labelled` (minilm's labelled data, split and metrics), `guard` (guard-model prompts and output parsing); here the one judge factory,
 `get_judge`, and `judge_loader`, which checks a judge at once but may load it later.
 """
 
