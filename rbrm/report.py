@@ -25,6 +25,8 @@ from .evaluation import (
     bootstrap_ci,
     opening_share,
     pct,
+    pooled_over_seeds,
+    pooled_table,
     set_dir,
 )
 from .feature_files import load_features
@@ -794,7 +796,11 @@ def render_seeds_markdown(report: dict, config, second: str, matched: dict | Non
         cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
         per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
         lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines += ["", HELPFULNESS_CAVEAT]
+    lines += ["", judge_note(report["judge"], report.get("judge_agreement")), "", HELPFULNESS_CAVEAT]
+    if report.get("audit"):
+        lines += ["", "## Human audit over seeds (`rbrm audit` on each seed's run)", "", *pooled_table(report["audit"])]
+    else:
+        lines += ["", "No seed's run has a human audit yet: these rates rest on the offline instruments alone."]
     lines += ["", "## Findings", "", "Intervals: 95% two-level bootstrap over seeds and prompts.", ""]
     lines += [f"- {f}" for f in findings]
     for name, g in against_base.items():
@@ -857,11 +863,12 @@ def write_seeds_report(config, runs: list[RunView]) -> dict:
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
     resamples = config.eval.seed_resamples
-    methods, flags = {}, {}
+    methods, flags, agreement = {}, {}, None
     for method in config.methods:
         rows, flags[method] = [], []
         for run in runs:
             row, _, method_flags = method_results(run, method)
+            agreement = agreement or (row.get("judge") or {}).get("agreement")
             rows.append({"seed": run.config.seed, **{k: row.get(k) for k in SEED_RATES},
                          "wall_seconds": row.get("wall_seconds"), "flops": row.get("flops"),
                          **({"confidence": row["confidence"]} if row.get("confidence") else {})})
@@ -904,6 +911,8 @@ def write_seeds_report(config, runs: list[RunView]) -> dict:
          for name, row in methods.items()}, os.path.join(config.run_dir, "figures", "safety_helpfulness_seeds.png"))
     report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "model": config.model, "judge": config.eval.judge,
+              "judge_agreement": agreement,
+              "audit": pooled_over_seeds([audit_summary(p.path(), methods=config.methods) for p in runs]),
               "seeds": [p.config.seed for p in runs], "methods": methods, "against_base": against_base,
               "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(runs, times)},
               "stage_cpu_shares": {str(p.config.seed): c for p, c in zip(runs, shares)},

@@ -24,6 +24,8 @@ from rbrm.evaluation.audit import (
     audit_table,
     draw_sample,
     import_labels,
+    pooled_over_seeds,
+    pooled_table,
     run_answers,
     shipped_label_files,
 )
@@ -83,6 +85,33 @@ def test_ppi_mean_matches_a_hand_computation():
     assert everything["estimate"] == pytest.approx(0.75) and everything["se"] == pytest.approx(math.sqrt(0.25 / 4))
     with pytest.raises(ValueError, match="at least 2 labelled rows"):
         ppi_mean([1], [1], big_f)
+
+
+def test_audits_pool_over_seeds_by_hand():
+    """Two seeds' audits of one method: the mean of their rates, an interval from their standard errors, the
+    agreement over every audited answer, and a seed without an audit left out and counted."""
+    def side(rate, ci, count, n, agree, agree_n, ppi):
+        return {"measure": "unsafe", "audited": n, "answers": 100, "instrument_rate": rate + 0.1,
+                "audit": {"rate": rate, "ci": ci, "n": n, "count": count},
+                "agreement": {"rate": agree, "n": agree_n}, "ppi": ppi}
+    seeds = [{"labels": 20, "judge": "states", "methods": {"rbrm": {"harmful": side(
+                 0.2, [0.1, 0.3], 4, 20, 0.75, 20, {"rate": 0.25, "ci": [0.0, 0.5], "se": 0.1}), "benign": None}}},
+             None,
+             {"labels": 30, "judge": "states", "methods": {"rbrm": {"harmful": side(
+                 0.4, [0.2, 0.6], 12, 30, 0.9, 30, {"rate": 0.35, "ci": [0.0, 0.7], "se": 0.2}), "benign": None}}}]
+    pooled = pooled_over_seeds(seeds)
+    got = pooled["methods"]["rbrm"]["harmful"]
+    assert (pooled["seeds"], pooled["audited_seeds"], pooled["labels"]) == (3, 2, 50)
+    assert got["seeds"] == 2 and got["audited"] == 50 and got["count"] == 16 and got["per_seed"] == [0.2, 0.4]
+    se = math.sqrt((0.1 / 1.959964) ** 2 + (0.2 / 1.959964) ** 2) / 2  # each interval's half-width / 1.96
+    assert got["audit"]["rate"] == pytest.approx(0.3) and got["audit"]["se"] == pytest.approx(se)
+    assert got["audit"]["ci"] == pytest.approx([0.3 - 1.959964 * se, 0.3 + 1.959964 * se])
+    assert got["instrument_rate"] == pytest.approx(0.4)
+    assert got["agreement"]["rate"] == pytest.approx((0.75 * 20 + 0.9 * 30) / 50) and got["agreement"]["n"] == 50
+    assert got["ppi"]["rate"] == pytest.approx(0.3) and got["ppi"]["se"] == pytest.approx(math.sqrt(0.01 + 0.04) / 2)
+    text = "\n".join(pooled_table(pooled))
+    assert "| rbrm | unsafe | 2 | 50 (16 unsafe) | 30.0% [" in text and "| 20%, 40% | states | 40.0% |" in text
+    assert pooled_over_seeds([None, None]) is None
 
 
 def test_ppi_rate_weights_strata_by_size():

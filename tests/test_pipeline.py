@@ -624,7 +624,10 @@ def test_a_finding_says_whether_the_second_judge_agrees():
 
 def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_model_dir):
     """Two seeds: different samples and different DPO runs; the same seed again: the same; one report over both
-    with per-seed rates, their means, and a verdict over seeds and prompts."""
+    with per-seed rates, their means, a verdict over seeds and prompts, and the seeds' audits pooled."""
+    from rbrm.cli import main
+    from rbrm.files import read_jsonl
+
     path = tiny_config(tmp_path, tiny_model_dir, methods=["base", "rbrm"], seeds=[0, 1])
     report = run(path)
     seeds_dir = tmp_path / "runs" / "tiny" / "seeds"
@@ -647,6 +650,19 @@ def test_seeds_change_sampling_and_dpo_and_the_report_pools_them(tmp_path, tiny_
     assert gain == pytest.approx(1 - rbrm / base) if base else True
     assert set(report["stage_seconds"]) == {"0", "1"} and report["stage_seconds"]["0"]["rbrm"] > 0
     assert (tmp_path / "runs" / "tiny" / "figures" / "safety_helpfulness_seeds.png").stat().st_size > 1000
+    assert report["audit"] is None and "No seed's run has a human audit yet" in text
+    # labels for seed 0's harmful answers: the report pools the audited seeds and says how many
+    labelled = tmp_path / "labels.jsonl"
+    with open(labelled, "w") as f:
+        for method in ("base", "rbrm"):
+            for r in read_jsonl(str(seeds_dir / "seed0" / method / "eval" / "advbench" / "responses.jsonl")):
+                f.write(json.dumps({"prompt": r["prompt"], "response": r["response"], "unsafe": True}) + "\n")
+    assert main(["audit", "--run", str(seeds_dir / "seed0"), "--import", str(labelled)]) == 0
+    report = run(path)
+    pooled = report["audit"]
+    assert (pooled["seeds"], pooled["audited_seeds"]) == (2, 1)
+    assert pooled["methods"]["rbrm"]["harmful"]["per_seed"] == [1.0] and "benign" not in pooled["methods"]["rbrm"]
+    assert "## Human audit over seeds" in (tmp_path / "runs" / "tiny" / "report.md").read_text()
     # the same comparison across two runs (here: one run twice) gives the seeds report's verdict
     from rbrm.pipeline import Pipeline, seed_configs
     from rbrm.report import compare_across_runs

@@ -20,7 +20,7 @@ prompts) as `xstest_safe`. With one set, everything is written to `--out`; with 
 own folder `--out/NAME/`, and `--out/summary.json` maps set names to summaries, `--out/summary.md` is a table.
 """
 
-from .audit import audit_notes, audit_summary, audit_table
+from .audit import audit_notes, audit_summary, audit_table, pooled_over_seeds, pooled_table
 from .drift import DRIFT_FILE, opening_share, per_token_kl
 from .judging import JUDGE_CHUNK, judge_cache_path, judge_rows
 from .prompt_sets import (
@@ -51,7 +51,7 @@ from .statistics import aggregate, bootstrap_ci, pct, ranking_quality, rate_with
 
 __all__ = [
     "COMPUTE_FILE", "DRIFT_FILE", "GENERATIONS_FILE", "JUDGE_CHUNK", "OVER_REFUSAL_SET", "RESPONSES_FILE",
-    "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table",
+    "SUMMARY_FORMAT", "XSTEST_PROMPTS", "PromptSet", "aggregate", "audit_notes", "audit_summary", "audit_table", "pooled_over_seeds", "pooled_table",
     "bootstrap_ci", "check_limit", "evaluate", "generate_set", "generate_sets", "judge_cache_path", "judge_rows",
     "load_set", "over_refusal_set", "opening_share", "parse_prompt_set", "parse_where", "pct", "safety_rates",
     "per_token_kl", "ranking_quality", "rate_with_ci", "set_dir", "summarize_set", "summary_table",

@@ -510,3 +510,66 @@ def audit_table(summary: dict) -> list[str]:
                          f"{'-' if own is None else f'{100 * own:.1f}%'} | "
                          f"{pct(agreement.get('rate'), agreement.get('ci'))} | {pct(ppi.get('rate'), ppi.get('ci'))} |")
     return lines
+
+
+def _mean_over_seeds(estimates: list[dict]) -> dict:
+    """The mean of independent per-seed estimates ({"rate", "ci"} and maybe "se") with a normal interval: each
+    seed's standard error is its own (or its interval's half-width / 1.96), and the seeds are different models
+    audited on independent samples."""
+    rates = [e["rate"] for e in estimates]
+    ses = [e["se"] if e.get("se") is not None else (e["ci"][1] - e["ci"][0]) / (2 * 1.959964) for e in estimates]
+    mean, se = float(np.mean(rates)), float(np.sqrt(np.sum(np.square(ses)))) / len(rates)
+    return {"rate": mean, "ci": [max(0.0, mean - 1.959964 * se), min(1.0, mean + 1.959964 * se)], "se": se}
+
+
+def pooled_over_seeds(summaries: Sequence[dict | None]) -> dict | None:
+    """Each seed's `audit_summary`, pooled per method and rate for a report over seeds: the mean over the audited
+    seeds of the audit's rate, the instrument's rate and the prediction-powered rate (`_mean_over_seeds`), the
+    agreement over every audited answer, and each seed's own audit rate. None when no seed has an audit."""
+    audited = [s for s in summaries if s]
+    if not audited:
+        return None
+    methods: dict[str, dict] = {}
+    for method in dict.fromkeys(m for s in audited for m in s["methods"]):
+        for side in ("harmful", "benign"):
+            per = [s["methods"][method][side] for s in audited
+                   if (s["methods"].get(method) or {}).get(side) and s["methods"][method][side]["audit"]]
+            if not per:
+                continue
+            agreed = [p["agreement"] for p in per if p["agreement"]]
+            n = sum(a["n"] for a in agreed)
+            hits = sum(a["rate"] * a["n"] for a in agreed)
+            instrument = [p.get("instrument_rate") for p in per]
+            methods.setdefault(method, {})[side] = {
+                "measure": per[0]["measure"], "seeds": len(per), "audited": sum(p["audited"] for p in per),
+                "count": sum(p["audit"]["count"] for p in per), "per_seed": [p["audit"]["rate"] for p in per],
+                "audit": _mean_over_seeds([p["audit"] for p in per]),
+                "instrument_rate": None if None in instrument else float(np.mean(instrument)),
+                "agreement": {"rate": hits / n, "ci": wilson_ci(hits, n), "n": n} if n else None,
+                "ppi": _mean_over_seeds([p["ppi"] for p in per]) if all(p["ppi"] for p in per) else None}
+    return {"seeds": len(summaries), "audited_seeds": len(audited), "labels": sum(s["labels"] for s in audited),
+            "judge": audited[0].get("judge"), "helpfulness_measure": audited[0].get("helpfulness_measure"),
+            "methods": methods}
+
+
+def pooled_table(pooled: dict) -> list[str]:
+    """Markdown lines for `pooled_over_seeds`: one row per method and rate."""
+    judge = pooled.get("judge") or "judge"
+    measure = pooled.get("helpfulness_measure") or "helpfulness measure"
+    lines = [f"- {pooled['labels']} audit labels over {pooled['audited_seeds']} of {pooled['seeds']} seeds; each rate "
+             "is the mean of the seeds' own audit rates, its interval from their standard errors; agreement counts "
+             "every audited answer", "",
+             "| method | rate | seeds | audited | audit, mean over seeds [95% CI] | per seed | instrument | "
+             "instrument's rate | agreement with audit [95% CI] | prediction-powered [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, sides in pooled["methods"].items():
+        for name, side in sides.items():
+            own = side["instrument_rate"]
+            agreement, ppi = side["agreement"] or {}, side["ppi"] or {}
+            lines.append(f"| {method} | {side['measure']} | {side['seeds']} | {side['audited']} "
+                         f"({side['count']} {side['measure']}) | {pct(side['audit']['rate'], side['audit']['ci'])} | "
+                         + ", ".join(f"{100 * r:.0f}%" for r in side["per_seed"])
+                         + f" | {measure if name == 'benign' else judge} | "
+                         f"{'-' if own is None else f'{100 * own:.1f}%'} | "
+                         f"{pct(agreement.get('rate'), agreement.get('ci'))} | {pct(ppi.get('rate'), ppi.get('ci'))} |")
+    return lines
