@@ -705,3 +705,31 @@ def test_benign_pairs_take_their_own_confidence_and_leave_the_probe_alone(tokeni
     s_c, s_r = probe.layer_scores(features[:4][safety]), probe.layer_scores(features[4:][safety])
     pairwise_loss(probe.reward_from_scores(s_c), probe.reward_from_scores(s_r), 1.0).backward()
     torch.testing.assert_close(grad, probe.weight.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_confidence_benign_sets_the_benign_pairs_gamma_and_leaves_the_safety_pairs(tokenizer, tmp_path):
+    """`confidence_benign=1`: the pairs ranked by the helpfulness reward train as plain DPO (gamma 1, so no cap on
+    how far they move the policy); the safety pairs keep the probe's online gamma. Out of (0, 1]: refused."""
+    from datasets import Dataset
+
+    from rbrm.dpo import ConfidenceDPOTrainer
+
+    rows = rendered_rows(tokenizer, 4)
+    for i, row in enumerate(rows):
+        row["benign"] = i in (1, 3)
+    policy = make_tiny_model(tokenizer, seed=0)
+    probe = make_probe(policy, tokenizer)
+    trainer = ConfidenceDPOTrainer(policy, ref_model=make_tiny_model(tokenizer, seed=1),
+                                   args=config(tmp_path, confidence_floor=0.5, confidence_benign=1.0,
+                                               reward_update=False),
+                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                   reward_model=probe)
+    trainer.compute_loss(trainer.model, batch_of(trainer, 4))
+    gamma = trainer.last_confidence
+    assert gamma[[1, 3]].tolist() == [1.0, 1.0]
+    with torch.no_grad():
+        reward = probe(trainer.last_features)
+    online = torch.sigmoid(7.5 * (reward[:4] - reward[4:])).clamp(min=0.5)
+    torch.testing.assert_close(gamma[[0, 2]], online[[0, 2]], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="confidence_benign=0.0 must lie in"):
+        config(tmp_path, confidence_benign=0.0)

@@ -30,6 +30,10 @@ class ConfidenceDPOConfig(DPOConfig):
     confidence_alpha: float = field(default=PAPER_ALPHA, metadata={
         "help": "gamma = sigmoid(alpha (r_c - r_r)) when confidence_scale=alpha (the paper: 7.5)"})
     confidence_floor: float = field(default=0.5, metadata={"help": "gamma is never below this (1.0: plain DPO)"})
+    confidence_benign: float | None = field(default=None, metadata={
+        "help": "gamma of the pairs ranked by the helpfulness reward (benign prompts): None takes their `confidence` "
+                "column (the helpfulness probe's calibrated confidence); 1.0 trains them as plain DPO, so that the "
+                "label confidence, which caps how far each pair moves the policy, applies to safety pairs only"})
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
     reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
@@ -57,6 +61,8 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence={self.confidence!r}: choose one of {CONFIDENCE_MODES}")
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
+        if self.confidence_benign is not None and not 0.0 < self.confidence_benign <= 1.0:
+            raise ValueError(f"confidence_benign={self.confidence_benign} must lie in (0, 1], or be unset")
         if self.reward_optimizer not in ("adam", "sgd"):
             raise ValueError(f"reward_optimizer={self.reward_optimizer!r}: choose adam or sgd")
         if self.confidence_scale not in ("calibrated", "alpha"):

@@ -404,8 +404,12 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
     def _confidence(self, reward_gap: torch.Tensor | None, column: torch.Tensor | None, pair_kept: torch.Tensor,
                     benign: torch.Tensor, n_pairs: int, device) -> torch.Tensor:
         """Per-pair gamma (detached). Online pairs that lost their endpoint to truncation keep their label (1);
-        benign pairs (ranked by the helpfulness reward) take their `confidence` column, as static mode does."""
+        benign pairs (ranked by the helpfulness reward) take `confidence_benign`, or else their `confidence` column,
+        as static mode does."""
         args = self.args
+        if args.confidence_benign is not None and benign.any():
+            others = self._confidence(reward_gap, column, pair_kept, torch.zeros_like(benign), n_pairs, device)
+            return torch.where(benign, torch.full_like(others, args.confidence_benign), others)
 
         def from_column(who: str) -> torch.Tensor:
             if column is None:

@@ -1,4 +1,4 @@
-"""The default judge, `minilm`: all-MiniLM-L6-v2 embeddings of prompt and response and a linear head."""
+"""The `minilm` judge (the default until 7 Dec 2026): all-MiniLM-L6-v2 embeddings of prompt and response and a linear head."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def recorded_agreement(meta: dict) -> dict | None:
     models = [v["states"]["accuracy"] for k, v in per_model.items() if k != "all"]
     return {"n": per_model["all"]["states"]["n"], "accuracy": per_model["all"]["states"]["accuracy"],
             "by_model": [min(models), max(models)], "models": len(models),
-            "what": "careful labels of SmolLM2 answers (base and aligned models) to evaluation prompts"}
+            "what": "answers of base and aligned SmolLM2 models to evaluation prompts"}
 
 
 class PolicyStateJudge(Judge):
