@@ -480,8 +480,7 @@ def build_states_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
                           {"logisticregression__C": list(cs)}, scoring="accuracy",
                           cv=StratifiedKFold(5, shuffle=True, random_state=seed)).fit(x, y)
     c = float(search.best_params_["logisticregression__C"])
-    scaler = StandardScaler().fit(x)
-    head = fit_linear_head(scaler.transform(x), y, c)
+    scaler, head = search.best_estimator_.named_steps.values()  # refitted on every training row with the chosen C
     tensors = {"mean": scaler.mean_.astype(np.float64), "scale": scaler.scale_.astype(np.float64),
                "coef": head.coef_.reshape(-1).astype(np.float64),
                "intercept": np.asarray(head.intercept_, dtype=np.float64).reshape(1)}

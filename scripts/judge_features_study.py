@@ -28,12 +28,18 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rbrm.features import extract_features
 from rbrm.files import read_jsonl
 from rbrm.helpfulness import load_helpfulness_data
-from rbrm.judges import REPO_DATA_DIR, binary_metrics, load_judge_data, minilm_features, minilm_path
-from rbrm.models import load_model
-from rbrm.refusal import is_refusal
+from rbrm.judges import (
+    REPO_DATA_DIR,
+    binary_metrics,
+    load_judge_data,
+    minilm_features,
+    minilm_path,
+    states_features,
+)
+from rbrm.judges.states import load_judge_model
+from rbrm.models import DEFAULT_MODEL
 
 SPLITS = {
     "unsafe": [(("xstest", "salad_qa"), "smollm2_check"), (("xstest", "salad_qa", "smollm2_dev"), "smollm2_check"),
@@ -73,12 +79,10 @@ def embedding_features(rows: list[dict], path: str, max_seq_length: int | None, 
 
 def policy_features(rows: list[dict], layers: list[int], chars: int) -> np.ndarray:
     """The frozen packaged policy's hidden states, mean-pooled over the response (cut to `chars`), at `layers`,
-    and the refusal flag."""
-    model, tokenizer = load_model(dtype="float32")
-    pairs = [(r["prompt"], r["response"][:chars]) for r in rows]
-    states = extract_features(model, tokenizer, pairs, layers=layers, pooling="mean").numpy()
-    flags = np.array([[float(is_refusal(r["response"]))] for r in rows])
-    return np.hstack([states.reshape(len(rows), -1), flags])
+    and the refusal flag: the `states` judge's features (`rbrm.judges.states_features`)."""
+    model, tokenizer = load_judge_model(DEFAULT_MODEL, "cpu")
+    return states_features(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], layers,
+                           chars)
 
 
 def fit(x: np.ndarray, y: np.ndarray, sources: np.ndarray, c: float, weighting: str, standardise: bool):

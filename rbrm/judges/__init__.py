@@ -91,7 +91,7 @@ def get_judge(name: str = DEFAULT_JUDGE, judge_model: str | None = None, device:
     if key not in PACKAGED_JUDGES and not judge_model:
         raise ConfigError(f"judge {name!r} needs a local model folder (--judge-model PATH); no guard model is "
                           "packaged. Use 'states' (default), 'minilm' or 'refusal' without one.")
-    if key not in ("states", "minilm", "llamaguard"):
+    if key not in (*PACKAGED_JUDGES, "llamaguard"):  # a guard variant named by its key
         kwargs["variant"] = "mdjudge" if key == "mdjudge" else key[-1]
     try:
         if key == "states":
