@@ -733,3 +733,30 @@ def test_confidence_benign_sets_the_benign_pairs_gamma_and_leaves_the_safety_pai
     torch.testing.assert_close(gamma[[0, 2]], online[[0, 2]], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="confidence_benign=0.0 must lie in"):
         config(tmp_path, confidence_benign=0.0)
+
+
+def test_sft_benign_adds_the_benign_chosen_answers_per_token_nll(tokenizer, tmp_path):
+    """`sft_benign=a`: the loss grows by a x (per-token NLL of each benign pair's chosen answer, by hand) summed and
+    divided by the batch's pairs; safety pairs add nothing. Negative weights are refused."""
+    from datasets import Dataset
+
+    from rbrm.dpo import ConfidenceDPOTrainer
+    from rbrm.render import tokenize
+
+    rows = rendered_rows(tokenizer, 4)
+    for i, row in enumerate(rows):
+        row["benign"] = i in (1, 3)
+    losses = {}
+    for weight in (0.0, 0.7):
+        trainer = ConfidenceDPOTrainer(make_tiny_model(tokenizer, seed=0), ref_model=make_tiny_model(tokenizer, seed=1),
+                                       args=config(tmp_path, confidence="static", sft_benign=weight),
+                                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(trainer.model, batch_of(trainer, 4))
+    policy = make_tiny_model(tokenizer, seed=0)
+    by_hand = sum(-sequence_logp(policy, tokenizer, rows[i]["prompt"], rows[i]["chosen"])
+                  / len(tokenize(tokenizer, rows[i]["prompt"], rows[i]["chosen"])[1]) for i in (1, 3)) / 4
+    assert by_hand > 0
+    torch.testing.assert_close(losses[0.7] - losses[0.0], 0.7 * by_hand, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="sft_benign=-1.0 must be >= 0"):
+        config(tmp_path, sft_benign=-1.0)

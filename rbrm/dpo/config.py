@@ -34,6 +34,10 @@ class ConfidenceDPOConfig(DPOConfig):
         "help": "gamma of the pairs ranked by the helpfulness reward (benign prompts): None takes their `confidence` "
                 "column (the helpfulness probe's calibrated confidence); 1.0 trains them as plain DPO, so that the "
                 "label confidence, which caps how far each pair moves the policy, applies to safety pairs only"})
+    sft_benign: float = field(default=0.0, metadata={
+        "help": "weight of a negative log-likelihood term (per token, averaged over the batch's pairs) on the chosen "
+                "answers of the pairs ranked by the helpfulness reward: RPO's anchor, on benign prompts only, so "
+                "that answering them is held while the safety pairs move the policy. 0: off"})
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
     reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
@@ -63,6 +67,8 @@ class ConfidenceDPOConfig(DPOConfig):
             raise ValueError(f"confidence_floor={self.confidence_floor} must lie in [0, 1]")
         if self.confidence_benign is not None and not 0.0 < self.confidence_benign <= 1.0:
             raise ValueError(f"confidence_benign={self.confidence_benign} must lie in (0, 1], or be unset")
+        if self.sft_benign < 0:
+            raise ValueError(f"sft_benign={self.sft_benign} must be >= 0")
         if self.reward_optimizer not in ("adam", "sgd"):
             raise ValueError(f"reward_optimizer={self.reward_optimizer!r}: choose adam or sgd")
         if self.confidence_scale not in ("calibrated", "alpha"):

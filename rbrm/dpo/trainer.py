@@ -347,7 +347,7 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
         # The confidence and safety-margin terms need the per-pair reference log-probs: compute them with TRL's own
         # method and hand them over as precomputed, so TRL skips its reference forward (one reference forward
         # either way).
-        per_pair_terms = mode_confidence != "none" or bool(safety_margin)
+        per_pair_terms = mode_confidence != "none" or bool(safety_margin) or bool(self.args.sft_benign)
         if per_pair_terms and not self.reference_precomputed:
             ref_model = self.ref_model if self.ref_model is not None else self.model
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.compute_ref_log_probs(ref_model, inputs)
@@ -368,6 +368,8 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
             weight = self.loss_weights[self.loss_types.index("sigmoid")]
         if safety_margin:
             loss = loss + weight * self._safety_margin_term(delta, extra["safety_margin"], metrics)
+        if self.args.sft_benign:
+            loss = loss + self.args.sft_benign * self._benign_nll(policy, completion_mask, benign, metrics)
         if mode_confidence != "none":
             gamma = self._confidence(reward_gap, extra["confidence"], safety_kept, benign, n_pairs,
                                      completion_mask.device)
@@ -389,6 +391,19 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
         logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         return (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
+
+    @staticmethod
+    def _benign_nll(policy: _PolicyCall, completion_mask: torch.Tensor, benign: torch.Tensor, metrics) -> torch.Tensor:
+        """The chosen answers' per-token negative log-likelihood on benign pairs, summed and divided by all the
+        batch's pairs (0 for a safety pair), from TRL's own policy forward."""
+        seq_len = completion_mask.size(1) - 1
+        n_pairs = completion_mask.shape[0] // 2
+        logps = policy.output.log_probs[:n_pairs, -seq_len:].sum(dim=1)
+        tokens = completion_mask[:n_pairs, -seq_len:].sum(dim=1).clamp(min=1)
+        nll = -logps / tokens
+        if benign.any():
+            metrics["sft_benign/nll"].append(nll[benign].mean().item())
+        return (nll * benign.to(nll.dtype)).sum() / n_pairs
 
     def _safety_margin_term(self, delta: torch.Tensor, margins: torch.Tensor | None, metrics) -> torch.Tensor:
         """SafeDPO's loss minus TRL's sigmoid loss, averaged over the pairs: -ls(bD - m Delta) + ls(bD), so that
