@@ -36,8 +36,9 @@ class ConfidenceDPOConfig(DPOConfig):
                 "label confidence, which caps how far each pair moves the policy, applies to safety pairs only"})
     sft_benign: float = field(default=0.0, metadata={
         "help": "weight of a negative log-likelihood term (per token, averaged over the batch's pairs) on the chosen "
-                "answers of the pairs ranked by the helpfulness reward: RPO's anchor, on benign prompts only, so "
-                "that answering them is held while the safety pairs move the policy. 0: off"})
+                "answers of the pairs ranked by the helpfulness reward: RPO's anchor, on benign prompts only. At 1.0 "
+                "on validation prompts it held the whole policy near the base model, harmful prompts included "
+                "(docs/results/README.md). 0: off"})
     confidence_batch_mean: bool = field(default=False, metadata={
         "help": "the paper code's variant: one gamma per micro-batch, the mean of the per-pair values, floored"})
     reward_lr: float = field(default=0.01, metadata={"help": "learning rate of the online probe update"})
