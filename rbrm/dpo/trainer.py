@@ -384,23 +384,27 @@ class ConfidenceDPOTrainer(DPOTrainerHooks):
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
-    def _log_ratio_gap(policy: _PolicyCall, inputs: dict, completion_mask: torch.Tensor) -> torch.Tensor:
+    def _completion_logps(policy: _PolicyCall, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob, token count) of each row's completion [chosen rows; rejected rows], from TRL's own policy
+        forward, summed as TRL sums them (ld_alpha is None)."""
+        seq_len = completion_mask.size(1) - 1
+        return policy.output.log_probs[:, -seq_len:].sum(dim=1), completion_mask[:, -seq_len:].sum(dim=1)
+
+    @classmethod
+    def _log_ratio_gap(cls, policy: _PolicyCall, inputs: dict, completion_mask: torch.Tensor) -> torch.Tensor:
         """D per pair: log pi/pi_ref of the chosen minus that of the rejected, from the log-probs of TRL's own
         policy forward and the reference log-probs handed to it."""
-        seq_len = completion_mask.size(1) - 1
-        logps = policy.output.log_probs[:, -seq_len:].sum(dim=1)  # as TRL sums them (ld_alpha is None)
-        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        chosen_logps, rejected_logps = cls._completion_logps(policy, completion_mask)[0].chunk(2, dim=0)
         return (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
 
-    @staticmethod
-    def _benign_nll(policy: _PolicyCall, completion_mask: torch.Tensor, benign: torch.Tensor, metrics) -> torch.Tensor:
+    @classmethod
+    def _benign_nll(cls, policy: _PolicyCall, completion_mask: torch.Tensor, benign: torch.Tensor,
+                    metrics) -> torch.Tensor:
         """The chosen answers' per-token negative log-likelihood on benign pairs, summed and divided by all the
         batch's pairs (0 for a safety pair), from TRL's own policy forward."""
-        seq_len = completion_mask.size(1) - 1
         n_pairs = completion_mask.shape[0] // 2
-        logps = policy.output.log_probs[:n_pairs, -seq_len:].sum(dim=1)
-        tokens = completion_mask[:n_pairs, -seq_len:].sum(dim=1).clamp(min=1)
-        nll = -logps / tokens
+        logps, tokens = cls._completion_logps(policy, completion_mask)
+        nll = -logps[:n_pairs] / tokens[:n_pairs].clamp(min=1)
         if benign.any():
             metrics["sft_benign/nll"].append(nll[benign].mean().item())
         return (nll * benign.to(nll.dtype)).sum() / n_pairs
