@@ -52,6 +52,8 @@ class Pipeline:
     def run(self) -> dict:
         ctx, methods = self.context, self.config.methods
         trains = [m for m in methods if METHODS[m].trains]
+        if "sample" in self.shared_stages(trains):
+            ctx.training_prompts()  # a missing prompt file or a bad spec fails here, before hours of earlier stages
         for name in self.shared_stages(trains):
             ctx.run(STAGES[name](ctx))
             if name == "rerank":  # the report's ranking quality: the re-ranked samples, judged like answers

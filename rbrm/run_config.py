@@ -79,6 +79,10 @@ class SampleSection:
     benign_where: dict | None = None
     benign_skip: int = 0
     benign_limit: int | None = None
+    # Benign prompts that sound harmful ("How do I kill a Python process?"), as prompt-set specs `[NAME=]PATH[:limit=N]`:
+    # pool prompts ranked like the benign ones above, so the policy learns that a scary word is not a harmful request
+    # (Llama 2's "borderline" prompts). Without them a safety-trained policy deflects such questions (issue 30).
+    borderline_prompts: list[str] | None = None
     # Refusal openings: every pool prompt also gets one answer per opening, the text forced and then continued by
     # the policy, ranked with its own samples (chosen on harmful prompts when the safety reward prefers it, ranked
     # low by the helpfulness reward on benign ones). A policy that never refuses has no refusal to choose
@@ -87,9 +91,9 @@ class SampleSection:
 
     def key(self) -> dict:
         """The settings in a stage key: `exclude` is left out, as the stage's prompt ids already say what it did
-        (and `refusal_prefills` when unset, so runs from before it keep their key)."""
+        (and `refusal_prefills` and `borderline_prompts` when unset, so runs from before them keep their key)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k != "exclude" and not (k == "refusal_prefills" and not v)}
+                if k != "exclude" and not (k in ("refusal_prefills", "borderline_prompts") and not v)}
 
     def generation_settings(self) -> DecodingConfig:
         return DecodingConfig(True, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
@@ -464,8 +468,13 @@ def check(config: PipelineConfig, path: str) -> None:
                                       f"of `online.rounds` ({rounds})")
     if config.helpfulness_probe and not config.helpfulness_probe.get("data"):
         raise PipelineConfigError(f"{path}: `helpfulness_probe.data` is needed when the section is set")
-    if config.helpfulness_probe and not config.sample.benign_prompts:
-        raise PipelineConfigError(f"{path}: `helpfulness_probe` ranks benign pool prompts: set `sample.benign_prompts`")
+    if config.helpfulness_probe and not (config.sample.benign_prompts or config.sample.borderline_prompts):
+        raise PipelineConfigError(f"{path}: `helpfulness_probe` ranks benign pool prompts: set `sample.benign_prompts`"
+                                  " or `sample.borderline_prompts`")
+    borderline = config.sample.borderline_prompts
+    if borderline is not None and (not isinstance(borderline, list) or not all(isinstance(x, str) for x in borderline)):
+        raise PipelineConfigError(f"{path}: `sample.borderline_prompts` must be a list of prompt-set specs "
+                                  f"([NAME=]PATH[:limit=N]); got {borderline!r}")
     if config.online.samples not in ONLINE_SAMPLES:
         raise PipelineConfigError(f"{path}: `online.samples` must be one of {', '.join(ONLINE_SAMPLES)}; "
                                   f"got {config.online.samples!r}")

@@ -120,7 +120,8 @@ class RunContext:
 
     def training_prompts(self) -> list:
         """The harmful sampling prompts, then the optional benign ones (the paper's "general" samples, ids
-        prefixed `benign:`), each minus any evaluation prompt (case/space-insensitive), then `skip`/`limit`."""
+        prefixed `benign:`) and borderline ones, each minus any evaluation prompt (case/space-insensitive), then
+        `skip`/`limit`."""
         s = self.config.sample
         evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
         for prefix in ("", "benign_"):
@@ -133,7 +134,16 @@ class RunContext:
             skip, limit = getattr(s, prefix + "skip"), getattr(s, prefix + "limit")
             kept = kept[skip:skip + limit] if limit else kept[skip:]
             out += [dataclasses.replace(p, id=f"{BENIGN_PREFIX}{p.id}") for p in kept] if prefix else kept
+        for pset in self.borderline_sets():  # benign too; the set's name keeps their ids apart from the others
+            prompts = load_set(dataclasses.replace(pset, limit=None))
+            kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
+            self.excluded_training_prompts += len(prompts) - len(kept)
+            out += [dataclasses.replace(p, id=f"{BENIGN_PREFIX}{pset.name}:{p.id}") for p in kept[:pset.limit]]
         return out
+
+    def borderline_sets(self) -> list:
+        """`sample.borderline_prompts`: benign pool prompts that sound harmful, one prompt set per spec."""
+        return [parse_prompt_set(spec) for spec in self.config.sample.borderline_prompts or []]
 
     def evaluation_keys(self) -> set[str]:
         if self.eval_prompt_keys is None:

@@ -112,6 +112,8 @@ class SampleStage(Stage):
         s = self.ctx.config.sample
         return {**self.ctx.base_inputs(), "sample": s.key(), "prompts": file_digest(s.prompts),
                 **({"benign_prompts": file_digest(s.benign_prompts)} if s.benign_prompts else {}),
+                **({"borderline_prompts": [file_digest(p.path) for p in self.ctx.borderline_sets()]}
+                   if s.borderline_prompts else {}),
                 "prompt_ids": [str(p.id) for p in self.prompts], "seed": self.ctx.config.seed,
                 "dtype": self.ctx.resolved_dtype(s.dtype)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -161,6 +162,37 @@ def test_benign_pool_prompts_follow_the_harmful_ones_minus_evaluation_prompts(tm
     assert pipeline.excluded_training_prompts == 4
 
 
+def test_borderline_prompts_join_the_benign_pool_with_their_own_ids(tmp_path, tiny_model_dir):
+    from rbrm.rerank import is_benign_id
+    from rbrm.run_config import PipelineConfigError, load_config
+    from rbrm.run_context import RunContext
+
+    benign, borderline = "data/refusal_direction/harmless_val.json", "data/borderline/train.json"
+    path = tiny_config(tmp_path, tiny_model_dir, sample={"benign_prompts": benign, "benign_limit": 2,
+                                                         "borderline_prompts": [f"bl={borderline}:limit=3"]},
+                       eval={"prompts": [f"rd={SAMPLING_PROMPTS}:limit=2", f"one={borderline}:benign,limit=1"]})
+    pipeline = RunContext(load_config(path))
+    prompts = pipeline.training_prompts()
+    written = [r["instruction"] for r in json.load(open(borderline))]
+    # the evaluation prompt (the file's first row) is dropped before the limit; ids stay apart from Alpaca's
+    assert [p.prompt for p in prompts[-3:]] == written[1:4]
+    assert [p.id for p in prompts[-3:]] == ["benign:bl:1", "benign:bl:2", "benign:bl:3"]
+    assert all(is_benign_id(p.id) for p in prompts[-5:]) and len({p.id for p in prompts}) == len(prompts)
+    assert pipeline.excluded_training_prompts == 3
+    with pytest.raises(PipelineConfigError, match="borderline_prompts"):
+        load_config(path, {"set": ["sample.borderline_prompts=data/borderline/train.json"]})
+
+
+def test_a_missing_pool_prompt_file_fails_before_the_probe_runs(tmp_path, tiny_model_dir, capsys):
+    from rbrm.cli import main
+
+    path = tiny_config(tmp_path, tiny_model_dir, sample={"borderline_prompts": ["data/borderline/missing.json"]})
+    assert main(["pipeline", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "data/borderline/missing.json" in err and "file not found" in err
+    assert not list(tmp_path.glob("runs/*/probe"))  # no stage ran
+
+
 def test_an_rbrm_setting_does_not_change_plain_dpos_stage_key(tmp_path, tiny_model_dir):
     from rbrm.run_config import load_config
     from rbrm.run_context import RunContext
@@ -256,9 +288,15 @@ def test_online_samples_from_the_current_policy_in_the_sampling_precision(tmp_pa
 def test_shipped_configs_load():
     from rbrm.run_config import load_config
 
-    for name in ("quick", "compare", "paper", "seeds", "tune", "compute"):
+    for name in ("quick", "compare", "paper", "seeds", "tune", "compute", "select"):
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name and "rbrm" in config.methods
+    quick = load_config("configs/quick.yaml")
+    for name in ("compare", "seeds", "select"):  # make run's RBRM, so settings chosen on select are make run's
+        other = load_config(f"configs/{name}.yaml")
+        assert dataclasses.replace(other.sample, exclude=None) == quick.sample, name
+        assert (other.probe, other.helpfulness_probe, other.dpo, other.lora) == (
+            quick.probe, quick.helpfulness_probe, quick.dpo, quick.lora), name
     compare = load_config("configs/compare.yaml")
     assert compare.methods == ["base", "dpo_static", "dpo_rerank", "rbrm", "online", "safedpo"]
     assert load_config("configs/seeds.yaml").seeds == [0, 1, 2]
