@@ -471,10 +471,6 @@ def check(config: PipelineConfig, path: str) -> None:
     if config.helpfulness_probe and not (config.sample.benign_prompts or config.sample.borderline_prompts):
         raise PipelineConfigError(f"{path}: `helpfulness_probe` ranks benign pool prompts: set `sample.benign_prompts`"
                                   " or `sample.borderline_prompts`")
-    borderline = config.sample.borderline_prompts
-    if borderline is not None and (not isinstance(borderline, list) or not all(isinstance(x, str) for x in borderline)):
-        raise PipelineConfigError(f"{path}: `sample.borderline_prompts` must be a list of prompt-set specs "
-                                  f"([NAME=]PATH[:limit=N]); got {borderline!r}")
     if config.online.samples not in ONLINE_SAMPLES:
         raise PipelineConfigError(f"{path}: `online.samples` must be one of {', '.join(ONLINE_SAMPLES)}; "
                                   f"got {config.online.samples!r}")

@@ -124,20 +124,23 @@ class RunContext:
         `skip`/`limit`."""
         s = self.config.sample
         evaluation, out, self.excluded_training_prompts = self.evaluation_keys(), [], 0
+
+        def not_evaluated(prompts: list) -> list:
+            kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
+            self.excluded_training_prompts += len(prompts) - len(kept)
+            return kept
+
         for prefix in ("", "benign_"):
             if not getattr(s, prefix + "prompts"):
                 continue
-            prompts = load_prompts(getattr(s, prefix + "prompts"), prompt_field=getattr(s, prefix + "prompt_field"),
-                                   where=getattr(s, prefix + "where"))
-            kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
-            self.excluded_training_prompts += len(prompts) - len(kept)
+            kept = not_evaluated(load_prompts(getattr(s, prefix + "prompts"),
+                                              prompt_field=getattr(s, prefix + "prompt_field"),
+                                              where=getattr(s, prefix + "where")))
             skip, limit = getattr(s, prefix + "skip"), getattr(s, prefix + "limit")
             kept = kept[skip:skip + limit] if limit else kept[skip:]
             out += [dataclasses.replace(p, id=f"{BENIGN_PREFIX}{p.id}") for p in kept] if prefix else kept
         for pset in self.borderline_sets():  # benign too; the set's name keeps their ids apart from the others
-            prompts = load_set(dataclasses.replace(pset, limit=None))
-            kept = [p for p in prompts if matching_key(p.prompt) not in evaluation]
-            self.excluded_training_prompts += len(prompts) - len(kept)
+            kept = not_evaluated(load_set(dataclasses.replace(pset, limit=None)))
             out += [dataclasses.replace(p, id=f"{BENIGN_PREFIX}{pset.name}:{p.id}") for p in kept[:pset.limit]]
         return out
 
