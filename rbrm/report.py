@@ -88,6 +88,8 @@ def method_results(run: RunView, method: str) -> tuple[dict, dict[str, dict], tu
             summary = json.load(f)
         figure_sets[pset.name] = summary
         row.setdefault("judge", summary.get("judge"))
+        if summary.get("helpfulness_measure"):
+            row.setdefault("helpfulness_measure", summary["helpfulness_measure"])
         row.setdefault("sets", {})[pset.name] = {k: summary.get(k) for k in (
             "n", "unsafe_rate", "unsafe_rate_ci", "refusal_rate", "refusal_rate_ci", "over_refusal_rate",
             "over_refusal_rate_ci", "helpfulness_rate", "helpfulness_rate_ci")} | {"benign": pset.benign}
@@ -245,12 +247,31 @@ def audit_opinion(audit: dict | None, name_a: str, name_b: str, diff: dict | Non
     return text, {"audited_difference": d, "flips": flips}
 
 
-HELPFULNESS_CAVEAT = ("Helpfulness: the share of answers on the benign sets that address the question "
-                      "(`rbrm.helpfulness`). Measured on 255 carefully labelled SmolLM2 answers to XSTest's safe "
-                      "questions: with reference answers (XSTest's) it agrees with the labels on 76% and sees 91% of "
-                      "deflections, but undercounts helpful answers; without references (other benign sets) it "
-                      "agrees on 71% and overcounts. Below the 85% the project aims for: read it beside the human "
-                      "audit (docs/evaluation.md).")
+MINILM_HELPFULNESS_CAVEAT = (
+    "Helpfulness: the share of answers on the benign sets that address the question, by the `minilm` measure "
+    "(`rbrm.helpfulness`). Measured on 255 carefully labelled SmolLM2 answers to XSTest's safe questions: with "
+    "reference answers (XSTest's) it agrees with the labels on 76% and sees 91% of deflections, but undercounts "
+    "helpful answers; without references (other benign sets) it agrees on 71% and overcounts. Below the 85% the "
+    "project aims for: read it beside the human audit (docs/evaluation.md).")
+
+
+def helpfulness_note(measure: dict | None) -> str:
+    """Which measure gave the helpfulness rates, and its measured agreement with careful labels."""
+    agreement = (measure or {}).get("agreement")
+    if not agreement:
+        if (measure or {}).get("name") == "minilm-helpful":
+            return MINILM_HELPFULNESS_CAVEAT
+        return ("Helpfulness: the share of answers on the benign sets that address the question (`rbrm.helpfulness`); "
+                "the measure's agreement with careful labels is not on record: read it beside the human audit.")
+    lo, hi = agreement["by_model"]
+    unseen = agreement.get("unseen_questions_accuracy")
+    return (f"Helpfulness: the share of answers on the benign sets that address the question, by the measure "
+            f"`{measure['name']}` (`rbrm.helpfulness`). Holding out one model at a time, it agreed with careful "
+            f"labels on {agreement['accuracy']:.0%} of {agreement['n']} benign answers of {agreement['models']} "
+            f"SmolLM2 models ({lo:.0%} to {hi:.0%} by model) and called {agreement['deflection_recall']:.0%} of "
+            "deflections and refusals unhelpful"
+            + (f"; on questions no training answer shared, {unseen:.0%}" if unseen is not None else "")
+            + ". Read it beside the human audit.")
 
 
 def judge_note(name: str, agreement: dict | None) -> str:
@@ -448,6 +469,8 @@ def write_report(run: RunView) -> dict:
         "machine": machine(), "model": config.model,
         "judge": config.eval.judge,
         "judge_agreement": next((row["judge"].get("agreement") for row in methods.values() if row.get("judge")), None),
+        "helpfulness_measure": next((row["helpfulness_measure"] for row in methods.values()
+                                     if row.get("helpfulness_measure")), None),
         "eval_sets": [s.name for s in run.eval_sets],
         "excluded_training_prompts": run.excluded_training_prompts,
         "methods": methods, "compute_ratio_online_over_rbrm": ratio, "findings": findings,
@@ -629,9 +652,9 @@ def render_markdown(report: dict, run: RunView) -> str:
                      f"{_kl(row.get('benign_kl'))} | {_count(row['generated_tokens'])} | {_count(row['forward_tokens'])} | "
                      f"{_flops(row.get('flops'))} | {row['wall_seconds']:.0f} |")
     lines += ["", judge_note(report["judge"], report.get("judge_agreement"))]
-    lines += ["", "\\* " + HELPFULNESS_CAVEAT + " The second judge is independent of the first; the default "
-              "keyword judge counts every answer that is not a refusal as unsafe, deflections included, so it "
-              "overstates the unsafe rate of models that deflect. ⚑: keeps less than "
+    lines += ["", "\\* " + helpfulness_note(report.get("helpfulness_measure")) + " The second judge is independent "
+              "of the first; the default keyword judge counts every answer that is not a refusal as unsafe, "
+              "deflections included, so it overstates the unsafe rate of models that deflect. ⚑: keeps less than "
               f"{HELPFULNESS_KEPT_MIN:.0%} of the base model's helpfulness. Top opening: the share of a method's "
               "answers that open with its most common first four words (a persona shows at once). KL from base: "
               "the per-token KL(method || base) of the next-token distributions along the method's own answers "
@@ -796,7 +819,8 @@ def render_seeds_markdown(report: dict, config, second: str, matched: dict | Non
         cells = [f"{100 * row[k]:.1f}% ± {100 * row[f'{k}_sd']:.1f}" if k in row else "-" for k in SEED_RATES]
         per_seed = ", ".join(f"{100 * r['unsafe_rate']:.1f}%" for r in row["seeds"])
         lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {per_seed} |")
-    lines += ["", judge_note(report["judge"], report.get("judge_agreement")), "", HELPFULNESS_CAVEAT]
+    lines += ["", judge_note(report["judge"], report.get("judge_agreement")), "",
+              helpfulness_note(report.get("helpfulness_measure"))]
     if report.get("audit"):
         lines += ["", "## Human audit over seeds (`rbrm audit` on each seed's run)", "", *pooled_table(report["audit"])]
     else:
@@ -863,12 +887,13 @@ def write_seeds_report(config, runs: list[RunView]) -> dict:
     safety gain and kept helpfulness against the base model, the safety-helpfulness figure with a point per
     seed, and where the time went. Each seed's own report stays in its folder."""
     resamples = config.eval.seed_resamples
-    methods, flags, agreement = {}, {}, None
+    methods, flags, agreement, measure = {}, {}, None, None
     for method in config.methods:
         rows, flags[method] = [], []
         for run in runs:
             row, _, method_flags = method_results(run, method)
             agreement = agreement or (row.get("judge") or {}).get("agreement")
+            measure = measure or row.get("helpfulness_measure")
             rows.append({"seed": run.config.seed, **{k: row.get(k) for k in SEED_RATES},
                          "wall_seconds": row.get("wall_seconds"), "flops": row.get("flops"),
                          **({"confidence": row["confidence"]} if row.get("confidence") else {})})
@@ -911,7 +936,7 @@ def write_seeds_report(config, runs: list[RunView]) -> dict:
          for name, row in methods.items()}, os.path.join(config.run_dir, "figures", "safety_helpfulness_seeds.png"))
     report = {"name": config.name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "model": config.model, "judge": config.eval.judge,
-              "judge_agreement": agreement,
+              "judge_agreement": agreement, "helpfulness_measure": measure,
               "audit": pooled_over_seeds([audit_summary(p.path(), methods=config.methods) for p in runs]),
               "seeds": [p.config.seed for p in runs], "methods": methods, "against_base": against_base,
               "findings": findings, "stage_seconds": {str(p.config.seed): t for p, t in zip(runs, times)},

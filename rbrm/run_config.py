@@ -26,6 +26,7 @@ from transformers import HfArgumentParser
 
 from .dpo import ConfidenceDPOConfig, trains_on_cpu
 from .errors import RbrmError
+from .helpfulness import HELPFULNESS_MEASURES
 from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .probe_train import ProbeTrainConfig
@@ -173,6 +174,7 @@ class EvalSection:
     bootstrap: int | None = None  # resamples of every interval; default 1000, 2000 for the seed-and-prompt one
     dtype: str = "auto"
     helpfulness: bool = True  # the helpfulness measure on benign sets
+    helpfulness_measure: str = "states"  # which one: states (default) or minilm (rbrm.helpfulness)
     second_judge: str | None = "refusal"  # an independent second judge (None: none)
     second_judge_model: str | None = None
 
@@ -458,6 +460,9 @@ def check(config: PipelineConfig, path: str) -> None:
         raise PipelineConfigError(f"{path}: `safedpo.margin` must be a number >= 0; got {config.safedpo.margin}")
     if not config.eval.prompts:
         raise PipelineConfigError(f"{path}: `eval.prompts` (held-out harmful prompt sets) is required")
+    if config.eval.helpfulness_measure not in HELPFULNESS_MEASURES:
+        raise PipelineConfigError(f"{path}: `eval.helpfulness_measure` must be one of "
+                                  f"{', '.join(HELPFULNESS_MEASURES)}; got {config.eval.helpfulness_measure!r}")
     if config.online_rounds is not None and (not isinstance(config.online_rounds, list) or not config.online_rounds
                                              or not all(type(x) is int for x in config.online_rounds)):
         raise PipelineConfigError(f"{path}: `online_rounds` must be a list of integers; got {config.online_rounds}")

@@ -239,11 +239,13 @@ class RunContext:
     # ------------------------------------------------------------------------------------ evaluation
 
     def eval_measures(self) -> dict:
-        """What the evaluation measures beside the main judge: helpfulness on benign sets (default on) and the
-        independent second judge (default the keyword judge; None when it would be the main judge again)."""
+        """What the evaluation measures beside the main judge: the helpfulness measure on benign sets (its name,
+        default `states`; None when off) and the independent second judge (default the keyword judge; None when it
+        would be the main judge again)."""
         e = self.config.eval
         name = e.second_judge
-        return {"helpfulness": e.helpfulness, "second_judge": None if not name or name == e.judge else name}
+        return {"helpfulness": e.helpfulness_measure if e.helpfulness else None,
+                "second_judge": None if not name or name == e.judge else name}
 
     def second_judge(self):
         """The second judge of `eval_measures`, built, or None."""

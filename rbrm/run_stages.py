@@ -27,7 +27,7 @@ from .evaluation import (
 from .files import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from .flops import ModelShape, generation_flops
 from .formats import load_pairs
-from .helpfulness import HelpfulnessJudge
+from .helpfulness import helpfulness_measure
 from .judges import PACKAGED_JUDGES, get_judge, judge_key, judge_loader
 from .layout import sample_files
 from .methods import METHODS
@@ -373,7 +373,8 @@ class EvalStage(Stage):
         not count its FLOPs (a guard model, passed here as None so that it is not loaded again)."""
         measures = self.ctx.eval_measures()
         shape, generation, judging = ModelShape.of(model), 0, 0
-        helpfulness = HelpfulnessJudge() if measures["helpfulness"] and any(s.benign for s in sets) else None
+        helpfulness = (helpfulness_measure(measures["helpfulness"]) if measures["helpfulness"]
+                       and any(s.benign for s in sets) else None)
         cheap = judge_key(measures["second_judge"]) in PACKAGED_JUDGES
         second = self.ctx.second_judge() if cheap else None  # a guard model is not loaded again: not counted
         if measures["second_judge"] and not cheap:

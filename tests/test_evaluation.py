@@ -369,13 +369,14 @@ def test_eval_helpfulness_on_benign_sets_only(tiny_model, tokenizer, tmp_path):
     sets = [parse_prompt_set(_harmful(tmp_path)), parse_prompt_set("ok=" + _benign(tmp_path) + ":benign")]
     out = tmp_path / "out"
     summaries = evaluate(tiny_model, tokenizer, sets, FakeJudge(), str(out), SETTINGS, progress=False,
-                         helpfulness=True)
+                         helpfulness="states")
     assert "helpfulness_rate" not in summaries["harm"]
     ok = summaries["ok"]
     rows = read_jsonl(out / "ok" / "responses.jsonl")
     assert all(isinstance(r["helpful"], bool) for r in rows)
     assert ok["helpfulness_rate"] == pytest.approx(sum(r["helpful"] for r in rows) / len(rows))
-    assert ok["helpfulness_measure"]["name"] == "minilm-helpful" and len(ok["helpfulness_rate_ci"]) == 2
+    assert ok["helpfulness_measure"]["name"] == "states-helpful" and len(ok["helpfulness_rate_ci"]) == 2
+    assert ok["helpfulness_measure"]["agreement"]["n"] > 2000  # every summary carries its measure's record
     assert "helpfulness [95% CI]" in (out / "summary.md").read_text()
 
 

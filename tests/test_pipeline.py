@@ -476,6 +476,8 @@ def test_pipeline_end_to_end_tiny(tmp_path, tiny_model_dir, capsys):
         assert (run_dir / "figures" / figure).stat().st_size > 1000
     text = (run_dir / "report.md").read_text()
     assert "(d) RBRM" in text and "![" in text and "Compute ratio online / RBRM" in text and "helpfulness*" in text
+    measure = report["helpfulness_measure"]  # the measure's name and recorded agreement, printed beside its rates
+    assert measure["name"] == "states-helpful" and f"on {measure['agreement']['accuracy']:.0%} of" in text
     assert "## Compute ledger" in text and "| FLOPs |" in text
     assert "unsafe, 2nd judge (minilm)" in text
     assert "Unsafe rate: judge `refusal`, whose agreement with careful labels is not on record" in text

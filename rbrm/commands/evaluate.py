@@ -24,7 +24,7 @@ from ..evaluation import (
 )
 from ..files import iter_records, write_jsonl
 from ..formats import read_prompt, read_str
-from ..helpfulness import HelpfulnessJudge
+from ..helpfulness import DEFAULT_HELPFULNESS, HELPFULNESS_MEASURES, helpfulness_measure
 from ..judges import DEFAULT_JUDGE, get_judge, judge_loader
 from ..models import DEFAULT_MODEL, load_model, resolve_model
 from ..plots import plot_rates
@@ -45,6 +45,8 @@ class EvalConfig:
     helpfulness: bool = field(default=False, metadata={
         "help": "on every benign set, also report the share of answers that address the question "
                 "(helpfulness_rate; sees deflections that the keyword over-refusal rate misses)"})
+    helpfulness_measure: str = field(default=DEFAULT_HELPFULNESS, metadata={
+        "choices": list(HELPFULNESS_MEASURES), "help": "which helpfulness measure (rbrm.helpfulness)"})
     prompt_field: str | None = field(default=None, metadata={"help": "column holding the prompt (default: detect)"})
     category_field: str | None = field(default=None, metadata={
         "help": "column holding the category (default: detect, e.g. Salad-Bench's 1-category)"})
@@ -101,7 +103,8 @@ def run_eval(config: EvalConfig) -> dict:
     summaries = evaluate(holder["model"], tokenizer, sets, make, config.out, settings,
                          model_info={"name": config.model, "path": resolve_model(config.model)},
                          batch_prompts=config.batch_prompts, seed=config.seed, resamples=config.bootstrap,
-                         plot=config.plot, release_model=release, helpfulness=config.helpfulness)
+                         plot=config.plot, release_model=release,
+                         helpfulness=config.helpfulness_measure if config.helpfulness else None)
     print(open(os.path.join(config.out, "summary.md")).read(), end="")
     return 0 if summaries else 1
 
@@ -121,6 +124,8 @@ class JudgeConfig:
     judge_device: str | None = None
     helpfulness: bool = field(default=False, metadata={
         "help": "instead of safety, write `helpful` (does the answer address the benign question?) and `score`"})
+    helpfulness_measure: str = field(default=DEFAULT_HELPFULNESS, metadata={
+        "choices": list(HELPFULNESS_MEASURES), "help": "which helpfulness measure (rbrm.helpfulness)"})
     prompt_field: str = "prompt"
     response_field: str = "response"
     limit: int | None = field(default=None, metadata={"help": "judge only the first N rows"})
@@ -172,7 +177,7 @@ def run_judge(config: JudgeConfig) -> int:
 
 
 def _run_helpfulness(config: JudgeConfig, pairs: list[tuple[dict, Prompt, str]]) -> int:
-    helper = HelpfulnessJudge(device=config.judge_device)
+    helper = helpfulness_measure(config.helpfulness_measure, device=config.judge_device)
     t0 = time.perf_counter()
     scores = helper.scores([prompt_key(p) for _, p, _ in pairs], [r for _, _, r in pairs])
     rows = [{**row, "helpful": bool(s >= helper.threshold), "score": float(s)} for (row, _, _), s in zip(pairs, scores)]

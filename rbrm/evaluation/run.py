@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from ..distributed import is_main
 from ..errors import ConfigError
 from ..files import write_json, write_jsonl, write_text_atomic
-from ..helpfulness import HelpfulnessJudge
+from ..helpfulness import helpfulness_measure
 from ..judges import DEFAULT_JUDGE, Judge, get_judge
 from ..plots import plot_categories
 from ..render import prompt_key
@@ -80,7 +80,7 @@ def _add_compute(directory: str, stats: dict) -> dict:
 
 def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judge, *, model_info: dict,
                   settings: dict, gen_stats: dict, judge_seconds: float, resamples: int, seed: int,
-                  second_judge=None) -> tuple[dict, list]:
+                  second_judge=None, helper=None) -> tuple[dict, list]:
     """The set's summary and its judged rows (`responses.jsonl`)."""
     judged = []
     for row, j in zip(rows, judgments):
@@ -95,8 +95,9 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
         rate, ci = rate_with_ci([bool(j["second_unsafe"]) for j in judgments], resamples, seed)
         summary["second_judge"] = {"name": second_judge.name, "version": second_judge.version,
                                    "unsafe_rate": rate, "unsafe_rate_ci": ci}
-    if any("helpful" in j for j in judgments):
-        summary["helpfulness_measure"] = {"name": HelpfulnessJudge.name,
+    if helper is not None and any("helpful" in j for j in judgments):
+        summary["helpfulness_measure"] = {"name": helper.name, "version": helper.version,
+                                          "agreement": getattr(helper, "agreement", None),
                                           "note": "share of answers that address the question (rbrm.helpfulness)"}
     if pset.benign and judge.name == "refusal":
         summary["note"] = ("the 'refusal' judge calls every non-refusal unsafe, so unsafe_rate means nothing on "
@@ -171,12 +172,12 @@ def write_summaries(out_dir: str, summaries: dict[str, dict], several: bool, ext
 def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, settings=None, *,
              model_info: dict | None = None, batch_prompts: int = 8, seed: int = 0, resamples: int = 1000,
              plot: bool = True, progress: bool = True, release_model: Callable[[], None] | None = None,
-             helpfulness: bool = False, second_judge=None) -> dict:
+             helpfulness: str | None = None, second_judge=None) -> dict:
     """Generate, judge and summarise every set; returns set name -> summary.
 
     `judge` is a Judge or a zero-argument callable that builds one (called after generation, once
-    `release_model` has freed the policy). With `helpfulness`, every answer on a benign set also gets
-    `helpful` (does it address the question? `rbrm.helpfulness`) and the set's summary a `helpfulness_rate`.
+    `release_model` has freed the policy). With `helpfulness` (a measure's name, `rbrm.helpfulness`), every answer on
+    a benign set also gets `helpful` (does it address the question?) and the set's summary a `helpfulness_rate`.
     `second_judge` (a Judge) judges every answer again, independently: rows get `second_unsafe` and summaries
     `second_judge` with its unsafe rate, so a finding can be checked under two judges.
     """
@@ -201,7 +202,7 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
 
     helper = None
     if helpfulness and any(s.benign for s in sets):
-        helper = HelpfulnessJudge()
+        helper = helpfulness_measure(helpfulness)
     summaries: dict[str, dict] = {}
     for s in sets:
         rows, stats = generated[s.name]
@@ -215,7 +216,7 @@ def evaluate(model, tokenizer, sets: Sequence[PromptSet], judge, out_dir: str, s
             judgments = [{**j, "helpful": f} for j, f in zip(judgments, flags)]
         summary, judged = summarize_set(s, rows, judgments, judge, model_info=model_info, settings=generation,
                                         gen_stats=stats, judge_seconds=time.perf_counter() - t0,
-                                        resamples=resamples, seed=seed, second_judge=second_judge)
+                                        resamples=resamples, seed=seed, second_judge=second_judge, helper=helper)
         write_jsonl(os.path.join(dirs[s.name], RESPONSES_FILE), judged)
         if plot and summary.get("categories"):
             summary["categories_plot"] = plot_categories(summary, os.path.join(dirs[s.name], "categories.png"))

@@ -59,19 +59,16 @@ def recorded_agreement(meta: dict) -> dict | None:
             "what": "answers of base and aligned SmolLM2 models to evaluation prompts"}
 
 
-class PolicyStateJudge(Judge):
-    """Standardised frozen-model states under a logistic head; the head's data and measurements are on record."""
+class StateHead:
+    """A standardised logistic head on the frozen judge model's states, loaded from the JSON record and safetensors
+    that a builder in `scripts/judge_builders.py` wrote; both the `states` judge and the `states` helpfulness
+    measure are one of these."""
 
-    name = "states"
-
-    def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None,
-                 batch_tokens: int = 4096):
-        meta_path = Path(weights) if weights is not None else STATES_WEIGHTS
+    def __init__(self, meta_path: Path, rebuild: str, device: str | None = None, batch_tokens: int = 4096):
         if meta_path.suffix == ".safetensors":
             meta_path = meta_path.with_suffix(".json")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"head metadata not found: {meta_path} "
-                                    "(rebuild it with `python scripts/build_judge.py --states`)")
+            raise FileNotFoundError(f"head metadata not found: {meta_path} (rebuild it with `{rebuild}`)")
         self.meta = json.loads(meta_path.read_text())
         tensors = load_file(str(meta_path.parent / self.meta["weights_file"]))
         self.mean, self.scale = tensors["mean"].astype(np.float64), tensors["scale"].astype(np.float64)
@@ -84,13 +81,11 @@ class PolicyStateJudge(Judge):
         self.version = str(self.meta["version"])
         self.device = device or "cpu"
         self.batch_tokens = batch_tokens
-        self.agreement = recorded_agreement(self.meta)
 
     def model(self):
         return load_judge_model(self.model_name, self.device)
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        prompts, responses = check_pairs(prompts, responses)
         model, tokenizer = self.model()
         x = states_features(model, tokenizer, prompts, responses, self.layers, self.chars, self.batch_tokens)
         if x.shape[1] != self.coef.shape[0]:
@@ -98,14 +93,33 @@ class PolicyStateJudge(Judge):
                              f"weights and judge model {self.model_name!r} do not match")
         return expit(((x - self.mean) / self.scale) @ self.coef + self.intercept)
 
-    def _judge(self, prompts: list[str], responses: list[str]) -> list[JudgeResult]:
-        scores = self.scores(prompts, responses)
-        return [JudgeResult(unsafe=bool(s >= self.threshold), score=float(s), refusal=is_refusal(r))
-                for s, r in zip(scores, responses)]
-
     def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
         """Each (prompt, cut response) once through the judge model's first `max(layers)` layers, no LM head."""
         model, tokenizer = self.model()
         rows = [(p, r[:self.chars]) for p, r in zip(prompts, responses) if r.strip()]
         shape = ModelShape.of(model).first_layers(max(self.layers))
         return forward_flops(shape, rendered_lengths(tokenizer, rows), lm_head=False)
+
+
+class PolicyStateJudge(Judge):
+    """Standardised frozen-model states under a logistic head; the head's data and measurements are on record."""
+
+    name = "states"
+
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | None = None,
+                 batch_tokens: int = 4096):
+        self.head = StateHead(Path(weights) if weights is not None else STATES_WEIGHTS,
+                              "python scripts/build_judge.py --states", device, batch_tokens)
+        self.meta, self.threshold, self.version = self.head.meta, self.head.threshold, self.head.version
+        self.agreement = recorded_agreement(self.meta)
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        return self.head.scores(*check_pairs(prompts, responses))
+
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[JudgeResult]:
+        scores = self.scores(prompts, responses)
+        return [JudgeResult(unsafe=bool(s >= self.threshold), score=float(s), refusal=is_refusal(r))
+                for s, r in zip(scores, responses)]
+
+    def flops(self, prompts: Sequence[str], responses: Sequence[str]) -> int:
+        return self.head.flops(prompts, responses)
