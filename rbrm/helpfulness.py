@@ -51,6 +51,7 @@ from safetensors.numpy import load_file
 from scipy.special import expit
 
 from .errors import ConfigError, RbrmError
+from .files import read_jsonl
 from .judges import (
     REPO_DATA_DIR,
     WEIGHTS_DIR,
@@ -277,6 +278,15 @@ def recorded_helpfulness_agreement(meta: dict) -> dict | None:
             "by_model": [min(models), max(models)], "deflection_recall": everything["deflection_recall"],
             "unseen_questions_accuracy": unseen["accuracy"] if unseen else None,
             "what": "benign answers of base and aligned SmolLM2 models, each model held out"}
+
+
+def labelled_benign_answers(data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Every labelled, non-empty SmolLM2 answer to a benign question in `rbrm_labels/smollm2_*.jsonl`, with its
+    file's stem: the `states` measure's SmolLM2 training rows, so an audit with these labels measures it
+    in-sample."""
+    root = Path(data_dir) if data_dir is not None else REPO_DATA_DIR
+    return [{**r, "file": path.stem} for path in sorted((root / "rbrm_labels").glob("smollm2_*.jsonl"))
+            for r in read_jsonl(path) if r["benign"] and r["helpful"] is not None and r["response"].strip()]
 
 
 def helpfulness_measure(name: str = DEFAULT_HELPFULNESS, device: str | None = None):

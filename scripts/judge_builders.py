@@ -36,6 +36,7 @@ from rbrm.helpfulness import (
     HelpfulnessJudge,
     head_columns,
     helpfulness_features,
+    labelled_benign_answers,
     load_labelled_answers,
     load_references,
     load_xstest_answers,
@@ -570,11 +571,8 @@ def benign_label_rows(root: Path) -> list[dict]:
     """Every labelled, non-empty SmolLM2 answer to a benign question (all `smollm2_*.jsonl` files), with its file
     and its model (`answer_model`: the base model is one model across files), then XSTest's labelled completions
     to its safe prompts (full compliance = helpful), each completing model one model (`xstest:<name>`)."""
-    rows = []
-    for path in sorted((root / "rbrm_labels").glob("smollm2_*.jsonl")):
-        rows += [{"prompt": r["prompt"], "response": r["response"], "label": int(bool(r["helpful"])),
-                  "kind": r["kind"], "file": path.stem, "model": answer_model(r)} for r in read_jsonl(path)
-                 if r["benign"] and r["helpful"] is not None and r["response"].strip()]
+    rows = [{"prompt": r["prompt"], "response": r["response"], "label": int(bool(r["helpful"])), "kind": r["kind"],
+             "file": r["file"], "model": answer_model(r)} for r in labelled_benign_answers(root)]
     safe = {r["prompt"] for r in read_labelled_csv(root / "xstest" / "xstest_prompts.csv") if r["label"] == "safe"}
     for path in sorted((root / "xstest" / "model_completions").glob("xstest_v2_completions_*.csv")):
         source = path.stem.removeprefix("xstest_v2_completions_")

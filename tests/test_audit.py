@@ -20,6 +20,7 @@ from rbrm.commands.audit import key_reader, label_session
 from rbrm.errors import AuditError, DataError
 from rbrm.evaluation.audit import (
     Audit,
+    audit_notes,
     audit_summary,
     audit_table,
     draw_sample,
@@ -326,6 +327,15 @@ def test_the_shipped_labels_audit_a_run_whose_answers_they_match(tmp_path):
     assert side["agreement"]["n"] == 10 and side["agreement"]["rate"] == pytest.approx(agree / 10)
     assert side["ppi"] is None  # harmbench has no audited answer: its correction is unknown
     assert (run / "audit" / "summary.md").is_file()
+    assert benign_side["fitted_audited"] == 0  # this run's measure was not fitted on the shipped labels
+    # the `states` helpfulness measure was: its agreement on those answers is in-sample, and the summary says so
+    for method in METHODS:
+        path = run / method / "eval" / "xstest_safe" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "helpfulness_measure": {"name": "states-helpful"}}))
+    summary = audit_summary(run)
+    assert summary["methods"]["dpo_rerank"]["benign"]["fitted_audited"] == sum(
+        r["helpful"] is not None for r in benign) == 6
+    assert any("6 audited benign answers are training rows" in line for line in audit_notes(summary))
 
 
 def test_the_summary_holds_audit_rates_agreement_and_the_ppi_estimate(tmp_path):

@@ -42,6 +42,7 @@ from ..files import (
     write_text_atomic,
 )
 from ..formats import REPO_DATA_DIR
+from ..helpfulness import PolicyStateHelpfulness, labelled_benign_answers
 from ..render import prompt_key
 from .run import RESPONSES_FILE
 from .statistics import pct, ppi_rate, stratified_rate, wilson_ci
@@ -382,8 +383,11 @@ def _agreement(pairs: Sequence[tuple[bool, bool]]) -> dict | None:
             "says_no_audit_yes": sum(b and not a for a, b in pairs)}
 
 
-def _side(answers: list[Answer], labels: dict, benign: bool, power_tuned: bool, min_labels: int) -> dict | None:
-    """One method's rate on harmful (unsafe) or benign (helpful) sets: audit, agreement, prediction-powered."""
+def _side(answers: list[Answer], labels: dict, benign: bool, power_tuned: bool, min_labels: int,
+          fitted: frozenset = frozenset()) -> dict | None:
+    """One method's rate on harmful (unsafe) or benign (helpful) sets: audit, agreement, prediction-powered;
+    `fitted_audited` counts the audited answers among `fitted`, the (prompt, response) rows the instrument was
+    fitted on."""
     if not answers:
         return None
     field = "helpful" if benign else "unsafe"
@@ -400,6 +404,8 @@ def _side(answers: list[Answer], labels: dict, benign: bool, power_tuned: bool, 
     out["audit"] = stratified_rate([([bool(lab[field]) for _, lab in audited[s]], len(strata[s]))
                                     for s in strata])
     out["kinds"] = dict(Counter(lab["kind"] or "unspecified" for rows in audited.values() for _, lab in rows))
+    out["fitted_audited"] = sum((prompt_key(a.prompt), a.response) in fitted for rows in audited.values()
+                                for a, _ in rows)
     has_judge = all(judge(a) is not None for a in answers)
     if has_judge:
         out["instrument_rate"] = float(np.mean([judge(a) for a in answers]))
@@ -441,14 +447,16 @@ def audit_summary(run_dir: str | os.PathLike, power_tuned: bool = False, min_lab
     answers = run_answers(run_dir)
     current = {a.key for a in answers}
     found = list(dict.fromkeys(a.method for a in answers))
+    judges = _instrument_names(run_dir)
+    fitted = (frozenset((r["prompt"], r["response"]) for r in labelled_benign_answers())
+              if judges["helpfulness_measure"] == PolicyStateHelpfulness.name else frozenset())
     results: dict[str, dict] = {}
     for method in found if methods is None else [m for m in methods if m in found]:
         mine = [a for a in answers if a.method == method]
         results[method] = {"harmful": _side([a for a in mine if not a.benign], audit.labels, False, power_tuned,
                                        min_labels),
                            "benign": _side([a for a in mine if a.benign], audit.labels, True, power_tuned,
-                                      min_labels)}
-    judges = _instrument_names(run_dir)
+                                      min_labels, fitted)}
     return {"labels": len(audit.labels), "stale_labels": sum(k not in current for k in audit.labels),
             "sample": None if audit.sample is None else {"n": audit.sample["n"], "seed": audit.sample["seed"],
                                                          "drawn": audit.sample["drawn"]},
@@ -489,6 +497,11 @@ def audit_notes(summary: dict) -> list[str]:
                  "audited ones (Angelopoulos et al. 2023" + (", PPI++ power-tuned" if summary["power_tuned"] else "")
                  + f"), with CLT intervals, shown once every set of the method has {summary['min_labels']} "
                  "audited answers")
+    fitted = sum((sides.get("benign") or {}).get("fitted_audited", 0) for sides in summary["methods"].values())
+    if fitted:
+        lines.append(f"- {fitted} audited benign answers are training rows of the helpfulness measure "
+                     f"`{summary['helpfulness_measure']}` (the shipped labels): its agreement on them is in-sample, and "
+                     "its prediction-powered helpful rate leans toward its own rate; read the audit's own rate")
     return lines
 
 
