@@ -26,7 +26,7 @@ from transformers import HfArgumentParser
 
 from .dpo import ConfidenceDPOConfig, trains_on_cpu
 from .errors import RbrmError
-from .helpfulness import HELPFULNESS_MEASURES
+from .helpfulness import DEFAULT_HELPFULNESS, HELPFULNESS_MEASURES
 from .methods import METHODS
 from .models import DEFAULT_MODEL
 from .probe_train import ProbeTrainConfig
@@ -174,7 +174,7 @@ class EvalSection:
     bootstrap: int | None = None  # resamples of every interval; default 1000, 2000 for the seed-and-prompt one
     dtype: str = "auto"
     helpfulness: bool = True  # the helpfulness measure on benign sets
-    helpfulness_measure: str = "states"  # which one: states (default) or minilm (rbrm.helpfulness)
+    helpfulness_measure: str = DEFAULT_HELPFULNESS  # which one: states (default) or minilm (rbrm.helpfulness)
     second_judge: str | None = "refusal"  # an independent second judge (None: none)
     second_judge_model: str | None = None
 
