@@ -444,6 +444,18 @@ STATES_CHARS = 300
 STATES_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
+def state_head_tensors(scaler: StandardScaler, head: LogisticRegression) -> dict[str, np.ndarray]:
+    """A fitted standardisation and logistic head as the tensors `rbrm.judges.states.StateHead` loads."""
+    return {"mean": scaler.mean_.astype(np.float64), "scale": scaler.scale_.astype(np.float64),
+            "coef": head.coef_.reshape(-1).astype(np.float64),
+            "intercept": np.asarray(head.intercept_, dtype=np.float64).reshape(1)}
+
+
+def state_head_scores(tensors: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The head's P(positive) on features `x`, as `StateHead.scores` computes it."""
+    return expit(((x - tensors["mean"]) / tensors["scale"]) @ tensors["coef"] + tensors["intercept"][0])
+
+
 def state_head_record(name: str, weights_file: str, tensors: dict[str, np.ndarray]) -> dict:
     """The part of a states head's JSON record that `rbrm.judges.states.StateHead` reads to rebuild its features:
     the frozen judge model, the layers and the cut; the version is a digest of the tensors."""
@@ -493,10 +505,7 @@ def build_states_judge(out_dir: str | os.PathLike | None = None, seed: int = 0,
                           {"logisticregression__C": list(cs)}, scoring="accuracy",
                           cv=StratifiedKFold(5, shuffle=True, random_state=seed)).fit(x, y)
     c = float(search.best_params_["logisticregression__C"])
-    scaler, head = search.best_estimator_.named_steps.values()  # refitted on every training row with the chosen C
-    tensors = {"mean": scaler.mean_.astype(np.float64), "scale": scaler.scale_.astype(np.float64),
-               "coef": head.coef_.reshape(-1).astype(np.float64),
-               "intercept": np.asarray(head.intercept_, dtype=np.float64).reshape(1)}
+    tensors = state_head_tensors(*search.best_estimator_.named_steps.values())  # refitted on every row, chosen C
     meta = {
         **state_head_record("states", "states_judge.safetensors", tensors),
         "head": {"type": "logistic_regression", "C": c, "class_weight": "balanced", "threshold": 0.5,
@@ -524,9 +533,7 @@ def measure_states_judge(features, tensors: dict, root: Path) -> dict:
     """Agreement of the fitted head and of `minilm` with careful labels they never saw: per model on the answers
     to evaluation prompts, and on `minilm`'s held-out XSTest and Salad-Bench rows (other models' answers)."""
     def states_pred(rows: list[dict]) -> np.ndarray:
-        x = features([r["prompt"] for r in rows], [r["response"] for r in rows])
-        z = (x - tensors["mean"]) / tensors["scale"]
-        return expit(z @ tensors["coef"] + tensors["intercept"][0]) >= 0.5
+        return state_head_scores(tensors, features([r["prompt"] for r in rows], [r["response"] for r in rows])) >= 0.5
 
     minilm = EmbeddingJudge()
 
@@ -617,13 +624,7 @@ def fit_state_head(x: np.ndarray, y: np.ndarray, c: float) -> dict[str, np.ndarr
     """The shipped head's tensors: standardisation and a balanced logistic head fitted to convergence."""
     scaler = StandardScaler().fit(x)
     head = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit(scaler.transform(x), y)
-    return {"mean": scaler.mean_.astype(np.float64), "scale": scaler.scale_.astype(np.float64),
-            "coef": head.coef_.reshape(-1).astype(np.float64),
-            "intercept": np.asarray(head.intercept_, dtype=np.float64).reshape(1)}
-
-
-def state_head_scores(tensors: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    return expit(((x - tensors["mean"]) / tensors["scale"]) @ tensors["coef"] + tensors["intercept"][0])
+    return state_head_tensors(scaler, head)
 
 
 def helpfulness_metrics(rows: list[dict], pred: np.ndarray) -> dict:

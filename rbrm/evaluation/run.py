@@ -97,7 +97,7 @@ def summarize_set(pset: PromptSet, rows: list[dict], judgments: list[dict], judg
                                    "unsafe_rate": rate, "unsafe_rate_ci": ci}
     if helper is not None and any("helpful" in j for j in judgments):
         summary["helpfulness_measure"] = {"name": helper.name, "version": helper.version,
-                                          "agreement": getattr(helper, "agreement", None),
+                                          "agreement": helper.agreement,
                                           "note": "share of answers that address the question (rbrm.helpfulness)"}
     if pset.benign and judge.name == "refusal":
         summary["note"] = ("the 'refusal' judge calls every non-refusal unsafe, so unsafe_rate means nothing on "
