@@ -4,7 +4,7 @@ Usage: python scripts/build_judge.py [--states | --helpfulness-states | --helpfu
 Same seed and data give the same weights and metrics; the builders are `scripts/judge_builders.py`: without a
 flag the `minilm` judge (`build_minilm_judge`), `--states` the default `states` judge (`build_states_judge`,
 about 5 minutes on 2 CPU cores), `--helpfulness-states` the default helpfulness measure
-(`build_states_helpfulness`, about 12 minutes), `--helpfulness` the earlier `minilm` helpfulness heads
+(`build_states_helpfulness`, about 17 minutes), `--helpfulness` the earlier `minilm` helpfulness heads
 (`build_helpfulness_head`).
 """
 
